@@ -1,0 +1,133 @@
+//! `flotilla`: one binary, a subcommand per part of the control plane.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "A Kubernetes-style control plane on a Raft key-value store of its own")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one member of the key-value store (etcd v3 API, etcd's flags).
+    Store(StoreArgs),
+}
+
+fn urls(s: &str) -> Vec<String> {
+    s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// Human-readable name for this member.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Path to the data directory (default: ${name}.flotilla).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// URLs to listen on for client traffic.
+    #[arg(long, default_value = "http://localhost:2379")]
+    listen_client_urls: String,
+    /// This member's client URLs to advertise to the rest of the cluster.
+    #[arg(long, default_value = "http://localhost:2379")]
+    advertise_client_urls: String,
+    /// URLs to listen on for peer traffic.
+    #[arg(long, default_value = "http://localhost:2380")]
+    listen_peer_urls: String,
+    /// This member's peer URLs to advertise to the rest of the cluster.
+    #[arg(long, default_value = "http://localhost:2380")]
+    initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping: name=peer-url,...
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, default_value = "new")]
+    initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(long, default_value = "etcd-cluster")]
+    initial_cluster_token: String,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, default_value_t = 1536 * 1024)]
+    max_request_bytes: usize,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, default_value_t = 128)]
+    max_txn_ops: usize,
+    /// Number of committed transactions to trigger a snapshot to disk.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_count: u64,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout: u64,
+    /// Interval between progress notifications on watches that asked for them (e.g. 10m, 5s).
+    #[arg(long = "experimental-watch-progress-notify-interval", default_value = "10m", value_parser = parse_duration)]
+    watch_progress_notify_interval: Duration,
+    /// Log level: debug, info, warn, error.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 10m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?} is not a duration like 500ms, 5s or 10m")),
+    }
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Store(a) => {
+            init_tracing(&a.log_level);
+            let initial_cluster = a
+                .initial_cluster
+                .unwrap_or_else(|| format!("{}={}", a.name, a.initial_advertise_peer_urls));
+            let config = flotilla_store::Config {
+                data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.flotilla", a.name))),
+                name: a.name,
+                listen_client_urls: urls(&a.listen_client_urls),
+                advertise_client_urls: urls(&a.advertise_client_urls),
+                listen_peer_urls: urls(&a.listen_peer_urls),
+                initial_advertise_peer_urls: urls(&a.initial_advertise_peer_urls),
+                initial_cluster,
+                initial_cluster_state: a.initial_cluster_state,
+                initial_cluster_token: a.initial_cluster_token,
+                max_request_bytes: a.max_request_bytes,
+                max_txn_ops: a.max_txn_ops,
+                snapshot_count: a.snapshot_count,
+                heartbeat_interval_ms: a.heartbeat_interval,
+                election_timeout_ms: a.election_timeout,
+                progress_notify_interval: a.watch_progress_notify_interval,
+            };
+            runtime.block_on(flotilla_store::run(config, shutdown_signal()))
+        }
+    }
+}

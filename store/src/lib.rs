@@ -1,0 +1,314 @@
+//! Flotilla's store: a Raft-replicated MVCC key-value store that speaks the etcd v3 API.
+//!
+//! [`run`] starts one member from etcd-style configuration and serves until shut down.
+
+pub mod error;
+pub mod lease;
+pub mod member;
+pub mod mvcc;
+pub mod raft;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use flotilla_proto::flotillapb::{command, Command, MemberAttributes};
+use openraft::{ServerState, SnapshotPolicy};
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use tokio::net::TcpListener;
+
+use member::{Limits, Member};
+use raft::log_store::LogStore;
+use raft::network::{Network, PeerClients};
+use raft::state_machine::StateMachine;
+use raft::MemberNode;
+
+/// A member's configuration, named after etcd's flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen_client_urls: Vec<String>,
+    pub advertise_client_urls: Vec<String>,
+    pub listen_peer_urls: Vec<String>,
+    pub initial_advertise_peer_urls: Vec<String>,
+    /// `name=url,name=url,...`
+    pub initial_cluster: String,
+    /// `new` or `existing`.
+    pub initial_cluster_state: String,
+    pub initial_cluster_token: String,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub snapshot_count: u64,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_ms: u64,
+    pub progress_notify_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            name: "default".into(),
+            data_dir: PathBuf::from("default.flotilla"),
+            listen_client_urls: vec!["http://localhost:2379".into()],
+            advertise_client_urls: vec!["http://localhost:2379".into()],
+            listen_peer_urls: vec!["http://localhost:2380".into()],
+            initial_advertise_peer_urls: vec!["http://localhost:2380".into()],
+            initial_cluster: "default=http://localhost:2380".into(),
+            initial_cluster_state: "new".into(),
+            initial_cluster_token: "etcd-cluster".into(),
+            max_request_bytes: 1536 * 1024,
+            max_txn_ops: 128,
+            snapshot_count: 100_000,
+            heartbeat_interval_ms: 100,
+            election_timeout_ms: 1000,
+            progress_notify_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// FNV-1a, for stable member and cluster IDs derived from configuration.
+fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in *p {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A member's ID, from its peer URLs and the cluster token (as etcd derives it).
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let joined = urls.join(",");
+    fnv64(&[joined.as_bytes(), token.as_bytes()])
+}
+
+/// Parses `--initial-cluster` into members by name, each with its peer URLs.
+pub fn parse_initial_cluster(s: &str) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, url)) = part.split_once('=') else {
+            bail!("--initial-cluster: {part:?} is not name=url");
+        };
+        out.entry(name.to_string()).or_default().push(url.to_string());
+    }
+    if out.is_empty() {
+        bail!("--initial-cluster is empty");
+    }
+    Ok(out)
+}
+
+fn open_db(dir: &std::path::Path) -> anyhow::Result<Arc<DB>> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    opts.set_bytes_per_sync(1 << 20);
+    let families = Mvcc::column_families()
+        .into_iter()
+        .chain(LogStore::column_families())
+        .map(|name| {
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(32 << 20);
+            ColumnFamilyDescriptor::new(name, cf)
+        })
+        .collect::<Vec<_>>();
+    let db = DB::open_cf_descriptors(&opts, dir, families).with_context(|| format!("opening {}", dir.display()))?;
+    Ok(Arc::new(db))
+}
+
+use mvcc::Mvcc;
+
+/// Runs one member until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let cluster = parse_initial_cluster(&config.initial_cluster)?;
+    let token = &config.initial_cluster_token;
+    let my_peer_urls = cluster
+        .get(&config.name)
+        .cloned()
+        .with_context(|| format!("--initial-cluster has no member named {:?} (--name)", config.name))?;
+    let id = member_id(&my_peer_urls, token);
+    let nodes: BTreeMap<u64, MemberNode> = cluster
+        .iter()
+        .map(|(name, urls)| (member_id(urls, token), MemberNode { name: name.clone(), peer_urls: urls.clone() }))
+        .collect();
+    let ids: Vec<String> = nodes.keys().map(|i| i.to_string()).collect();
+    let cluster_id = fnv64(&[ids.join(",").as_bytes(), token.as_bytes()]);
+
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let db = open_db(&config.data_dir.join("db"))?;
+    let mvcc = Mvcc::open(db.clone())?;
+    let leases = Arc::new(lease::LeaseKeeper::default());
+    leases.reload(&mvcc);
+    let state_machine = StateMachine::new(mvcc.clone(), leases.clone(), config.data_dir.join("snap"))?;
+    let log = LogStore::new(db.clone());
+    let peers = Arc::new(PeerClients::default());
+
+    let raft_config = openraft::Config {
+        cluster_name: config.initial_cluster_token.clone(),
+        heartbeat_interval: config.heartbeat_interval_ms,
+        election_timeout_min: config.election_timeout_ms,
+        election_timeout_max: config.election_timeout_ms * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+        max_in_snapshot_log_to_keep: 5_000,
+        max_payload_entries: 1_000,
+        ..Default::default()
+    }
+    .validate()
+    .context("raft configuration")?;
+    let raft = openraft::Raft::new(id, Arc::new(raft_config), Network { peers: peers.clone() }, log.clone(), state_machine)
+        .await
+        .context("starting raft")?;
+
+    let fresh = !raft.is_initialized().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if fresh {
+        match config.initial_cluster_state.as_str() {
+            "new" => {
+                // Every member of a new cluster proposes the same membership; once one of
+                // them has, the others' attempts are refused harmlessly.
+                if let Err(e) = raft.initialize(nodes.clone()).await {
+                    tracing::debug!(error = %e, "cluster already initialized");
+                }
+            }
+            "existing" => bail!("--initial-cluster-state existing: joining a running cluster is not supported yet"),
+            other => bail!("--initial-cluster-state must be new or existing, not {other:?}"),
+        }
+    }
+
+    let limits = Limits {
+        max_request_bytes: config.max_request_bytes,
+        max_txn_ops: config.max_txn_ops,
+        // etcd's minimum lease TTL: 1.5 election timeouts, rounded up to whole seconds.
+        min_lease_ttl: (config.election_timeout_ms * 3 / 2).div_ceil(1000) as i64,
+        progress_notify_interval: config.progress_notify_interval,
+    };
+    let member = Arc::new(Member {
+        id,
+        cluster_id,
+        name: config.name.clone(),
+        raft: raft.clone(),
+        mvcc: mvcc.clone(),
+        leases: leases.clone(),
+        log,
+        peers,
+        limits,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for url in &config.listen_peer_urls {
+        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("listening for peers on {url}"))?;
+        let m = member.clone();
+        let s = stopped(stop_rx.clone());
+        tasks.spawn(async move { server::serve_peers(m, listener, s).await.map_err(anyhow::Error::from) });
+    }
+    for url in &config.listen_client_urls {
+        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("listening for clients on {url}"))?;
+        let m = member.clone();
+        let s = stopped(stop_rx.clone());
+        tasks.spawn(async move { server::serve_clients(m, listener, s).await.map_err(anyhow::Error::from) });
+    }
+    tasks.spawn({
+        let m = mvcc.clone();
+        let rx = stop_rx.clone();
+        async move {
+            mvcc::compactor::run(m, rx).await;
+            Ok(())
+        }
+    });
+    tasks.spawn(lease_expiry_loop(member.clone(), stop_rx.clone()));
+    tasks.spawn(publish_attributes(member.clone(), config.advertise_client_urls.clone(), stop_rx.clone()));
+    tracing::info!(name = %config.name, id = format_args!("{id:x}"), cluster_id = format_args!("{cluster_id:x}"), "member started");
+
+    tokio::select! {
+        _ = shutdown => {}
+        Some(res) = tasks.join_next() => {
+            if let Ok(Err(e)) = res {
+                tracing::error!(error = %e, "a member task failed; stopping");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = raft.shutdown().await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("member stopped");
+    Ok(())
+}
+
+/// On the leader, revokes leases whose deadline passed; on becoming leader, restarts every
+/// lease's deadline.
+async fn lease_expiry_loop(member: Arc<Member>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut metrics = member.raft.metrics();
+    let mut was_leader = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = metrics.changed() => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        let leader = metrics.borrow().state == ServerState::Leader;
+        if leader && !was_leader {
+            member.leases.promote();
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
+        for id in member.leases.take_expired() {
+            let m = member.clone();
+            tokio::spawn(async move {
+                let revoke = flotilla_proto::etcdserverpb::LeaseRevokeRequest { id };
+                let command = Command { request: Some(command::Request::LeaseRevoke(revoke)) };
+                if let Err(e) = m.propose(command).await {
+                    tracing::debug!(lease = id, error = %e, "revoking expired lease");
+                }
+            });
+        }
+    }
+}
+
+/// Records this member's name and client URLs in the cluster state, so `member list`
+/// shows them (etcd's publish step).
+async fn publish_attributes(
+    member: Arc<Member>,
+    client_urls: Vec<String>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let attrs = MemberAttributes { id: member.id, name: member.name.clone(), client_urls };
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let command = Command { request: Some(command::Request::MemberAttributes(attrs.clone())) };
+        match member.propose(command).await {
+            Ok(_) => {
+                tracing::info!("published member attributes");
+                // Keep the task alive so its end does not read as a failure.
+                let mut stop = stop;
+                let _ = stop.wait_for(|s| *s).await;
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "publishing member attributes; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! One running member: Raft, the MVCC store and lease table, and the paths every request
+//! takes through them (propose, linearizable read barrier, leader forwarding).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    ResponseHeader,
+};
+use flotilla_proto::flotillapb::{
+    command_result, forward_request, forward_response, Command, ForwardRequest, ReadIndexRequest,
+};
+use openraft::error::{ClientWriteError, RaftError};
+use prost::Message;
+
+use crate::error::EtcdError;
+use crate::lease::LeaseKeeper;
+use crate::mvcc::Mvcc;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::PeerClients;
+use crate::raft::{MemberNode, NodeId, Raft, RaftCommand};
+
+/// How long a client request may wait for the cluster (etcd's request timeout is 5 s plus
+/// the election timeout).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// Limits a member enforces on client requests.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    /// Leases shorter than this are granted with this TTL, as etcd's minimum TTL.
+    pub min_lease_ttl: i64,
+    pub progress_notify_interval: Duration,
+}
+
+pub struct Member {
+    pub id: NodeId,
+    pub cluster_id: u64,
+    pub name: String,
+    pub raft: Raft,
+    pub mvcc: Arc<Mvcc>,
+    pub leases: Arc<LeaseKeeper>,
+    pub log: LogStore,
+    pub peers: Arc<PeerClients>,
+    pub limits: Limits,
+}
+
+impl Member {
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.id,
+            revision,
+            raft_term: self.raft.metrics().borrow().current_term,
+        }
+    }
+
+    /// Stamps cluster, member and term on a header a state-machine result carried.
+    pub fn stamp(&self, header: &mut Option<ResponseHeader>) {
+        let revision = header.as_ref().map(|h| h.revision).unwrap_or_else(|| self.mvcc.current_revision());
+        *header = Some(self.header(revision));
+    }
+
+    pub fn leader(&self) -> Option<(NodeId, MemberNode)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&leader).cloned()?;
+        Some((leader, node))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Waits up to the request timeout for some member to lead.
+    async fn wait_for_leader(&self) -> Result<(NodeId, MemberNode), EtcdError> {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EtcdError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Proposes a command through Raft (forwarding to the leader when this member is not it)
+    /// and returns the result of applying it.
+    pub async fn propose(&self, command: Command) -> Result<command_result::Result, EtcdError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.propose_inner(command))
+            .await
+            .unwrap_or(Err(EtcdError::Timeout))
+    }
+
+    async fn propose_inner(&self, command: Command) -> Result<command_result::Result, EtcdError> {
+        for _attempt in 0..20 {
+            let (leader, node) = self.wait_for_leader().await?;
+            let outcome = if leader == self.id {
+                self.propose_local(&command).await
+            } else {
+                self.forward(&node, forward_request::Request::Command(command.clone())).await.and_then(|r| match r {
+                    forward_response::Response::Command(c) => Ok(c.result),
+                    _ => Err(EtcdError::Internal("leader answered a different request".into())),
+                })
+            };
+            match outcome {
+                // Rejected before it entered the log: safe to try the new leader.
+                Err(EtcdError::NotLeader) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(Some(command_result::Result::Error(e))) => return Err(EtcdError::from_wire(e.code, &e.message)),
+                Ok(Some(r)) => return Ok(r),
+                Ok(None) => return Err(EtcdError::Internal("empty command result".into())),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EtcdError::LeaderChanged)
+    }
+
+    /// Proposes on this member, which believes it leads. `NotLeader` means the command was
+    /// not appended.
+    pub async fn propose_local(&self, command: &Command) -> Result<Option<command_result::Result>, EtcdError> {
+        match self.raft.client_write(RaftCommand::new(command)).await {
+            Ok(resp) => Ok(resp.data.0.result),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(EtcdError::NotLeader),
+            Err(RaftError::APIError(e)) => Err(EtcdError::Internal(e.to_string())),
+            Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped),
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: &MemberNode,
+        request: forward_request::Request,
+    ) -> Result<forward_response::Response, EtcdError> {
+        let url = leader.peer_urls.first().ok_or(EtcdError::NoLeader)?;
+        let mut client = self.peers.client(url).map_err(|e| EtcdError::Internal(e.to_string()))?;
+        let mut req = tonic::Request::new(ForwardRequest { request: Some(request) });
+        req.set_timeout(REQUEST_TIMEOUT);
+        match client.forward(req).await {
+            Ok(resp) => resp.into_inner().response.ok_or_else(|| EtcdError::Internal("empty forward response".into())),
+            Err(s) if s.message() == EtcdError::NotLeader.to_string() => Err(EtcdError::NotLeader),
+            Err(s) if s.code() == tonic::Code::Unavailable && s.message().starts_with("etcdserver:") => {
+                Err(EtcdError::from_wire(s.code() as i32, s.message()))
+            }
+            // The leader could not be reached: whether the command was applied is unknown.
+            Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::DeadlineExceeded => {
+                Err(EtcdError::Timeout)
+            }
+            Err(s) => Err(EtcdError::from_wire(s.code() as i32, s.message())),
+        }
+    }
+
+    /// The leader's read index: the log index every linearizable read must wait for.
+    pub async fn read_index_local(&self) -> Result<u64, EtcdError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(_)) => Err(EtcdError::NotLeader),
+            Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped),
+        }
+    }
+
+    /// Waits until this member has applied everything committed when the call began, as
+    /// confirmed by the leader: after it, a local read is linearizable.
+    pub async fn linearizable_barrier(&self) -> Result<(), EtcdError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, async {
+            loop {
+                let (leader, node) = self.wait_for_leader().await?;
+                let index = if leader == self.id {
+                    self.read_index_local().await
+                } else {
+                    match self.forward(&node, forward_request::Request::ReadIndex(ReadIndexRequest {})).await {
+                        Ok(forward_response::Response::ReadIndex(i)) => Ok(i),
+                        Ok(_) => Err(EtcdError::Internal("leader answered a different request".into())),
+                        Err(e) => Err(e),
+                    }
+                };
+                match index {
+                    Ok(index) => {
+                        self.raft
+                            .wait(Some(REQUEST_TIMEOUT))
+                            .applied_index_at_least(Some(index), "linearizable read")
+                            .await
+                            .map_err(|_| EtcdError::Timeout)?;
+                        return Ok(());
+                    }
+                    Err(EtcdError::NotLeader) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(EtcdError::Timeout))
+    }
+
+    pub async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> Result<LeaseKeepAliveResponse, EtcdError> {
+        let (leader, node) = self.wait_for_leader().await?;
+        if leader == self.id {
+            return Ok(self.lease_keep_alive_local(&req));
+        }
+        match self.forward(&node, forward_request::Request::LeaseKeepAlive(req)).await? {
+            forward_response::Response::LeaseKeepAlive(mut r) => {
+                self.stamp(&mut r.header);
+                Ok(r)
+            }
+            _ => Err(EtcdError::Internal("leader answered a different request".into())),
+        }
+    }
+
+    /// As etcd: renewing an unknown lease answers TTL 0, not an error.
+    pub fn lease_keep_alive_local(&self, req: &LeaseKeepAliveRequest) -> LeaseKeepAliveResponse {
+        let ttl = self.leases.keep_alive(req.id).unwrap_or(0);
+        LeaseKeepAliveResponse { header: Some(self.header(self.mvcc.current_revision())), id: req.id, ttl }
+    }
+
+    pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, EtcdError> {
+        let (leader, node) = self.wait_for_leader().await?;
+        if leader == self.id {
+            return self.lease_time_to_live_local(&req);
+        }
+        match self.forward(&node, forward_request::Request::LeaseTimeToLive(req)).await? {
+            forward_response::Response::LeaseTimeToLive(mut r) => {
+                self.stamp(&mut r.header);
+                Ok(r)
+            }
+            _ => Err(EtcdError::Internal("leader answered a different request".into())),
+        }
+    }
+
+    /// As etcd: an unknown lease answers TTL -1.
+    pub fn lease_time_to_live_local(&self, req: &LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, EtcdError> {
+        let header = Some(self.header(self.mvcc.current_revision()));
+        let Some((granted, remaining)) = self.leases.time_to_live(req.id) else {
+            return Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl: -1, granted_ttl: 0, keys: Vec::new() });
+        };
+        let keys = if req.keys { self.mvcc.lease_keys(req.id)? } else { Vec::new() };
+        Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl: remaining, granted_ttl: granted, keys })
+    }
+
+    /// Size of a request as it would travel through Raft.
+    pub fn check_size(&self, request: &impl Message) -> Result<(), EtcdError> {
+        if request.encoded_len() > self.limits.max_request_bytes {
+            return Err(EtcdError::RequestTooLarge);
+        }
+        Ok(())
+    }
+}

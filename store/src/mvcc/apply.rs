@@ -1,0 +1,379 @@
+//! Applying one committed command to the MVCC state: etcd's write semantics.
+//!
+//! An [`Applier`] collects the command's changes in a RocksDB WriteBatch plus an overlay, so a
+//! Txn's later operations read its earlier writes. Nothing reaches the database until
+//! [`Mvcc::commit`]; a command that fails leaves no trace but its applied index.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use flotilla_proto::etcdserverpb::{
+    compare, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
+    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    RequestOp, ResponseOp, TxnRequest, TxnResponse,
+};
+use flotilla_proto::mvccpb::{event::EventType, Event};
+use rocksdb::WriteBatch;
+
+use super::keys::*;
+use super::{encode, to_key_value, Mvcc, RangeEnd, RangePlan, CF_KV, CF_META, CF_REV};
+use crate::error::{EtcdError, StorageError};
+
+/// What a committed command changed, for [`Mvcc::commit`] to publish.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The new current revision, if the command made one.
+    pub revision: Option<i64>,
+    pub events: Vec<Event>,
+    pub compaction: Option<i64>,
+}
+
+type Version = (i64, KvRecord);
+
+pub struct Applier<'a> {
+    mvcc: &'a Mvcc,
+    batch: WriteBatch,
+    /// The revision before this command.
+    base: i64,
+    sub: u32,
+    overlay: BTreeMap<Vec<u8>, Option<Version>>,
+    events: Vec<Event>,
+    compaction: Option<i64>,
+}
+
+impl<'a> Applier<'a> {
+    pub fn new(mvcc: &'a Mvcc) -> Applier<'a> {
+        Applier {
+            mvcc,
+            batch: WriteBatch::default(),
+            base: mvcc.current_revision(),
+            sub: 0,
+            overlay: BTreeMap::new(),
+            events: Vec::new(),
+            compaction: None,
+        }
+    }
+
+    /// Ends the command: the batch to write (the caller adds its applied index) and the outcome.
+    pub fn finish(mut self) -> (WriteBatch, Outcome) {
+        let revision = if self.wrote() {
+            let rev = self.revision();
+            self.batch.put_cf(self.mvcc.cf(CF_META), META_REVISION, encode(&rev));
+            Some(rev)
+        } else {
+            None
+        };
+        if let Some(c) = self.compaction {
+            self.batch.put_cf(self.mvcc.cf(CF_META), META_COMPACT, encode(&c));
+        }
+        (self.batch, Outcome { revision, events: self.events, compaction: self.compaction })
+    }
+
+    fn wrote(&self) -> bool {
+        self.sub > 0
+    }
+
+    /// The revision this command's writes carry.
+    fn revision(&self) -> i64 {
+        self.base + 1
+    }
+
+    /// The revision a response reports: the command's own if it wrote, else the current one.
+    fn header_revision(&self) -> i64 {
+        if self.wrote() {
+            self.revision()
+        } else {
+            self.base
+        }
+    }
+
+    fn latest(&self, key: &[u8]) -> Result<Option<Version>, StorageError> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self.mvcc.get_record(key, self.base)?.filter(|(_, r)| !r.is_tombstone()))
+    }
+
+    fn live_in_range(&self, key: &[u8], range_end: &[u8]) -> Result<Vec<(Vec<u8>, Version)>, StorageError> {
+        let end = RangeEnd::of(range_end);
+        let mut found: BTreeMap<Vec<u8>, Version> = BTreeMap::new();
+        self.mvcc.scan(key, end, self.base, &mut |k, rev, r| {
+            found.insert(k, (rev, r));
+            ControlFlow::Continue(())
+        })?;
+        for (k, v) in self.overlay.range(key.to_vec()..) {
+            if !end.contains(key, k) {
+                break; // overlay keys come in order from `key` on: the first outside ends it
+            }
+            match v {
+                Some(version) => found.insert(k.clone(), version.clone()),
+                None => found.remove(k),
+            };
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    fn record_event(&mut self, kind: EventKind, key: &[u8], now: Option<&KvRecord>, prev: Option<Version>) {
+        let rev = self.revision();
+        self.batch.put_cf(
+            self.mvcc.cf(CF_REV),
+            rev_key(rev, self.sub),
+            encode(&EventRecord { kind, key: key.to_vec() }),
+        );
+        self.sub += 1;
+        let kv = match now {
+            Some(r) => to_key_value(key.to_vec(), rev, r.clone()),
+            None => flotilla_proto::mvccpb::KeyValue { key: key.to_vec(), mod_revision: rev, ..Default::default() },
+        };
+        let event_type = match kind {
+            EventKind::Put => EventType::Put,
+            EventKind::Delete => EventType::Delete,
+        };
+        self.events.push(Event {
+            r#type: event_type as i32,
+            kv: Some(kv),
+            prev_kv: prev.map(|(r, rec)| to_key_value(key.to_vec(), r, rec)),
+        });
+    }
+
+    fn attach(&mut self, lease: i64, key: &[u8]) {
+        self.batch.put_cf(self.mvcc.cf(CF_META), lease_key_meta_key(lease, key), []);
+    }
+
+    fn detach(&mut self, lease: i64, key: &[u8]) {
+        self.batch.delete_cf(self.mvcc.cf(CF_META), lease_key_meta_key(lease, key));
+    }
+
+    pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, EtcdError> {
+        let prev = self.latest(&req.key)?;
+        if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+            return Err(EtcdError::KeyNotFound);
+        }
+        let lease = if req.ignore_lease {
+            prev.as_ref().map(|(_, r)| r.lease).unwrap_or(0)
+        } else {
+            req.lease
+        };
+        if lease != 0 && self.mvcc.lease(lease)?.is_none() {
+            return Err(EtcdError::LeaseNotFound);
+        }
+        let rev = self.revision();
+        let record = KvRecord {
+            create_revision: prev.as_ref().map(|(_, r)| r.create_revision).unwrap_or(rev),
+            version: prev.as_ref().map(|(_, r)| r.version).unwrap_or(0) + 1,
+            lease,
+            value: if req.ignore_value {
+                prev.as_ref().map(|(_, r)| r.value.clone()).unwrap_or_default()
+            } else {
+                req.value.clone()
+            },
+        };
+        self.batch.put_cf(self.mvcc.cf(CF_KV), kv_key(&req.key, rev), encode(&record));
+        let prev_lease = prev.as_ref().map(|(_, r)| r.lease).unwrap_or(0);
+        if prev_lease != 0 && prev_lease != lease {
+            self.detach(prev_lease, &req.key);
+        }
+        if lease != 0 {
+            self.attach(lease, &req.key);
+        }
+        self.record_event(EventKind::Put, &req.key, Some(&record), prev.clone());
+        self.overlay.insert(req.key.clone(), Some((rev, record)));
+        Ok(PutResponse {
+            header: self.mvcc.header(rev),
+            prev_kv: if req.prev_kv { prev.map(|(r, rec)| to_key_value(req.key.clone(), r, rec)) } else { None },
+        })
+    }
+
+    pub fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse, EtcdError> {
+        let victims = self.live_in_range(&req.key, &req.range_end)?;
+        let mut prev_kvs = Vec::new();
+        for (key, prev) in &victims {
+            self.delete_key(key, prev.clone());
+            if req.prev_kv {
+                prev_kvs.push(to_key_value(key.clone(), prev.0, prev.1.clone()));
+            }
+        }
+        Ok(DeleteRangeResponse {
+            header: self.mvcc.header(self.header_revision()),
+            deleted: victims.len() as i64,
+            prev_kvs,
+        })
+    }
+
+    fn delete_key(&mut self, key: &[u8], prev: Version) {
+        let rev = self.revision();
+        let tombstone = KvRecord { create_revision: 0, version: 0, lease: 0, value: Vec::new() };
+        self.batch.put_cf(self.mvcc.cf(CF_KV), kv_key(key, rev), encode(&tombstone));
+        if prev.1.lease != 0 {
+            self.detach(prev.1.lease, key);
+        }
+        self.record_event(EventKind::Delete, key, None, Some(prev));
+        self.overlay.insert(key.to_vec(), None);
+    }
+
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, EtcdError> {
+        let plan = RangePlan::of(req);
+        let found = self.live_in_range(&req.key, &req.range_end)?;
+        let count = found.len() as i64;
+        let kvs = if plan.count_only {
+            Vec::new()
+        } else {
+            found
+                .into_iter()
+                .filter(|(_, (rev, r))| plan.wants(*rev, r))
+                .map(|(k, (rev, r))| to_key_value(k, rev, r))
+                .collect()
+        };
+        Ok(plan.finish(kvs, count, self.header_revision()))
+    }
+
+    fn compare(&self, c: &Compare) -> Result<bool, EtcdError> {
+        use compare::{CompareResult, CompareTarget, TargetUnion};
+        let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+        let result = CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal);
+        let versions: Vec<Version> = if c.range_end.is_empty() {
+            self.latest(&c.key)?.into_iter().collect()
+        } else {
+            self.live_in_range(&c.key, &c.range_end)?.into_iter().map(|(_, v)| v).collect()
+        };
+        let absent = (0i64, KvRecord { create_revision: 0, version: 0, lease: 0, value: Vec::new() });
+        let checked: Vec<&Version> = if versions.is_empty() {
+            if target == CompareTarget::Value {
+                return Ok(false);
+            }
+            vec![&absent]
+        } else {
+            versions.iter().collect()
+        };
+        for (mod_rev, record) in checked {
+            let ordering = match (&c.target_union, target) {
+                (Some(TargetUnion::Value(v)), CompareTarget::Value) => record.value.as_slice().cmp(v.as_slice()),
+                (Some(TargetUnion::Version(v)), CompareTarget::Version) => record.version.cmp(v),
+                (Some(TargetUnion::CreateRevision(v)), CompareTarget::Create) => record.create_revision.cmp(v),
+                (Some(TargetUnion::ModRevision(v)), CompareTarget::Mod) => mod_rev.cmp(v),
+                (Some(TargetUnion::Lease(v)), CompareTarget::Lease) => record.lease.cmp(v),
+                // A compare whose value does not match its target compares against zero.
+                (_, CompareTarget::Value) => record.value.as_slice().cmp(&[][..]),
+                (_, CompareTarget::Version) => record.version.cmp(&0),
+                (_, CompareTarget::Create) => record.create_revision.cmp(&0),
+                (_, CompareTarget::Mod) => mod_rev.cmp(&0),
+                (_, CompareTarget::Lease) => record.lease.cmp(&0),
+            };
+            let holds = match result {
+                CompareResult::Equal => ordering.is_eq(),
+                CompareResult::NotEqual => ordering.is_ne(),
+                CompareResult::Greater => ordering.is_gt(),
+                CompareResult::Less => ordering.is_lt(),
+            };
+            if !holds {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse, EtcdError> {
+        let mut succeeded = true;
+        for c in &req.compare {
+            if !self.compare(c)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded { &req.success } else { &req.failure };
+        self.check_ops(ops)?;
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(self.op(op)?);
+        }
+        let header = self.mvcc.header(self.header_revision());
+        // Inner responses report the Txn's revision too.
+        for r in &mut responses {
+            set_header_revision(r, self.header_revision());
+        }
+        Ok(TxnResponse { header, succeeded, responses })
+    }
+
+    /// etcd refuses a Txn branch up front when a put in it would fail, so no partial
+    /// branch is ever applied; the overlay-discarding commit gives the same guarantee, and
+    /// this keeps the error the one etcd reports first.
+    fn check_ops(&self, ops: &[RequestOp]) -> Result<(), EtcdError> {
+        for op in ops {
+            if let Some(request_op::Request::RequestPut(p)) = &op.request {
+                if (p.ignore_value || p.ignore_lease) && self.latest(&p.key)?.is_none() {
+                    return Err(EtcdError::KeyNotFound);
+                }
+                if p.lease != 0 && !p.ignore_lease && self.mvcc.lease(p.lease)?.is_none() {
+                    return Err(EtcdError::LeaseNotFound);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn op(&mut self, op: &RequestOp) -> Result<ResponseOp, EtcdError> {
+        use request_op::Request;
+        use response_op::Response;
+        let response = match &op.request {
+            Some(Request::RequestRange(r)) => Response::ResponseRange(self.range(r)?),
+            Some(Request::RequestPut(p)) => Response::ResponsePut(self.put(p)?),
+            Some(Request::RequestDeleteRange(d)) => Response::ResponseDeleteRange(self.delete_range(d)?),
+            Some(Request::RequestTxn(t)) => Response::ResponseTxn(self.txn(t)?),
+            None => Response::ResponseRange(RangeResponse::default()),
+        };
+        Ok(ResponseOp { response: Some(response) })
+    }
+
+    pub fn compact(&mut self, req: &CompactionRequest) -> Result<CompactionResponse, EtcdError> {
+        if req.revision > self.base {
+            return Err(EtcdError::FutureRevision);
+        }
+        if req.revision <= self.mvcc.compact_revision() {
+            return Err(EtcdError::Compacted);
+        }
+        self.compaction = Some(req.revision);
+        Ok(CompactionResponse { header: self.mvcc.header(self.base) })
+    }
+
+    pub fn lease_grant(&mut self, req: &LeaseGrantRequest) -> Result<LeaseGrantResponse, EtcdError> {
+        if self.mvcc.lease(req.id)?.is_some() {
+            return Err(EtcdError::LeaseExists);
+        }
+        self.batch.put_cf(self.mvcc.cf(CF_META), lease_meta_key(req.id), encode(&LeaseRecord { ttl: req.ttl }));
+        Ok(LeaseGrantResponse { header: self.mvcc.header(self.base), id: req.id, ttl: req.ttl, error: String::new() })
+    }
+
+    pub fn lease_revoke(&mut self, req: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse, EtcdError> {
+        if self.mvcc.lease(req.id)?.is_none() {
+            return Err(EtcdError::LeaseNotFound);
+        }
+        for key in self.mvcc.lease_keys(req.id)? {
+            match self.latest(&key)? {
+                Some(prev) if prev.1.lease == req.id => self.delete_key(&key, prev),
+                _ => self.detach(req.id, &key),
+            }
+        }
+        self.batch.delete_cf(self.mvcc.cf(CF_META), lease_meta_key(req.id));
+        Ok(LeaseRevokeResponse { header: self.mvcc.header(self.header_revision()) })
+    }
+
+    /// Writes raw metadata in the command's batch (member attributes and the like).
+    pub fn put_meta(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(self.mvcc.cf(CF_META), key, value);
+    }
+}
+
+fn set_header_revision(op: &mut ResponseOp, revision: i64) {
+    use response_op::Response;
+    let header = match &mut op.response {
+        Some(Response::ResponseRange(r)) => &mut r.header,
+        Some(Response::ResponsePut(r)) => &mut r.header,
+        Some(Response::ResponseDeleteRange(r)) => &mut r.header,
+        Some(Response::ResponseTxn(r)) => &mut r.header,
+        None => return,
+    };
+    if let Some(h) = header {
+        h.revision = revision;
+    }
+}

@@ -1,0 +1,506 @@
+//! The MVCC key-value state: etcd's revision semantics on RocksDB column families.
+//!
+//! Owns the `kv`, `rev` and `meta` column families. Reads run at a revision without locks: a
+//! revision becomes visible (the `current` counter moves) only after its WriteBatch is in the
+//! database, and everything newer is filtered out by revision. Writes happen only through
+//! [`apply::Applier`], driven by the Raft state machine.
+
+pub mod apply;
+pub mod compactor;
+pub mod keys;
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use flotilla_proto::etcdserverpb::{range_request, RangeRequest, RangeResponse, ResponseHeader};
+use flotilla_proto::mvccpb::{event::EventType, Event, KeyValue};
+use rocksdb::{ColumnFamily, WriteBatch, DB};
+use tokio::sync::{broadcast, watch};
+
+use crate::error::{EtcdError, StorageError};
+use keys::*;
+
+pub const CF_KV: &str = "kv";
+pub const CF_REV: &str = "rev";
+pub const CF_META: &str = "meta";
+
+/// How many revisions of events the in-memory fan-out holds for watchers that are behind;
+/// a watcher further behind catches up from the `rev` family instead.
+const EVENT_FANOUT_CAPACITY: usize = 4096;
+
+/// The events of one revision, as published to watchers once durable in the state machine.
+/// Every event carries its `prev_kv`; watchers that did not ask for it drop it.
+#[derive(Debug)]
+pub struct RevisionEvents {
+    pub revision: i64,
+    pub events: Vec<Event>,
+}
+
+pub struct Mvcc {
+    db: Arc<DB>,
+    current: AtomicI64,
+    compacted: AtomicI64,
+    events: broadcast::Sender<Arc<RevisionEvents>>,
+    /// The compaction revision the compactor should reach; the compactor reports progress on
+    /// `compact_done`.
+    compact_target: watch::Sender<i64>,
+    compact_done: watch::Sender<i64>,
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StorageError> {
+    bincode::deserialize(bytes).map_err(|e| StorageError::Corrupt { what, detail: e.to_string() })
+}
+
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    bincode::serialize(value).expect("bincode encoding of in-memory records cannot fail")
+}
+
+pub fn to_key_value(key: Vec<u8>, mod_revision: i64, record: KvRecord) -> KeyValue {
+    KeyValue {
+        key,
+        create_revision: record.create_revision,
+        mod_revision,
+        version: record.version,
+        value: record.value,
+        lease: record.lease,
+    }
+}
+
+/// The end of a range in etcd's terms: empty means the single key, `\0` means no upper bound.
+#[derive(Debug, Clone, Copy)]
+pub enum RangeEnd<'a> {
+    Single,
+    Unbounded,
+    Before(&'a [u8]),
+}
+
+impl<'a> RangeEnd<'a> {
+    pub fn of(range_end: &'a [u8]) -> RangeEnd<'a> {
+        match range_end {
+            [] => RangeEnd::Single,
+            [0] => RangeEnd::Unbounded,
+            end => RangeEnd::Before(end),
+        }
+    }
+
+    pub fn contains(&self, start: &[u8], key: &[u8]) -> bool {
+        match self {
+            RangeEnd::Single => key == start,
+            RangeEnd::Unbounded => key >= start,
+            RangeEnd::Before(end) => key >= start && key < *end,
+        }
+    }
+}
+
+impl Mvcc {
+    pub fn column_families() -> [&'static str; 3] {
+        [CF_KV, CF_REV, CF_META]
+    }
+
+    pub fn open(db: Arc<DB>) -> Result<Arc<Mvcc>, StorageError> {
+        let meta = db.cf_handle(CF_META).expect("meta column family is created at open");
+        let read_i64 = |key: &[u8], default: i64| -> Result<i64, StorageError> {
+            Ok(match db.get_cf(meta, key)? {
+                Some(v) => decode::<i64>("meta", &v)?,
+                None => default,
+            })
+        };
+        let current = read_i64(META_REVISION, 1)?;
+        let compacted = read_i64(META_COMPACT, 0)?;
+        let compact_done = read_i64(META_COMPACT_DONE, 0)?;
+        let (events, _) = broadcast::channel(EVENT_FANOUT_CAPACITY);
+        Ok(Arc::new(Mvcc {
+            db,
+            current: AtomicI64::new(current),
+            compacted: AtomicI64::new(compacted),
+            events,
+            compact_target: watch::Sender::new(compacted),
+            compact_done: watch::Sender::new(compact_done),
+        }))
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+
+    /// The newest revision whose changes are readable.
+    pub fn current_revision(&self) -> i64 {
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// Revisions below this one are compacted and can no longer be read or watched.
+    pub fn compact_revision(&self) -> i64 {
+        self.compacted.load(Ordering::Acquire)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<RevisionEvents>> {
+        self.events.subscribe()
+    }
+
+    pub fn compaction_progress(&self) -> watch::Receiver<i64> {
+        self.compact_done.subscribe()
+    }
+
+    /// Checks a requested read revision against the compacted and current revisions;
+    /// `revision <= 0` means the current one.
+    pub fn resolve_revision(&self, revision: i64) -> Result<i64, EtcdError> {
+        let current = self.current_revision();
+        if revision <= 0 {
+            return Ok(current);
+        }
+        if revision > current {
+            return Err(EtcdError::FutureRevision);
+        }
+        if revision < self.compact_revision() {
+            return Err(EtcdError::Compacted);
+        }
+        Ok(revision)
+    }
+
+    /// The version of `key` visible at `revision` (tombstones included).
+    pub fn get_record(&self, key: &[u8], revision: i64) -> Result<Option<(i64, KvRecord)>, StorageError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_KV));
+        it.seek(kv_key(key, revision));
+        if let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if let Some((user_key, rev)) = decode_kv_key(k) {
+                if user_key == key {
+                    return Ok(Some((rev, decode("kv", v)?)));
+                }
+            }
+        }
+        it.status()?;
+        Ok(None)
+    }
+
+    /// The live value of `key` at `revision`, if any.
+    pub fn get(&self, key: &[u8], revision: i64) -> Result<Option<KeyValue>, StorageError> {
+        Ok(self
+            .get_record(key, revision)?
+            .filter(|(_, r)| !r.is_tombstone())
+            .map(|(rev, r)| to_key_value(key.to_vec(), rev, r)))
+    }
+
+    /// Visits every live key in `[key, end)` at `revision`, in key order.
+    pub fn scan(
+        &self,
+        key: &[u8],
+        end: RangeEnd<'_>,
+        revision: i64,
+        visit: &mut dyn FnMut(Vec<u8>, i64, KvRecord) -> ControlFlow<()>,
+    ) -> Result<(), StorageError> {
+        if let RangeEnd::Single = end {
+            if let Some((rev, record)) = self.get_record(key, revision)? {
+                if !record.is_tombstone() {
+                    let _ = visit(key.to_vec(), rev, record);
+                }
+            }
+            return Ok(());
+        }
+        if let RangeEnd::Before(e) = end {
+            if e <= key {
+                return Ok(());
+            }
+        }
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_KV));
+        it.seek(seek_key(key));
+        while let Some(k) = it.key() {
+            let Some((user_key, rev)) = decode_kv_key(k) else {
+                return Err(StorageError::Corrupt { what: "kv key", detail: format!("{k:?}") });
+            };
+            if !end.contains(key, &user_key) {
+                break;
+            }
+            if rev > revision {
+                it.seek(kv_key(&user_key, revision));
+                continue; // re-examine: either this key at an older revision, or the next key
+            }
+            let record: KvRecord = decode("kv", it.value().unwrap_or_default())?;
+            if !record.is_tombstone() {
+                if let ControlFlow::Break(()) = visit(user_key.clone(), rev, record) {
+                    return Ok(());
+                }
+            }
+            // Older versions usually sit right behind; step before seeking.
+            let mut stepped = 0;
+            loop {
+                it.next();
+                match it.key().and_then(decode_kv_key) {
+                    Some((next_key, _)) if next_key == user_key && stepped < 4 => stepped += 1,
+                    Some((next_key, _)) if next_key == user_key => {
+                        it.seek(past_key(&user_key));
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    /// Serves a Range request at an already resolved revision.
+    pub fn range(&self, req: &RangeRequest, revision: i64) -> Result<RangeResponse, EtcdError> {
+        let plan = RangePlan::of(req);
+        let mut kvs = Vec::new();
+        let mut count = 0i64;
+        self.scan(&req.key, RangeEnd::of(&req.range_end), revision, &mut |key, rev, record| {
+            count += 1;
+            if !plan.count_only && plan.wants(rev, &record) && !plan.enough(kvs.len()) {
+                kvs.push(to_key_value(key, rev, record));
+            }
+            ControlFlow::Continue(())
+        })?;
+        Ok(plan.finish(kvs, count, revision))
+    }
+
+    /// The events of revisions `[from, to]`, at most about `limit` events (whole revisions).
+    pub fn events_between(
+        &self,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<RevisionEvents>, StorageError> {
+        let mut out: Vec<RevisionEvents> = Vec::new();
+        let mut total = 0usize;
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_REV));
+        it.seek(rev_key(from, 0));
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some((rev, _sub)) = decode_rev_key(k) else {
+                return Err(StorageError::Corrupt { what: "rev key", detail: format!("{k:?}") });
+            };
+            if rev > to {
+                break;
+            }
+            let is_new_revision = out.last().map(|r| r.revision != rev).unwrap_or(true);
+            if is_new_revision {
+                if total >= limit {
+                    break;
+                }
+                out.push(RevisionEvents { revision: rev, events: Vec::new() });
+            }
+            let record: EventRecord = decode("rev", v)?;
+            let event = self.event_at(record, rev)?;
+            out.last_mut().expect("pushed above").events.push(event);
+            total += 1;
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    fn event_at(&self, record: EventRecord, revision: i64) -> Result<Event, StorageError> {
+        let prev_kv = self.get(&record.key, revision - 1)?;
+        let kv = match record.kind {
+            EventKind::Put => match self.get_record(&record.key, revision)? {
+                Some((rev, r)) if rev == revision => to_key_value(record.key, rev, r),
+                _ => {
+                    return Err(StorageError::Corrupt {
+                        what: "rev",
+                        detail: format!("event at revision {revision} has no value"),
+                    })
+                }
+            },
+            EventKind::Delete => KeyValue { key: record.key, mod_revision: revision, ..Default::default() },
+        };
+        let kind = match record.kind {
+            EventKind::Put => EventType::Put,
+            EventKind::Delete => EventType::Delete,
+        };
+        Ok(Event { r#type: kind as i32, kv: Some(kv), prev_kv })
+    }
+
+    pub fn lease(&self, id: i64) -> Result<Option<LeaseRecord>, StorageError> {
+        match self.db.get_cf(self.cf(CF_META), lease_meta_key(id))? {
+            Some(v) => Ok(Some(decode("lease", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every lease the state machine holds, with its granted TTL.
+    pub fn leases(&self) -> Result<Vec<(i64, LeaseRecord)>, StorageError> {
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
+        it.seek(META_LEASE_PREFIX);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some(id) = k.strip_prefix(META_LEASE_PREFIX) else { break };
+            let id: [u8; 8] = id.try_into().map_err(|_| StorageError::Corrupt {
+                what: "lease key",
+                detail: format!("{k:?}"),
+            })?;
+            out.push((i64::from_be_bytes(id), decode("lease", v)?));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// The keys attached to lease `id`.
+    pub fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>, StorageError> {
+        let prefix = lease_key_prefix(id);
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
+        it.seek(&prefix);
+        while let Some(k) = it.key() {
+            let Some(user_key) = k.strip_prefix(prefix.as_slice()) else { break };
+            out.push(user_key.to_vec());
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.cf(CF_META), key)?)
+    }
+
+    /// Writes a batch built by an [`apply::Applier`] (plus whatever the caller added to it)
+    /// and then makes its revision visible and publishes its events, in that order.
+    pub fn commit(&self, batch: WriteBatch, outcome: apply::Outcome) -> Result<(), StorageError> {
+        self.db.write_without_wal_sync(batch)?;
+        if let Some(revision) = outcome.revision {
+            self.current.store(revision, Ordering::Release);
+            if !outcome.events.is_empty() {
+                // No receiver is fine: nobody watches.
+                let _ = self.events.send(Arc::new(RevisionEvents { revision, events: outcome.events }));
+            }
+        }
+        if let Some(compact) = outcome.compaction {
+            self.compacted.store(compact, Ordering::Release);
+            self.compact_target.send_replace(compact);
+        }
+        Ok(())
+    }
+
+    /// Reloads the counters after the whole state was replaced (a Raft snapshot install).
+    pub(crate) fn reload(&self) -> Result<(), StorageError> {
+        let meta = self.cf(CF_META);
+        let get = |key: &[u8], default: i64| -> Result<i64, StorageError> {
+            Ok(match self.db.get_cf(meta, key)? {
+                Some(v) => decode::<i64>("meta", &v)?,
+                None => default,
+            })
+        };
+        self.current.store(get(META_REVISION, 1)?, Ordering::Release);
+        let compacted = get(META_COMPACT, 0)?;
+        self.compacted.store(compacted, Ordering::Release);
+        self.compact_target.send_replace(compacted);
+        Ok(())
+    }
+
+    pub(crate) fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader { revision, ..Default::default() })
+    }
+}
+
+trait WriteWithoutSync {
+    fn write_without_wal_sync(&self, batch: WriteBatch) -> Result<(), rocksdb::Error>;
+}
+
+impl WriteWithoutSync for DB {
+    fn write_without_wal_sync(&self, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+        // The Raft log is the durable record; a state-machine batch lost in a crash is applied
+        // again from the log, and the applied index travels in the same batch.
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(false);
+        self.write_opt(batch, &opts)
+    }
+}
+
+/// What a Range request asks beyond the key range: filters, order, limit.
+pub(crate) struct RangePlan {
+    limit: usize,
+    sort: Option<(range_request::SortTarget, bool)>,
+    filtered: bool,
+    min_mod: i64,
+    max_mod: i64,
+    min_create: i64,
+    max_create: i64,
+    keys_only: bool,
+    count_only: bool,
+}
+
+impl RangePlan {
+    pub(crate) fn of(req: &RangeRequest) -> RangePlan {
+        use range_request::{SortOrder, SortTarget};
+        let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+        let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+        // As etcd: no order with a target other than the key means ascending; ascending by key
+        // is the natural order.
+        let sort = match (order, target) {
+            (SortOrder::None, SortTarget::Key) | (SortOrder::Ascend, SortTarget::Key) => None,
+            (SortOrder::None, t) | (SortOrder::Ascend, t) => Some((t, true)),
+            (SortOrder::Descend, t) => Some((t, false)),
+        };
+        RangePlan {
+            limit: if req.limit > 0 { req.limit as usize } else { 0 },
+            sort,
+            filtered: req.min_mod_revision > 0
+                || req.max_mod_revision > 0
+                || req.min_create_revision > 0
+                || req.max_create_revision > 0,
+            min_mod: req.min_mod_revision,
+            max_mod: req.max_mod_revision,
+            min_create: req.min_create_revision,
+            max_create: req.max_create_revision,
+            keys_only: req.keys_only,
+            count_only: req.count_only,
+        }
+    }
+
+    pub(crate) fn wants(&self, mod_revision: i64, record: &KvRecord) -> bool {
+        !(self.min_mod > 0 && mod_revision < self.min_mod
+            || self.max_mod > 0 && mod_revision > self.max_mod
+            || self.min_create > 0 && record.create_revision < self.min_create
+            || self.max_create > 0 && record.create_revision > self.max_create)
+    }
+
+    /// Whether enough values are gathered: one past the limit tells `more`, unless the
+    /// result still has to be sorted.
+    pub(crate) fn enough(&self, gathered: usize) -> bool {
+        self.limit > 0 && self.sort.is_none() && gathered > self.limit
+    }
+
+    pub(crate) fn finish(&self, mut kvs: Vec<KeyValue>, count: i64, revision: i64) -> RangeResponse {
+        use range_request::SortTarget;
+        if let Some((target, ascending)) = self.sort {
+            let key = |kv: &KeyValue| -> (i64, Vec<u8>) {
+                match target {
+                    SortTarget::Key => (0, kv.key.clone()),
+                    SortTarget::Version => (kv.version, Vec::new()),
+                    SortTarget::Create => (kv.create_revision, Vec::new()),
+                    SortTarget::Mod => (kv.mod_revision, Vec::new()),
+                    SortTarget::Value => (0, kv.value.clone()),
+                }
+            };
+            kvs.sort_by_key(key); // stable: ties stay in key order, as etcd's
+            if !ascending {
+                kvs.reverse();
+            }
+        }
+        let mut more = false;
+        if self.limit > 0 && kvs.len() > self.limit {
+            kvs.truncate(self.limit);
+            more = true;
+        }
+        if self.keys_only {
+            for kv in &mut kvs {
+                kv.value.clear();
+            }
+        }
+        let _ = self.filtered;
+        RangeResponse {
+            header: Some(ResponseHeader { revision, ..Default::default() }),
+            kvs,
+            more,
+            count,
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The Raft log and vote on RocksDB, with group commit.
+//!
+//! `append` writes entries without syncing and hands the flush callback to one flusher thread;
+//! the flusher syncs the WAL once for every callback waiting, so many proposals share one
+//! fsync. An entry is reported flushed only after the sync that covers it.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader, Vote};
+use rocksdb::{WriteBatch, DB};
+
+use super::{io_error, read_error, Entry, LogId, NodeId, RaftStorageError, TypeConfig};
+use crate::mvcc::{decode, encode};
+
+pub const CF_LOG: &str = "log";
+pub const CF_RAFT: &str = "raft";
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// How many appends may wait for the flusher before `append` blocks (back-pressure).
+const FLUSH_QUEUE: usize = 4096;
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flusher: SyncSender<LogFlushed<TypeConfig>>,
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+impl LogStore {
+    pub fn column_families() -> [&'static str; 2] {
+        [CF_LOG, CF_RAFT]
+    }
+
+    pub fn new(db: Arc<DB>) -> LogStore {
+        let (tx, rx) = sync_channel(FLUSH_QUEUE);
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flush_loop(flush_db, rx))
+            .expect("spawning the log flusher thread");
+        LogStore { db, flusher: tx }
+    }
+
+    fn cf_log(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_LOG).expect("log column family exists")
+    }
+
+    fn cf_raft(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_RAFT).expect("raft column family exists")
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, RaftStorageError> {
+        match self.db.get_cf(self.cf_raft(), key).map_err(read_error)? {
+            Some(v) => Ok(Some(decode("raft meta", &v).map_err(read_error)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta_synced<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), RaftStorageError> {
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf_raft(), key, encode(value));
+        self.db.write_opt(batch, &opts).map_err(io_error)
+    }
+
+    fn last_log_id(&self) -> Result<Option<LogId>, RaftStorageError> {
+        let mut it = self.db.raw_iterator_cf(self.cf_log());
+        it.seek_to_last();
+        match it.value() {
+            Some(v) => {
+                let entry: Entry = decode("log entry", v).map_err(read_error)?;
+                Ok(Some(entry.log_id))
+            }
+            None => {
+                it.status().map_err(read_error)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The index of the last entry in the log (0 when empty), for status reports.
+    pub fn last_index(&self) -> u64 {
+        self.last_log_id().ok().flatten().map(|l| l.index).unwrap_or(0)
+    }
+}
+
+fn flush_loop(db: Arc<DB>, rx: Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let result = db.flush_wal(true);
+        for cb in waiting {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            cb.log_io_completed(r);
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf_log());
+        it.seek(index_key(start));
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let index = u64::from_be_bytes(k.try_into().map_err(|_| {
+                read_error(std::io::Error::other("log key is not 8 bytes"))
+            })?);
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(decode("log entry", v).map_err(read_error)?);
+            it.next();
+        }
+        it.status().map_err(read_error)?;
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
+        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let last_log_id = self.last_log_id()?.or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
+        self.put_meta_synced(KEY_VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
+        // Not synced: the committed index is a hint that speeds up replay after a restart.
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf_raft(), KEY_COMMITTED, encode(&committed));
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(false);
+        self.db.write_opt(batch, &opts).map_err(io_error)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            batch.put_cf(self.cf_log(), index_key(entry.log_id.index), encode(&entry));
+        }
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(false);
+        self.db.write_opt(batch, &opts).map_err(io_error)?;
+        let flusher = self.flusher.clone();
+        // The queue is bounded; a full queue means the disk is behind, so wait off the runtime.
+        tokio::task::block_in_place(|| flusher.send(callback))
+            .map_err(|_| io_error(std::io::Error::other("log flusher stopped")))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf_log(), index_key(log_id.index), index_key(u64::MAX));
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(io_error)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf_raft(), KEY_LAST_PURGED, encode(&log_id));
+        batch.delete_range_cf(self.cf_log(), index_key(0), index_key(log_id.index + 1));
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(io_error)
+    }
+}

@@ -1,0 +1,82 @@
+//! Consensus: openraft wired to RocksDB storage and the peer gRPC transport.
+//!
+//! Owns the `log` and `raft` column families and the Raft type configuration. The state
+//! machine is the MVCC store; log entries carry prost-encoded `flotillapb.Command`s.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::fmt;
+use std::io::Cursor;
+
+use flotilla_proto::flotillapb::{Command, CommandResult};
+use prost::Message;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub type NodeId = u64;
+
+/// A member as Raft's membership config records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberNode {
+    pub name: String,
+    pub peer_urls: Vec<String>,
+}
+
+impl fmt::Display for MemberNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.peer_urls.join(","))
+    }
+}
+
+/// A command as the log stores it: the prost encoding of `flotillapb.Command`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RaftCommand(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl RaftCommand {
+    pub fn new(command: &Command) -> RaftCommand {
+        RaftCommand(command.encode_to_vec())
+    }
+}
+
+/// The result of applying a command, handed back to the proposer.
+#[derive(Debug, Clone, Default)]
+pub struct RaftResponse(pub CommandResult);
+
+impl Serialize for RaftResponse {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0.encode_to_vec())
+    }
+}
+
+impl<'de> Deserialize<'de> for RaftResponse {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RaftResponse, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(d)?;
+        CommandResult::decode(bytes.as_slice()).map(RaftResponse).map_err(serde::de::Error::custom)
+    }
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = RaftCommand,
+        R = RaftResponse,
+        NodeId = NodeId,
+        Node = MemberNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, MemberNode>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type RaftStorageError = openraft::StorageError<NodeId>;
+
+pub(crate) fn io_error(e: impl std::error::Error + 'static) -> RaftStorageError {
+    openraft::StorageIOError::write(openraft::AnyError::new(&e)).into()
+}
+
+pub(crate) fn read_error(e: impl std::error::Error + 'static) -> RaftStorageError {
+    openraft::StorageIOError::read(openraft::AnyError::new(&e)).into()
+}

@@ -1,0 +1,295 @@
+//! The Raft state machine: applies committed entries to the MVCC store, and builds and
+//! installs snapshots.
+//!
+//! The applied log id and membership are written in the same WriteBatch as the changes of the
+//! entry they describe, so replaying the log after a crash is idempotent.
+//!
+//! A snapshot is a file: every record of the `kv`, `rev` and `meta` families read from one
+//! RocksDB snapshot, as `[family u8][key len u32][key][value len u32][value]` records.
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use flotilla_proto::flotillapb::{command, command_result, Command, CommandResult, Empty, Error};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta};
+use prost::Message;
+use rocksdb::{WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{io_error, read_error, Entry, LogId, MemberNode, NodeId, RaftResponse, RaftStorageError, StoredMembership, TypeConfig};
+use crate::error::EtcdError;
+use crate::lease::LeaseKeeper;
+use crate::mvcc::apply::{Applier, Outcome};
+use crate::mvcc::keys::{member_meta_key, META_APPLIED, META_MEMBERSHIP};
+use crate::mvcc::{decode, encode, Mvcc, CF_KV, CF_META, CF_REV};
+
+/// Attributes a member publishes through Raft once it runs (etcd's "publish").
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberAttributes {
+    pub name: String,
+    pub client_urls: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    mvcc: Arc<Mvcc>,
+    leases: Arc<LeaseKeeper>,
+    snapshot_dir: PathBuf,
+}
+
+const SNAPSHOT_FAMILIES: [&str; 3] = [CF_KV, CF_REV, CF_META];
+
+impl StateMachine {
+    pub fn new(mvcc: Arc<Mvcc>, leases: Arc<LeaseKeeper>, snapshot_dir: PathBuf) -> std::io::Result<StateMachine> {
+        std::fs::create_dir_all(&snapshot_dir)?;
+        Ok(StateMachine { mvcc, leases, snapshot_dir })
+    }
+
+    fn db(&self) -> &DB {
+        self.mvcc.db()
+    }
+
+    fn data_path(&self) -> PathBuf {
+        self.snapshot_dir.join("current.data")
+    }
+
+    fn meta_path(&self) -> PathBuf {
+        self.snapshot_dir.join("current.meta")
+    }
+
+    fn apply_command(&self, applier: &mut Applier<'_>, command: &Command) -> Result<command_result::Result, EtcdError> {
+        use command::Request;
+        use command_result::Result as R;
+        Ok(match &command.request {
+            Some(Request::Put(r)) => R::Put(applier.put(r)?),
+            Some(Request::DeleteRange(r)) => R::DeleteRange(applier.delete_range(r)?),
+            Some(Request::Txn(r)) => R::Txn(applier.txn(r)?),
+            Some(Request::Compaction(r)) => R::Compaction(applier.compact(r)?),
+            Some(Request::LeaseGrant(r)) => R::LeaseGrant(applier.lease_grant(r)?),
+            Some(Request::LeaseRevoke(r)) => R::LeaseRevoke(applier.lease_revoke(r)?),
+            Some(Request::MemberAttributes(a)) => {
+                let attrs = MemberAttributes { name: a.name.clone(), client_urls: a.client_urls.clone() };
+                applier.put_meta(&member_meta_key(a.id), &encode(&attrs));
+                R::MemberAttributes(Empty {})
+            }
+            None => return Err(EtcdError::Internal("empty command".into())),
+        })
+    }
+
+    /// Applies one entry and commits it with its log id; returns what the proposer gets back.
+    fn apply_entry(&self, entry: Entry) -> Result<RaftResponse, RaftStorageError> {
+        let log_id = entry.log_id;
+        let mut result = CommandResult::default();
+        let (mut batch, outcome) = match entry.payload {
+            EntryPayload::Blank => (WriteBatch::default(), Outcome::default()),
+            EntryPayload::Membership(m) => {
+                let mut batch = WriteBatch::default();
+                let stored = StoredMembership::new(Some(log_id), m);
+                batch.put_cf(self.mvcc.cf(CF_META), META_MEMBERSHIP, encode(&stored));
+                (batch, Outcome::default())
+            }
+            EntryPayload::Normal(cmd) => {
+                let decoded = Command::decode(cmd.0.as_slice());
+                let mut applier = Applier::new(&self.mvcc);
+                let applied = match decoded {
+                    Ok(c) => self.apply_command(&mut applier, &c).map(|r| (c, r)),
+                    Err(e) => Err(EtcdError::Internal(format!("undecodable command: {e}"))),
+                };
+                match applied {
+                    Ok((command, r)) => {
+                        self.note_leases(&command);
+                        result.result = Some(r);
+                        applier.finish()
+                    }
+                    Err(e) => {
+                        result.result = Some(command_result::Result::Error(Error {
+                            code: e.code() as i32,
+                            message: e.to_string(),
+                        }));
+                        (WriteBatch::default(), Outcome::default())
+                    }
+                }
+            }
+        };
+        batch.put_cf(self.mvcc.cf(CF_META), META_APPLIED, encode(&Some(log_id)));
+        self.mvcc.commit(batch, outcome).map_err(|e| io_error(e))?;
+        Ok(RaftResponse(result))
+    }
+
+    fn note_leases(&self, command: &Command) {
+        match &command.request {
+            Some(command::Request::LeaseGrant(g)) => self.leases.granted(g.id, g.ttl),
+            Some(command::Request::LeaseRevoke(r)) => self.leases.revoked(r.id),
+            _ => {}
+        }
+    }
+
+    /// Dumps the three families from one consistent RocksDB snapshot.
+    fn dump(&self) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), RaftStorageError> {
+        let snap = self.db().snapshot();
+        let meta = self.mvcc.cf(CF_META);
+        let applied: Option<LogId> = match snap.get_cf(meta, META_APPLIED).map_err(read_error)? {
+            Some(v) => decode("applied", &v).map_err(read_error)?,
+            None => None,
+        };
+        let membership: StoredMembership = match snap.get_cf(meta, META_MEMBERSHIP).map_err(read_error)? {
+            Some(v) => decode("membership", &v).map_err(read_error)?,
+            None => StoredMembership::default(),
+        };
+        let mut data = Vec::new();
+        for (tag, name) in SNAPSHOT_FAMILIES.iter().enumerate() {
+            let mut it = snap.raw_iterator_cf(self.mvcc.cf(name));
+            it.seek_to_first();
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                data.push(tag as u8);
+                data.extend_from_slice(&(k.len() as u32).to_be_bytes());
+                data.extend_from_slice(k);
+                data.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                data.extend_from_slice(v);
+                it.next();
+            }
+            it.status().map_err(read_error)?;
+        }
+        Ok((applied, membership, data))
+    }
+
+    /// Replaces the whole state with a dump, then reloads the in-memory counters.
+    fn load(&self, data: &[u8]) -> Result<(), RaftStorageError> {
+        let corrupt = || read_error(std::io::Error::other("snapshot data is truncated"));
+        for name in SNAPSHOT_FAMILIES {
+            let cf = self.mvcc.cf(name);
+            let mut it = self.db().raw_iterator_cf(cf);
+            it.seek_to_last();
+            if let Some(last) = it.key() {
+                let mut end = last.to_vec();
+                end.push(0);
+                let mut batch = WriteBatch::default();
+                batch.delete_range_cf(cf, Vec::<u8>::new(), end);
+                self.db().write(batch).map_err(io_error)?;
+            }
+        }
+        let mut batch = WriteBatch::default();
+        let mut pos = 0usize;
+        let take = |pos: &mut usize, n: usize| -> Result<&[u8], RaftStorageError> {
+            let s = data.get(*pos..*pos + n).ok_or_else(corrupt)?;
+            *pos += n;
+            Ok(s)
+        };
+        while pos < data.len() {
+            let tag = take(&mut pos, 1)?[0] as usize;
+            let klen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| corrupt())?) as usize;
+            let k = take(&mut pos, klen)?;
+            let vlen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| corrupt())?) as usize;
+            let v = take(&mut pos, vlen)?;
+            let name = SNAPSHOT_FAMILIES.get(tag).ok_or_else(corrupt)?;
+            batch.put_cf(self.mvcc.cf(name), k, v);
+            if batch.len() >= 10_000 {
+                self.db().write(std::mem::take(&mut batch)).map_err(io_error)?;
+            }
+        }
+        self.db().write(batch).map_err(io_error)?;
+        self.db().flush_wal(true).map_err(io_error)?;
+        self.mvcc.reload().map_err(io_error)?;
+        self.leases.reload(&self.mvcc);
+        Ok(())
+    }
+
+    async fn save_snapshot_files(&self, meta: &SnapshotMeta<NodeId, MemberNode>, data: &[u8]) -> Result<(), RaftStorageError> {
+        let tmp = self.snapshot_dir.join("incoming.data");
+        let mut f = tokio::fs::File::create(&tmp).await.map_err(io_error)?;
+        f.write_all(data).await.map_err(io_error)?;
+        f.sync_all().await.map_err(io_error)?;
+        tokio::fs::rename(&tmp, self.data_path()).await.map_err(io_error)?;
+        let tmp_meta = self.snapshot_dir.join("incoming.meta");
+        tokio::fs::write(&tmp_meta, encode(meta)).await.map_err(io_error)?;
+        tokio::fs::rename(&tmp_meta, self.meta_path()).await.map_err(io_error)?;
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let this = self.clone();
+        let (applied, membership, data) = tokio::task::spawn_blocking(move || this.dump())
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e.to_string())))??;
+        let snapshot_id = format!(
+            "{}-{}",
+            applied.map(|l| l.leader_id.term).unwrap_or(0),
+            applied.map(|l| l.index).unwrap_or(0)
+        );
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        self.save_snapshot_files(&meta, &data).await?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
+        let applied: Option<LogId> = match self.mvcc.meta_get(META_APPLIED).map_err(read_error)? {
+            Some(v) => decode("applied", &v).map_err(read_error)?,
+            None => None,
+        };
+        let membership = match self.mvcc.meta_get(META_MEMBERSHIP).map_err(read_error)? {
+            Some(v) => decode("membership", &v).map_err(read_error)?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<RaftResponse>, RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        tokio::task::block_in_place(|| entries.into_iter().map(|e| self.apply_entry(e)).collect())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, MemberNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), RaftStorageError> {
+        let data = snapshot.into_inner();
+        tokio::task::block_in_place(|| self.load(&data))?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.mvcc.cf(CF_META), META_APPLIED, encode(&meta.last_log_id));
+        batch.put_cf(self.mvcc.cf(CF_META), META_MEMBERSHIP, encode(&meta.last_membership));
+        self.db().write(batch).map_err(io_error)?;
+        self.save_snapshot_files(meta, &data).await?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+        let meta_bytes = match tokio::fs::read(self.meta_path()).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_error(e)),
+        };
+        let meta: SnapshotMeta<NodeId, MemberNode> = decode("snapshot meta", &meta_bytes).map_err(read_error)?;
+        let data = tokio::fs::read(self.data_path()).await.map_err(read_error)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+#[allow(dead_code)]
+async fn read_all(mut f: tokio::fs::File) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).await?;
+    Ok(v)
+}

@@ -1,0 +1,162 @@
+//! The etcd Cluster and Maintenance services.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use flotilla_proto::etcdserverpb::cluster_server::Cluster;
+use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
+use flotilla_proto::etcdserverpb::*;
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::EtcdError;
+use crate::member::Member;
+use crate::mvcc::keys::member_meta_key;
+use crate::mvcc::{decode, CF_KV, CF_REV};
+use crate::raft::state_machine::MemberAttributes;
+
+/// The etcd API version this store speaks, reported by Status.
+pub const ETCD_API_VERSION: &str = "3.5.0";
+
+pub struct ClusterService {
+    pub member: Arc<Member>,
+}
+
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!("flotilla: {what} is not supported yet"))
+}
+
+impl ClusterService {
+    fn members(&self) -> Vec<Member_> {
+        let metrics = self.member.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| {
+                let attrs: MemberAttributes = self
+                    .member
+                    .mvcc
+                    .meta_get(&member_meta_key(*id))
+                    .ok()
+                    .flatten()
+                    .and_then(|v| decode("member", &v).ok())
+                    .unwrap_or_default();
+                Member_ {
+                    id: *id,
+                    // An unstarted member has no name yet, as in etcd.
+                    name: attrs.name,
+                    peer_ur_ls: node.peer_urls.clone(),
+                    client_ur_ls: attrs.client_urls,
+                    is_learner: !voters.contains(id),
+                }
+            })
+            .collect()
+    }
+}
+
+type Member_ = flotilla_proto::etcdserverpb::Member;
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn member_add(&self, _r: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        Err(not_yet("member add"))
+    }
+    async fn member_remove(&self, _r: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        Err(not_yet("member remove"))
+    }
+    async fn member_update(&self, _r: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(not_yet("member update"))
+    }
+    async fn member_promote(&self, _r: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+        Err(not_yet("member promote"))
+    }
+    async fn member_list(&self, request: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+        if request.into_inner().linearizable {
+            self.member.linearizable_barrier().await?;
+        }
+        Ok(Response::new(MemberListResponse {
+            header: Some(self.member.header(self.member.mvcc.current_revision())),
+            members: self.members(),
+        }))
+    }
+}
+
+pub struct MaintenanceService {
+    pub member: Arc<Member>,
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+impl MaintenanceService {
+    fn db_size(&self) -> (i64, i64) {
+        let db = self.member.mvcc.db();
+        let prop = |name: &str| -> i64 {
+            [CF_KV, CF_REV]
+                .iter()
+                .filter_map(|cf| db.property_int_value_cf(self.member.mvcc.cf(cf), name).ok().flatten())
+                .sum::<u64>() as i64
+        };
+        let total = prop("rocksdb.total-sst-files-size") + prop("rocksdb.cur-size-all-mem-tables");
+        let live = prop("rocksdb.estimate-live-data-size") + prop("rocksdb.cur-size-all-mem-tables");
+        (total, live.min(total))
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, _r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        // No alarm can be raised yet (no quota); GET answers the empty list.
+        Ok(Response::new(AlarmResponse {
+            header: Some(self.member.header(self.member.mvcc.current_revision())),
+            alarms: Vec::new(),
+        }))
+    }
+
+    async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let metrics = self.member.raft.metrics().borrow().clone();
+        let (db_size, db_size_in_use) = self.db_size();
+        let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+        Ok(Response::new(StatusResponse {
+            header: Some(self.member.header(self.member.mvcc.current_revision())),
+            version: ETCD_API_VERSION.to_string(),
+            db_size,
+            leader: metrics.current_leader.unwrap_or(0),
+            raft_index: metrics.last_log_index.unwrap_or(0),
+            raft_term: metrics.current_term,
+            raft_applied_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+            errors: Vec::new(),
+            db_size_in_use,
+            is_learner: !voters.contains(&self.member.id),
+        }))
+    }
+
+    async fn defragment(&self, _r: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        // RocksDB reclaims space in its own background compactions; nothing blocks here.
+        Ok(Response::new(DefragmentResponse {
+            header: Some(self.member.header(self.member.mvcc.current_revision())),
+        }))
+    }
+
+    async fn hash(&self, _r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(not_yet("hash"))
+    }
+
+    async fn hash_kv(&self, _r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(not_yet("hashkv"))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, _r: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(not_yet("snapshot"))
+    }
+
+    async fn move_leader(&self, _r: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(not_yet("move-leader"))
+    }
+
+    async fn downgrade(&self, _r: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        Err(EtcdError::NotCapable.into())
+    }
+}

@@ -1,0 +1,109 @@
+//! The etcd KV service.
+
+use std::sync::Arc;
+
+use flotilla_proto::etcdserverpb::kv_server::Kv;
+use flotilla_proto::etcdserverpb::{
+    response_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use flotilla_proto::flotillapb::{command, command_result, Command};
+use tonic::{Request, Response, Status};
+
+use super::validate;
+use crate::error::EtcdError;
+use crate::member::Member;
+
+pub struct KvService {
+    pub member: Arc<Member>,
+}
+
+fn unexpected() -> Status {
+    EtcdError::Internal("state machine answered a different request".into()).into()
+}
+
+impl KvService {
+    fn stamp_txn(&self, resp: &mut TxnResponse) {
+        self.member.stamp(&mut resp.header);
+        for op in &mut resp.responses {
+            match &mut op.response {
+                Some(response_op::Response::ResponseRange(r)) => self.member.stamp(&mut r.header),
+                Some(response_op::Response::ResponsePut(r)) => self.member.stamp(&mut r.header),
+                Some(response_op::Response::ResponseDeleteRange(r)) => self.member.stamp(&mut r.header),
+                Some(response_op::Response::ResponseTxn(r)) => self.stamp_txn(r),
+                None => {}
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let req = request.into_inner();
+        validate::range(&req)?;
+        if !req.serializable {
+            self.member.linearizable_barrier().await?;
+        }
+        let revision = self.member.mvcc.resolve_revision(req.revision)?;
+        let mvcc = self.member.mvcc.clone();
+        let mut resp = tokio::task::block_in_place(|| mvcc.range(&req, revision))?;
+        resp.header = Some(self.member.header(revision));
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = request.into_inner();
+        validate::put(&req)?;
+        self.member.check_size(&req)?;
+        match self.member.propose(Command { request: Some(command::Request::Put(req)) }).await? {
+            command_result::Result::Put(mut r) => {
+                self.member.stamp(&mut r.header);
+                Ok(Response::new(r))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let req = request.into_inner();
+        validate::delete_range(&req)?;
+        self.member.check_size(&req)?;
+        match self.member.propose(Command { request: Some(command::Request::DeleteRange(req)) }).await? {
+            command_result::Result::DeleteRange(mut r) => {
+                self.member.stamp(&mut r.header);
+                Ok(Response::new(r))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let req = request.into_inner();
+        validate::txn(&req, self.member.limits.max_txn_ops)?;
+        self.member.check_size(&req)?;
+        match self.member.propose(Command { request: Some(command::Request::Txn(req)) }).await? {
+            command_result::Result::Txn(mut r) => {
+                self.stamp_txn(&mut r);
+                Ok(Response::new(r))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let req = request.into_inner();
+        let physical = req.physical;
+        let revision = req.revision;
+        let mut resp = match self.member.propose(Command { request: Some(command::Request::Compaction(req)) }).await? {
+            command_result::Result::Compaction(r) => r,
+            _ => return Err(unexpected()),
+        };
+        if physical {
+            let mut progress = self.member.mvcc.compaction_progress();
+            progress.wait_for(|done| *done >= revision).await.map_err(|_| Status::from(EtcdError::Stopped))?;
+        }
+        self.member.stamp(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+}

@@ -1,0 +1,85 @@
+//! gRPC front ends: the etcd v3 services on the client URLs and the peer service on the peer
+//! URLs. Only this module and `error` know about tonic statuses.
+
+pub mod cluster;
+pub mod kv;
+pub mod lease;
+pub mod peer;
+pub mod validate;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use flotilla_proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+};
+use flotilla_proto::flotillapb::peer_server::PeerServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::member::Member;
+use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
+
+/// gRPC framing allowance on top of the request limit, as etcd grants.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+/// Concurrent HTTP/2 streams per client connection.
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+pub async fn serve_clients(
+    member: Arc<Member>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let max = member.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .add_service(KvServer::new(kv::KvService { member: member.clone() }).max_decoding_message_size(max))
+        .add_service(WatchServer::new(watch::WatchService { member: member.clone() }).max_decoding_message_size(max))
+        .add_service(LeaseServer::new(lease::LeaseService { member: member.clone() }).max_decoding_message_size(max))
+        .add_service(
+            ClusterServer::new(cluster::ClusterService { member: member.clone() }).max_decoding_message_size(max),
+        )
+        .add_service(
+            MaintenanceServer::new(cluster::MaintenanceService { member: member.clone() })
+                .max_decoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+pub async fn serve_peers(
+    member: Arc<Member>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            PeerServer::new(peer::PeerService { member })
+                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Parses an etcd-style URL (`http://host:port`) into a socket address to listen on.
+pub fn listen_addr(url: &str) -> Result<SocketAddr, String> {
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.starts_with("https://") || url.starts_with("unixs://") {
+        return Err(format!("{url}: TLS listeners are not supported yet"));
+    } else {
+        return Err(format!("{url}: URL scheme must be http"));
+    };
+    let host_port = rest.trim_end_matches('/');
+    use std::net::ToSocketAddrs;
+    host_port
+        .to_socket_addrs()
+        .map_err(|e| format!("{url}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{url}: resolves to no address"))
+}

@@ -1,0 +1,73 @@
+//! The member-to-member service: Raft messages and requests forwarded to the leader.
+
+use std::sync::Arc;
+
+use flotilla_proto::flotillapb::peer_server::Peer;
+use flotilla_proto::flotillapb::{
+    forward_request, forward_response, CommandResult, ForwardRequest, ForwardResponse, RaftPayload,
+};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use tonic::{Request, Response, Status};
+
+use crate::error::EtcdError;
+use crate::member::Member;
+use crate::raft::TypeConfig;
+
+pub struct PeerService {
+    pub member: Arc<Member>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(p: &RaftPayload) -> Result<T, Status> {
+    bincode::deserialize(&p.data).map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    bincode::serialize(v)
+        .map(|data| Response::new(RaftPayload { data }))
+        .map_err(|e| Status::internal(format!("cannot encode raft message: {e}")))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = decode(request.get_ref())?;
+        encode(&self.member.raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let req: VoteRequest<u64> = decode(request.get_ref())?;
+        encode(&self.member.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let req: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref())?;
+        encode(&self.member.raft.install_snapshot(req).await)
+    }
+
+    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        let member = &self.member;
+        let response = match request.into_inner().request {
+            Some(forward_request::Request::Command(c)) => {
+                let result = member.propose_local(&c).await?;
+                forward_response::Response::Command(CommandResult { result })
+            }
+            Some(forward_request::Request::ReadIndex(_)) => {
+                forward_response::Response::ReadIndex(member.read_index_local().await?)
+            }
+            Some(forward_request::Request::LeaseKeepAlive(r)) => {
+                if !member.is_leader() {
+                    return Err(EtcdError::NotLeader.into());
+                }
+                forward_response::Response::LeaseKeepAlive(member.lease_keep_alive_local(&r))
+            }
+            Some(forward_request::Request::LeaseTimeToLive(r)) => {
+                if !member.is_leader() {
+                    return Err(EtcdError::NotLeader.into());
+                }
+                forward_response::Response::LeaseTimeToLive(member.lease_time_to_live_local(&r)?)
+            }
+            None => return Err(Status::invalid_argument("empty forward request")),
+        };
+        Ok(Response::new(ForwardResponse { response: Some(response) }))
+    }
+}
