@@ -1,6 +1,7 @@
 //! gRPC front ends: the etcd v3 services on the client URLs and the peer service on the peer
 //! URLs. Only this module and `error` know about tonic statuses.
 
+mod authority;
 pub mod cluster;
 pub mod kv;
 pub mod lease;
@@ -46,8 +47,18 @@ pub async fn serve_clients(
             MaintenanceServer::new(cluster::MaintenanceService { member: member.clone() })
                 .max_decoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(client_connections(listener), shutdown)
         .await
+}
+
+/// Accepted client connections, each behind the `:authority` shim.
+fn client_connections(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<authority::ClientIo>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let next = listener.accept().await.map(|(stream, _)| authority::ClientIo::new(stream));
+        Some((next, listener))
+    })
 }
 
 pub async fn serve_peers(
