@@ -6,7 +6,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "flotilla", version, about = "A Kubernetes-style control plane on a Raft key-value store of its own")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "A Kubernetes-style control plane on a Raft key-value store of its own"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,7 +23,10 @@ enum Command {
 }
 
 fn urls(s: &str) -> Vec<String> {
-    s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()
+    s.split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 #[derive(Args)]
@@ -76,7 +83,9 @@ struct StoreArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 10m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 10m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
@@ -89,7 +98,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn shutdown_signal() {
@@ -103,7 +115,9 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Store(a) => {
             init_tracing(&a.log_level);
@@ -111,7 +125,9 @@ fn main() -> anyhow::Result<()> {
                 .initial_cluster
                 .unwrap_or_else(|| format!("{}={}", a.name, a.initial_advertise_peer_urls));
             let config = flotilla_store::Config {
-                data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.flotilla", a.name))),
+                data_dir: a
+                    .data_dir
+                    .unwrap_or_else(|| PathBuf::from(format!("{}.flotilla", a.name))),
                 name: a.name,
                 listen_client_urls: urls(&a.listen_client_urls),
                 advertise_client_urls: urls(&a.advertise_client_urls),

@@ -135,7 +135,10 @@ mod tests {
     fn wire_round_trip_keeps_etcd_text() {
         for e in ALL_KNOWN {
             let status = Status::from(e.clone());
-            assert_eq!(EtcdError::from_wire(status.code() as i32, status.message()), *e);
+            assert_eq!(
+                EtcdError::from_wire(status.code() as i32, status.message()),
+                *e
+            );
         }
         assert_eq!(
             Status::from(EtcdError::Compacted).message(),

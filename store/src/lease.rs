@@ -43,7 +43,14 @@ impl LeaseKeeper {
 
     pub fn granted(&self, id: i64, ttl: i64) {
         let now = Instant::now();
-        self.lock().insert(id, Deadline { ttl, expires: now + seconds(ttl), revoke_proposed: None });
+        self.lock().insert(
+            id,
+            Deadline {
+                ttl,
+                expires: now + seconds(ttl),
+                revoke_proposed: None,
+            },
+        );
     }
 
     pub fn revoked(&self, id: i64) {
@@ -63,7 +70,14 @@ impl LeaseKeeper {
         let mut table = self.lock();
         table.clear();
         for (id, record) in leases {
-            table.insert(id, Deadline { ttl: record.ttl, expires: now + seconds(record.ttl), revoke_proposed: None });
+            table.insert(
+                id,
+                Deadline {
+                    ttl: record.ttl,
+                    expires: now + seconds(record.ttl),
+                    revoke_proposed: None,
+                },
+            );
         }
     }
 
@@ -102,7 +116,10 @@ impl LeaseKeeper {
         let mut out = Vec::new();
         for (id, d) in self.lock().iter_mut() {
             let due = d.expires <= now;
-            let retry = d.revoke_proposed.map(|t| now.duration_since(t) >= REVOKE_RETRY).unwrap_or(true);
+            let retry = d
+                .revoke_proposed
+                .map(|t| now.duration_since(t) >= REVOKE_RETRY)
+                .unwrap_or(true);
             if due && retry {
                 d.revoke_proposed = Some(now);
                 out.push(*id);
@@ -129,7 +146,10 @@ mod tests {
         assert!(k.take_expired().is_empty());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(k.take_expired(), vec![7]);
-        assert!(k.take_expired().is_empty(), "a proposed revoke is not proposed again at once");
+        assert!(
+            k.take_expired().is_empty(),
+            "a proposed revoke is not proposed again at once"
+        );
         tokio::time::advance(REVOKE_RETRY).await;
         assert_eq!(k.take_expired(), vec![7]);
         k.revoked(7);

@@ -100,7 +100,9 @@ pub fn parse_initial_cluster(s: &str) -> anyhow::Result<BTreeMap<String, Vec<Str
         let Some((name, url)) = part.split_once('=') else {
             bail!("--initial-cluster: {part:?} is not name=url");
         };
-        out.entry(name.to_string()).or_default().push(url.to_string());
+        out.entry(name.to_string())
+            .or_default()
+            .push(url.to_string());
     }
     if out.is_empty() {
         bail!("--initial-cluster is empty");
@@ -123,34 +125,50 @@ fn open_db(dir: &std::path::Path) -> anyhow::Result<Arc<DB>> {
             ColumnFamilyDescriptor::new(name, cf)
         })
         .collect::<Vec<_>>();
-    let db = DB::open_cf_descriptors(&opts, dir, families).with_context(|| format!("opening {}", dir.display()))?;
+    let db = DB::open_cf_descriptors(&opts, dir, families)
+        .with_context(|| format!("opening {}", dir.display()))?;
     Ok(Arc::new(db))
 }
 
 use mvcc::Mvcc;
 
 /// Runs one member until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let cluster = parse_initial_cluster(&config.initial_cluster)?;
     let token = &config.initial_cluster_token;
-    let my_peer_urls = cluster
-        .get(&config.name)
-        .cloned()
-        .with_context(|| format!("--initial-cluster has no member named {:?} (--name)", config.name))?;
+    let my_peer_urls = cluster.get(&config.name).cloned().with_context(|| {
+        format!(
+            "--initial-cluster has no member named {:?} (--name)",
+            config.name
+        )
+    })?;
     let id = member_id(&my_peer_urls, token);
     let nodes: BTreeMap<u64, MemberNode> = cluster
         .iter()
-        .map(|(name, urls)| (member_id(urls, token), MemberNode { name: name.clone(), peer_urls: urls.clone() }))
+        .map(|(name, urls)| {
+            (
+                member_id(urls, token),
+                MemberNode {
+                    name: name.clone(),
+                    peer_urls: urls.clone(),
+                },
+            )
+        })
         .collect();
     let ids: Vec<String> = nodes.keys().map(|i| i.to_string()).collect();
     let cluster_id = fnv64(&[ids.join(",").as_bytes(), token.as_bytes()]);
 
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let db = open_db(&config.data_dir.join("db"))?;
     let mvcc = Mvcc::open(db.clone())?;
     let leases = Arc::new(lease::LeaseKeeper::default());
     leases.reload(&mvcc);
-    let state_machine = StateMachine::new(mvcc.clone(), leases.clone(), config.data_dir.join("snap"))?;
+    let state_machine =
+        StateMachine::new(mvcc.clone(), leases.clone(), config.data_dir.join("snap"))?;
     let log = LogStore::new(db.clone());
     let peers = Arc::new(PeerClients::default());
 
@@ -166,11 +184,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     .validate()
     .context("raft configuration")?;
-    let raft = openraft::Raft::new(id, Arc::new(raft_config), Network { peers: peers.clone() }, log.clone(), state_machine)
-        .await
-        .context("starting raft")?;
+    let raft = openraft::Raft::new(
+        id,
+        Arc::new(raft_config),
+        Network {
+            peers: peers.clone(),
+        },
+        log.clone(),
+        state_machine,
+    )
+    .await
+    .context("starting raft")?;
 
-    let fresh = !raft.is_initialized().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fresh = !raft
+        .is_initialized()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     if fresh {
         match config.initial_cluster_state.as_str() {
             "new" => {
@@ -180,7 +209,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                     tracing::debug!(error = %e, "cluster already initialized");
                 }
             }
-            "existing" => bail!("--initial-cluster-state existing: joining a running cluster is not supported yet"),
+            "existing" => bail!(
+                "--initial-cluster-state existing: joining a running cluster is not supported yet"
+            ),
             other => bail!("--initial-cluster-state must be new or existing, not {other:?}"),
         }
     }
@@ -211,17 +242,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let mut tasks = tokio::task::JoinSet::new();
     for url in &config.listen_peer_urls {
         let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("listening for peers on {url}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for peers on {url}"))?;
         let m = member.clone();
         let s = stopped(stop_rx.clone());
-        tasks.spawn(async move { server::serve_peers(m, listener, s).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            server::serve_peers(m, listener, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     for url in &config.listen_client_urls {
         let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("listening for clients on {url}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for clients on {url}"))?;
         let m = member.clone();
         let s = stopped(stop_rx.clone());
-        tasks.spawn(async move { server::serve_clients(m, listener, s).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            server::serve_clients(m, listener, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     tasks.spawn({
         let m = mvcc.clone();
@@ -232,7 +275,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         }
     });
     tasks.spawn(lease_expiry_loop(member.clone(), stop_rx.clone()));
-    tasks.spawn(publish_attributes(member.clone(), config.advertise_client_urls.clone(), stop_rx.clone()));
+    tasks.spawn(publish_attributes(
+        member.clone(),
+        config.advertise_client_urls.clone(),
+        stop_rx.clone(),
+    ));
     tracing::info!(name = %config.name, id = format_args!("{id:x}"), cluster_id = format_args!("{cluster_id:x}"), "member started");
 
     tokio::select! {
@@ -253,7 +300,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
 
 /// On the leader, revokes leases whose deadline passed; on becoming leader, restarts every
 /// lease's deadline.
-async fn lease_expiry_loop(member: Arc<Member>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn lease_expiry_loop(
+    member: Arc<Member>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut metrics = member.raft.metrics();
     let mut was_leader = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -275,7 +325,9 @@ async fn lease_expiry_loop(member: Arc<Member>, mut stop: tokio::sync::watch::Re
             let m = member.clone();
             tokio::spawn(async move {
                 let revoke = flotilla_proto::etcdserverpb::LeaseRevokeRequest { id };
-                let command = Command { request: Some(command::Request::LeaseRevoke(revoke)) };
+                let command = Command {
+                    request: Some(command::Request::LeaseRevoke(revoke)),
+                };
                 if let Err(e) = m.propose(command).await {
                     tracing::debug!(lease = id, error = %e, "revoking expired lease");
                 }
@@ -291,12 +343,18 @@ async fn publish_attributes(
     client_urls: Vec<String>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let attrs = MemberAttributes { id: member.id, name: member.name.clone(), client_urls };
+    let attrs = MemberAttributes {
+        id: member.id,
+        name: member.name.clone(),
+        client_urls,
+    };
     loop {
         if *stop.borrow() {
             return Ok(());
         }
-        let command = Command { request: Some(command::Request::MemberAttributes(attrs.clone())) };
+        let command = Command {
+            request: Some(command::Request::MemberAttributes(attrs.clone())),
+        };
         match member.propose(command).await {
             Ok(_) => {
                 tracing::info!("published member attributes");

@@ -59,14 +59,21 @@ impl Member {
 
     /// Stamps cluster, member and term on a header a state-machine result carried.
     pub fn stamp(&self, header: &mut Option<ResponseHeader>) {
-        let revision = header.as_ref().map(|h| h.revision).unwrap_or_else(|| self.mvcc.current_revision());
+        let revision = header
+            .as_ref()
+            .map(|h| h.revision)
+            .unwrap_or_else(|| self.mvcc.current_revision());
         *header = Some(self.header(revision));
     }
 
     pub fn leader(&self) -> Option<(NodeId, MemberNode)> {
         let m = self.raft.metrics().borrow().clone();
         let leader = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&leader).cloned()?;
+        let node = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()?;
         Some((leader, node))
     }
 
@@ -102,15 +109,21 @@ impl Member {
             let outcome = if leader == self.id {
                 self.propose_local(&command).await
             } else {
-                self.forward(&node, forward_request::Request::Command(command.clone())).await.and_then(|r| match r {
-                    forward_response::Response::Command(c) => Ok(c.result),
-                    _ => Err(EtcdError::Internal("leader answered a different request".into())),
-                })
+                self.forward(&node, forward_request::Request::Command(command.clone()))
+                    .await
+                    .and_then(|r| match r {
+                        forward_response::Response::Command(c) => Ok(c.result),
+                        _ => Err(EtcdError::Internal(
+                            "leader answered a different request".into(),
+                        )),
+                    })
             };
             match outcome {
                 // Rejected before it entered the log: safe to try the new leader.
                 Err(EtcdError::NotLeader) => tokio::time::sleep(Duration::from_millis(50)).await,
-                Ok(Some(command_result::Result::Error(e))) => return Err(EtcdError::from_wire(e.code, &e.message)),
+                Ok(Some(command_result::Result::Error(e))) => {
+                    return Err(EtcdError::from_wire(e.code, &e.message))
+                }
                 Ok(Some(r)) => return Ok(r),
                 Ok(None) => return Err(EtcdError::Internal("empty command result".into())),
                 Err(e) => return Err(e),
@@ -121,10 +134,15 @@ impl Member {
 
     /// Proposes on this member, which believes it leads. `NotLeader` means the command was
     /// not appended.
-    pub async fn propose_local(&self, command: &Command) -> Result<Option<command_result::Result>, EtcdError> {
+    pub async fn propose_local(
+        &self,
+        command: &Command,
+    ) -> Result<Option<command_result::Result>, EtcdError> {
         match self.raft.client_write(RaftCommand::new(command)).await {
             Ok(resp) => Ok(resp.data.0.result),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(EtcdError::NotLeader),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(EtcdError::NotLeader)
+            }
             Err(RaftError::APIError(e)) => Err(EtcdError::Internal(e.to_string())),
             Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped),
         }
@@ -136,17 +154,31 @@ impl Member {
         request: forward_request::Request,
     ) -> Result<forward_response::Response, EtcdError> {
         let url = leader.peer_urls.first().ok_or(EtcdError::NoLeader)?;
-        let mut client = self.peers.client(url).map_err(|e| EtcdError::Internal(e.to_string()))?;
-        let mut req = tonic::Request::new(ForwardRequest { request: Some(request) });
+        let mut client = self
+            .peers
+            .client(url)
+            .map_err(|e| EtcdError::Internal(e.to_string()))?;
+        let mut req = tonic::Request::new(ForwardRequest {
+            request: Some(request),
+        });
         req.set_timeout(REQUEST_TIMEOUT);
         match client.forward(req).await {
-            Ok(resp) => resp.into_inner().response.ok_or_else(|| EtcdError::Internal("empty forward response".into())),
+            Ok(resp) => resp
+                .into_inner()
+                .response
+                .ok_or_else(|| EtcdError::Internal("empty forward response".into())),
             Err(s) if s.message() == EtcdError::NotLeader.to_string() => Err(EtcdError::NotLeader),
-            Err(s) if s.code() == tonic::Code::Unavailable && s.message().starts_with("etcdserver:") => {
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && s.message().starts_with("etcdserver:") =>
+            {
                 Err(EtcdError::from_wire(s.code() as i32, s.message()))
             }
             // The leader could not be reached: whether the command was applied is unknown.
-            Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::DeadlineExceeded => {
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    || s.code() == tonic::Code::DeadlineExceeded =>
+            {
                 Err(EtcdError::Timeout)
             }
             Err(s) => Err(EtcdError::from_wire(s.code() as i32, s.message())),
@@ -171,9 +203,17 @@ impl Member {
                 let index = if leader == self.id {
                     self.read_index_local().await
                 } else {
-                    match self.forward(&node, forward_request::Request::ReadIndex(ReadIndexRequest {})).await {
+                    match self
+                        .forward(
+                            &node,
+                            forward_request::Request::ReadIndex(ReadIndexRequest {}),
+                        )
+                        .await
+                    {
                         Ok(forward_response::Response::ReadIndex(i)) => Ok(i),
-                        Ok(_) => Err(EtcdError::Internal("leader answered a different request".into())),
+                        Ok(_) => Err(EtcdError::Internal(
+                            "leader answered a different request".into(),
+                        )),
                         Err(e) => Err(e),
                     }
                 };
@@ -186,7 +226,9 @@ impl Member {
                             .map_err(|_| EtcdError::Timeout)?;
                         return Ok(());
                     }
-                    Err(EtcdError::NotLeader) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(EtcdError::NotLeader) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -195,48 +237,87 @@ impl Member {
         .unwrap_or(Err(EtcdError::Timeout))
     }
 
-    pub async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> Result<LeaseKeepAliveResponse, EtcdError> {
+    pub async fn lease_keep_alive(
+        &self,
+        req: LeaseKeepAliveRequest,
+    ) -> Result<LeaseKeepAliveResponse, EtcdError> {
         let (leader, node) = self.wait_for_leader().await?;
         if leader == self.id {
             return Ok(self.lease_keep_alive_local(&req));
         }
-        match self.forward(&node, forward_request::Request::LeaseKeepAlive(req)).await? {
+        match self
+            .forward(&node, forward_request::Request::LeaseKeepAlive(req))
+            .await?
+        {
             forward_response::Response::LeaseKeepAlive(mut r) => {
                 self.stamp(&mut r.header);
                 Ok(r)
             }
-            _ => Err(EtcdError::Internal("leader answered a different request".into())),
+            _ => Err(EtcdError::Internal(
+                "leader answered a different request".into(),
+            )),
         }
     }
 
     /// As etcd: renewing an unknown lease answers TTL 0, not an error.
     pub fn lease_keep_alive_local(&self, req: &LeaseKeepAliveRequest) -> LeaseKeepAliveResponse {
         let ttl = self.leases.keep_alive(req.id).unwrap_or(0);
-        LeaseKeepAliveResponse { header: Some(self.header(self.mvcc.current_revision())), id: req.id, ttl }
+        LeaseKeepAliveResponse {
+            header: Some(self.header(self.mvcc.current_revision())),
+            id: req.id,
+            ttl,
+        }
     }
 
-    pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, EtcdError> {
+    pub async fn lease_time_to_live(
+        &self,
+        req: LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse, EtcdError> {
         let (leader, node) = self.wait_for_leader().await?;
         if leader == self.id {
             return self.lease_time_to_live_local(&req);
         }
-        match self.forward(&node, forward_request::Request::LeaseTimeToLive(req)).await? {
+        match self
+            .forward(&node, forward_request::Request::LeaseTimeToLive(req))
+            .await?
+        {
             forward_response::Response::LeaseTimeToLive(mut r) => {
                 self.stamp(&mut r.header);
                 Ok(r)
             }
-            _ => Err(EtcdError::Internal("leader answered a different request".into())),
+            _ => Err(EtcdError::Internal(
+                "leader answered a different request".into(),
+            )),
         }
     }
 
     /// As etcd: an unknown lease answers TTL -1.
-    pub fn lease_time_to_live_local(&self, req: &LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, EtcdError> {
+    pub fn lease_time_to_live_local(
+        &self,
+        req: &LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse, EtcdError> {
         let header = Some(self.header(self.mvcc.current_revision()));
         let Some((granted, remaining)) = self.leases.time_to_live(req.id) else {
-            return Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl: -1, granted_ttl: 0, keys: Vec::new() });
+            return Ok(LeaseTimeToLiveResponse {
+                header,
+                id: req.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            });
         };
-        let keys = if req.keys { self.mvcc.lease_keys(req.id)? } else { Vec::new() };
-        Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl: remaining, granted_ttl: granted, keys })
+        let keys = if req.keys {
+            self.mvcc.lease_keys(req.id)?
+        } else {
+            Vec::new()
+        };
+        Ok(LeaseTimeToLiveResponse {
+            header,
+            id: req.id,
+            ttl: remaining,
+            granted_ttl: granted,
+            keys,
+        })
     }
 
     /// Size of a request as it would travel through Raft.

@@ -59,15 +59,24 @@ impl<'a> Applier<'a> {
     pub fn finish(mut self) -> (WriteBatch, Outcome) {
         let revision = if self.wrote() {
             let rev = self.revision();
-            self.batch.put_cf(self.mvcc.cf(CF_META), META_REVISION, encode(&rev));
+            self.batch
+                .put_cf(self.mvcc.cf(CF_META), META_REVISION, encode(&rev));
             Some(rev)
         } else {
             None
         };
         if let Some(c) = self.compaction {
-            self.batch.put_cf(self.mvcc.cf(CF_META), META_COMPACT, encode(&c));
+            self.batch
+                .put_cf(self.mvcc.cf(CF_META), META_COMPACT, encode(&c));
         }
-        (self.batch, Outcome { revision, events: self.events, compaction: self.compaction })
+        (
+            self.batch,
+            Outcome {
+                revision,
+                events: self.events,
+                compaction: self.compaction,
+            },
+        )
     }
 
     fn wrote(&self) -> bool {
@@ -92,10 +101,17 @@ impl<'a> Applier<'a> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
-        Ok(self.mvcc.get_record(key, self.base)?.filter(|(_, r)| !r.is_tombstone()))
+        Ok(self
+            .mvcc
+            .get_record(key, self.base)?
+            .filter(|(_, r)| !r.is_tombstone()))
     }
 
-    fn live_in_range(&self, key: &[u8], range_end: &[u8]) -> Result<Vec<(Vec<u8>, Version)>, StorageError> {
+    fn live_in_range(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Version)>, StorageError> {
         let end = RangeEnd::of(range_end);
         let mut found: BTreeMap<Vec<u8>, Version> = BTreeMap::new();
         self.mvcc.scan(key, end, self.base, &mut |k, rev, r| {
@@ -114,17 +130,30 @@ impl<'a> Applier<'a> {
         Ok(found.into_iter().collect())
     }
 
-    fn record_event(&mut self, kind: EventKind, key: &[u8], now: Option<&KvRecord>, prev: Option<Version>) {
+    fn record_event(
+        &mut self,
+        kind: EventKind,
+        key: &[u8],
+        now: Option<&KvRecord>,
+        prev: Option<Version>,
+    ) {
         let rev = self.revision();
         self.batch.put_cf(
             self.mvcc.cf(CF_REV),
             rev_key(rev, self.sub),
-            encode(&EventRecord { kind, key: key.to_vec() }),
+            encode(&EventRecord {
+                kind,
+                key: key.to_vec(),
+            }),
         );
         self.sub += 1;
         let kv = match now {
             Some(r) => to_key_value(key.to_vec(), rev, r.clone()),
-            None => flotilla_proto::mvccpb::KeyValue { key: key.to_vec(), mod_revision: rev, ..Default::default() },
+            None => flotilla_proto::mvccpb::KeyValue {
+                key: key.to_vec(),
+                mod_revision: rev,
+                ..Default::default()
+            },
         };
         let event_type = match kind {
             EventKind::Put => EventType::Put,
@@ -138,11 +167,13 @@ impl<'a> Applier<'a> {
     }
 
     fn attach(&mut self, lease: i64, key: &[u8]) {
-        self.batch.put_cf(self.mvcc.cf(CF_META), lease_key_meta_key(lease, key), []);
+        self.batch
+            .put_cf(self.mvcc.cf(CF_META), lease_key_meta_key(lease, key), []);
     }
 
     fn detach(&mut self, lease: i64, key: &[u8]) {
-        self.batch.delete_cf(self.mvcc.cf(CF_META), lease_key_meta_key(lease, key));
+        self.batch
+            .delete_cf(self.mvcc.cf(CF_META), lease_key_meta_key(lease, key));
     }
 
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, EtcdError> {
@@ -164,12 +195,15 @@ impl<'a> Applier<'a> {
             version: prev.as_ref().map(|(_, r)| r.version).unwrap_or(0) + 1,
             lease,
             value: if req.ignore_value {
-                prev.as_ref().map(|(_, r)| r.value.clone()).unwrap_or_default()
+                prev.as_ref()
+                    .map(|(_, r)| r.value.clone())
+                    .unwrap_or_default()
             } else {
                 req.value.clone()
             },
         };
-        self.batch.put_cf(self.mvcc.cf(CF_KV), kv_key(&req.key, rev), encode(&record));
+        self.batch
+            .put_cf(self.mvcc.cf(CF_KV), kv_key(&req.key, rev), encode(&record));
         let prev_lease = prev.as_ref().map(|(_, r)| r.lease).unwrap_or(0);
         if prev_lease != 0 && prev_lease != lease {
             self.detach(prev_lease, &req.key);
@@ -181,11 +215,18 @@ impl<'a> Applier<'a> {
         self.overlay.insert(req.key.clone(), Some((rev, record)));
         Ok(PutResponse {
             header: self.mvcc.header(rev),
-            prev_kv: if req.prev_kv { prev.map(|(r, rec)| to_key_value(req.key.clone(), r, rec)) } else { None },
+            prev_kv: if req.prev_kv {
+                prev.map(|(r, rec)| to_key_value(req.key.clone(), r, rec))
+            } else {
+                None
+            },
         })
     }
 
-    pub fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse, EtcdError> {
+    pub fn delete_range(
+        &mut self,
+        req: &DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, EtcdError> {
         let victims = self.live_in_range(&req.key, &req.range_end)?;
         let mut prev_kvs = Vec::new();
         for (key, prev) in &victims {
@@ -203,8 +244,14 @@ impl<'a> Applier<'a> {
 
     fn delete_key(&mut self, key: &[u8], prev: Version) {
         let rev = self.revision();
-        let tombstone = KvRecord { create_revision: 0, version: 0, lease: 0, value: Vec::new() };
-        self.batch.put_cf(self.mvcc.cf(CF_KV), kv_key(key, rev), encode(&tombstone));
+        let tombstone = KvRecord {
+            create_revision: 0,
+            version: 0,
+            lease: 0,
+            value: Vec::new(),
+        };
+        self.batch
+            .put_cf(self.mvcc.cf(CF_KV), kv_key(key, rev), encode(&tombstone));
         if prev.1.lease != 0 {
             self.detach(prev.1.lease, key);
         }
@@ -235,9 +282,20 @@ impl<'a> Applier<'a> {
         let versions: Vec<Version> = if c.range_end.is_empty() {
             self.latest(&c.key)?.into_iter().collect()
         } else {
-            self.live_in_range(&c.key, &c.range_end)?.into_iter().map(|(_, v)| v).collect()
+            self.live_in_range(&c.key, &c.range_end)?
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect()
         };
-        let absent = (0i64, KvRecord { create_revision: 0, version: 0, lease: 0, value: Vec::new() });
+        let absent = (
+            0i64,
+            KvRecord {
+                create_revision: 0,
+                version: 0,
+                lease: 0,
+                value: Vec::new(),
+            },
+        );
         let checked: Vec<&Version> = if versions.is_empty() {
             if target == CompareTarget::Value {
                 return Ok(false);
@@ -248,9 +306,13 @@ impl<'a> Applier<'a> {
         };
         for (mod_rev, record) in checked {
             let ordering = match (&c.target_union, target) {
-                (Some(TargetUnion::Value(v)), CompareTarget::Value) => record.value.as_slice().cmp(v.as_slice()),
+                (Some(TargetUnion::Value(v)), CompareTarget::Value) => {
+                    record.value.as_slice().cmp(v.as_slice())
+                }
                 (Some(TargetUnion::Version(v)), CompareTarget::Version) => record.version.cmp(v),
-                (Some(TargetUnion::CreateRevision(v)), CompareTarget::Create) => record.create_revision.cmp(v),
+                (Some(TargetUnion::CreateRevision(v)), CompareTarget::Create) => {
+                    record.create_revision.cmp(v)
+                }
                 (Some(TargetUnion::ModRevision(v)), CompareTarget::Mod) => mod_rev.cmp(v),
                 (Some(TargetUnion::Lease(v)), CompareTarget::Lease) => record.lease.cmp(v),
                 // A compare whose value does not match its target compares against zero.
@@ -281,7 +343,11 @@ impl<'a> Applier<'a> {
                 break;
             }
         }
-        let ops = if succeeded { &req.success } else { &req.failure };
+        let ops = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
         self.check_ops(ops)?;
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
@@ -292,7 +358,11 @@ impl<'a> Applier<'a> {
         for r in &mut responses {
             set_header_revision(r, self.header_revision());
         }
-        Ok(TxnResponse { header, succeeded, responses })
+        Ok(TxnResponse {
+            header,
+            succeeded,
+            responses,
+        })
     }
 
     /// etcd refuses a Txn branch up front when a put in it would fail, so no partial
@@ -318,11 +388,15 @@ impl<'a> Applier<'a> {
         let response = match &op.request {
             Some(Request::RequestRange(r)) => Response::ResponseRange(self.range(r)?),
             Some(Request::RequestPut(p)) => Response::ResponsePut(self.put(p)?),
-            Some(Request::RequestDeleteRange(d)) => Response::ResponseDeleteRange(self.delete_range(d)?),
+            Some(Request::RequestDeleteRange(d)) => {
+                Response::ResponseDeleteRange(self.delete_range(d)?)
+            }
             Some(Request::RequestTxn(t)) => Response::ResponseTxn(self.txn(t)?),
             None => Response::ResponseRange(RangeResponse::default()),
         };
-        Ok(ResponseOp { response: Some(response) })
+        Ok(ResponseOp {
+            response: Some(response),
+        })
     }
 
     pub fn compact(&mut self, req: &CompactionRequest) -> Result<CompactionResponse, EtcdError> {
@@ -333,18 +407,35 @@ impl<'a> Applier<'a> {
             return Err(EtcdError::Compacted);
         }
         self.compaction = Some(req.revision);
-        Ok(CompactionResponse { header: self.mvcc.header(self.base) })
+        Ok(CompactionResponse {
+            header: self.mvcc.header(self.base),
+        })
     }
 
-    pub fn lease_grant(&mut self, req: &LeaseGrantRequest) -> Result<LeaseGrantResponse, EtcdError> {
+    pub fn lease_grant(
+        &mut self,
+        req: &LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse, EtcdError> {
         if self.mvcc.lease(req.id)?.is_some() {
             return Err(EtcdError::LeaseExists);
         }
-        self.batch.put_cf(self.mvcc.cf(CF_META), lease_meta_key(req.id), encode(&LeaseRecord { ttl: req.ttl }));
-        Ok(LeaseGrantResponse { header: self.mvcc.header(self.base), id: req.id, ttl: req.ttl, error: String::new() })
+        self.batch.put_cf(
+            self.mvcc.cf(CF_META),
+            lease_meta_key(req.id),
+            encode(&LeaseRecord { ttl: req.ttl }),
+        );
+        Ok(LeaseGrantResponse {
+            header: self.mvcc.header(self.base),
+            id: req.id,
+            ttl: req.ttl,
+            error: String::new(),
+        })
     }
 
-    pub fn lease_revoke(&mut self, req: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse, EtcdError> {
+    pub fn lease_revoke(
+        &mut self,
+        req: &LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse, EtcdError> {
         if self.mvcc.lease(req.id)?.is_none() {
             return Err(EtcdError::LeaseNotFound);
         }
@@ -354,8 +445,11 @@ impl<'a> Applier<'a> {
                 _ => self.detach(req.id, &key),
             }
         }
-        self.batch.delete_cf(self.mvcc.cf(CF_META), lease_meta_key(req.id));
-        Ok(LeaseRevokeResponse { header: self.mvcc.header(self.header_revision()) })
+        self.batch
+            .delete_cf(self.mvcc.cf(CF_META), lease_meta_key(req.id));
+        Ok(LeaseRevokeResponse {
+            header: self.mvcc.header(self.header_revision()),
+        })
     }
 
     /// Writes raw metadata in the command's batch (member attributes and the like).

@@ -57,7 +57,10 @@ fn compact(mvcc: &Mvcc, revision: i64) -> Result<(), StorageError> {
     let mut kept_at_or_below = false;
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
         let Some((user_key, rev)) = decode_kv_key(k) else {
-            return Err(StorageError::Corrupt { what: "kv key", detail: format!("{k:?}") });
+            return Err(StorageError::Corrupt {
+                what: "kv key",
+                detail: format!("{k:?}"),
+            });
         };
         if current_key.as_deref() != Some(user_key.as_slice()) {
             current_key = Some(user_key.clone());

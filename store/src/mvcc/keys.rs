@@ -176,7 +176,19 @@ mod tests {
 
     #[test]
     fn encoded_order_is_user_key_then_newest_revision() {
-        let keys: Vec<&[u8]> = vec![b"", b"\x00", b"\x00\x00", b"\x00\x01", b"a", b"a\x00", b"a\x00b", b"ab", b"b", b"\xff", b"\xff\xff"];
+        let keys: Vec<&[u8]> = vec![
+            b"",
+            b"\x00",
+            b"\x00\x00",
+            b"\x00\x01",
+            b"a",
+            b"a\x00",
+            b"a\x00b",
+            b"ab",
+            b"b",
+            b"\xff",
+            b"\xff\xff",
+        ];
         let mut encoded = Vec::new();
         for k in &keys {
             for rev in [9i64, 3, 1] {
@@ -185,7 +197,10 @@ mod tests {
         }
         let mut sorted = encoded.clone();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(sorted, encoded, "byte order of encodings must follow (key asc, revision desc)");
+        assert_eq!(
+            sorted, encoded,
+            "byte order of encodings must follow (key asc, revision desc)"
+        );
         for (enc, key, rev) in &encoded {
             assert_eq!(decode_kv_key(enc), Some((key.clone(), *rev)));
             assert!(seek_key(key) <= *enc);

@@ -52,7 +52,10 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     what: &'static str,
     bytes: &[u8],
 ) -> Result<T, StorageError> {
-    bincode::deserialize(bytes).map_err(|e| StorageError::Corrupt { what, detail: e.to_string() })
+    bincode::deserialize(bytes).map_err(|e| StorageError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
 }
 
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -102,7 +105,9 @@ impl Mvcc {
     }
 
     pub fn open(db: Arc<DB>) -> Result<Arc<Mvcc>, StorageError> {
-        let meta = db.cf_handle(CF_META).expect("meta column family is created at open");
+        let meta = db
+            .cf_handle(CF_META)
+            .expect("meta column family is created at open");
         let read_i64 = |key: &[u8], default: i64| -> Result<i64, StorageError> {
             Ok(match db.get_cf(meta, key)? {
                 Some(v) => decode::<i64>("meta", &v)?,
@@ -128,7 +133,9 @@ impl Mvcc {
     }
 
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     /// The newest revision whose changes are readable.
@@ -166,7 +173,11 @@ impl Mvcc {
     }
 
     /// The version of `key` visible at `revision` (tombstones included).
-    pub fn get_record(&self, key: &[u8], revision: i64) -> Result<Option<(i64, KvRecord)>, StorageError> {
+    pub fn get_record(
+        &self,
+        key: &[u8],
+        revision: i64,
+    ) -> Result<Option<(i64, KvRecord)>, StorageError> {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_KV));
         it.seek(kv_key(key, revision));
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -213,7 +224,10 @@ impl Mvcc {
         it.seek(seek_key(key));
         while let Some(k) = it.key() {
             let Some((user_key, rev)) = decode_kv_key(k) else {
-                return Err(StorageError::Corrupt { what: "kv key", detail: format!("{k:?}") });
+                return Err(StorageError::Corrupt {
+                    what: "kv key",
+                    detail: format!("{k:?}"),
+                });
             };
             if !end.contains(key, &user_key) {
                 break;
@@ -251,13 +265,18 @@ impl Mvcc {
         let plan = RangePlan::of(req);
         let mut kvs = Vec::new();
         let mut count = 0i64;
-        self.scan(&req.key, RangeEnd::of(&req.range_end), revision, &mut |key, rev, record| {
-            count += 1;
-            if !plan.count_only && plan.wants(rev, &record) && !plan.enough(kvs.len()) {
-                kvs.push(to_key_value(key, rev, record));
-            }
-            ControlFlow::Continue(())
-        })?;
+        self.scan(
+            &req.key,
+            RangeEnd::of(&req.range_end),
+            revision,
+            &mut |key, rev, record| {
+                count += 1;
+                if !plan.count_only && plan.wants(rev, &record) && !plan.enough(kvs.len()) {
+                    kvs.push(to_key_value(key, rev, record));
+                }
+                ControlFlow::Continue(())
+            },
+        )?;
         Ok(plan.finish(kvs, count, revision))
     }
 
@@ -274,7 +293,10 @@ impl Mvcc {
         it.seek(rev_key(from, 0));
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let Some((rev, _sub)) = decode_rev_key(k) else {
-                return Err(StorageError::Corrupt { what: "rev key", detail: format!("{k:?}") });
+                return Err(StorageError::Corrupt {
+                    what: "rev key",
+                    detail: format!("{k:?}"),
+                });
             };
             if rev > to {
                 break;
@@ -284,7 +306,10 @@ impl Mvcc {
                 if total >= limit {
                     break;
                 }
-                out.push(RevisionEvents { revision: rev, events: Vec::new() });
+                out.push(RevisionEvents {
+                    revision: rev,
+                    events: Vec::new(),
+                });
             }
             let record: EventRecord = decode("rev", v)?;
             let event = self.event_at(record, rev)?;
@@ -308,13 +333,21 @@ impl Mvcc {
                     })
                 }
             },
-            EventKind::Delete => KeyValue { key: record.key, mod_revision: revision, ..Default::default() },
+            EventKind::Delete => KeyValue {
+                key: record.key,
+                mod_revision: revision,
+                ..Default::default()
+            },
         };
         let kind = match record.kind {
             EventKind::Put => EventType::Put,
             EventKind::Delete => EventType::Delete,
         };
-        Ok(Event { r#type: kind as i32, kv: Some(kv), prev_kv })
+        Ok(Event {
+            r#type: kind as i32,
+            kv: Some(kv),
+            prev_kv,
+        })
     }
 
     pub fn lease(&self, id: i64) -> Result<Option<LeaseRecord>, StorageError> {
@@ -330,7 +363,9 @@ impl Mvcc {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
         it.seek(META_LEASE_PREFIX);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let Some(id) = k.strip_prefix(META_LEASE_PREFIX) else { break };
+            let Some(id) = k.strip_prefix(META_LEASE_PREFIX) else {
+                break;
+            };
             let id: [u8; 8] = id.try_into().map_err(|_| StorageError::Corrupt {
                 what: "lease key",
                 detail: format!("{k:?}"),
@@ -349,7 +384,9 @@ impl Mvcc {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
         it.seek(&prefix);
         while let Some(k) = it.key() {
-            let Some(user_key) = k.strip_prefix(prefix.as_slice()) else { break };
+            let Some(user_key) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
             out.push(user_key.to_vec());
             it.next();
         }
@@ -369,7 +406,10 @@ impl Mvcc {
             self.current.store(revision, Ordering::Release);
             if !outcome.events.is_empty() {
                 // No receiver is fine: nobody watches.
-                let _ = self.events.send(Arc::new(RevisionEvents { revision, events: outcome.events }));
+                let _ = self.events.send(Arc::new(RevisionEvents {
+                    revision,
+                    events: outcome.events,
+                }));
             }
         }
         if let Some(compact) = outcome.compaction {
@@ -388,7 +428,8 @@ impl Mvcc {
                 None => default,
             })
         };
-        self.current.store(get(META_REVISION, 1)?, Ordering::Release);
+        self.current
+            .store(get(META_REVISION, 1)?, Ordering::Release);
         let compacted = get(META_COMPACT, 0)?;
         self.compacted.store(compacted, Ordering::Release);
         self.compact_target.send_replace(compacted);
@@ -396,7 +437,10 @@ impl Mvcc {
     }
 
     pub(crate) fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader { revision, ..Default::default() })
+        Some(ResponseHeader {
+            revision,
+            ..Default::default()
+        })
     }
 }
 
@@ -468,7 +512,12 @@ impl RangePlan {
         self.limit > 0 && self.sort.is_none() && gathered > self.limit
     }
 
-    pub(crate) fn finish(&self, mut kvs: Vec<KeyValue>, count: i64, revision: i64) -> RangeResponse {
+    pub(crate) fn finish(
+        &self,
+        mut kvs: Vec<KeyValue>,
+        count: i64,
+        revision: i64,
+    ) -> RangeResponse {
         use range_request::SortTarget;
         if let Some((target, ascending)) = self.sort {
             let key = |kv: &KeyValue| -> (i64, Vec<u8>) {
@@ -497,7 +546,10 @@ impl RangePlan {
         }
         let _ = self.filtered;
         RangeResponse {
-            header: Some(ResponseHeader { revision, ..Default::default() }),
+            header: Some(ResponseHeader {
+                revision,
+                ..Default::default()
+            }),
             kvs,
             more,
             count,

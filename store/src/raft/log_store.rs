@@ -56,17 +56,26 @@ impl LogStore {
     }
 
     fn cf_raft(&self) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(CF_RAFT).expect("raft column family exists")
+        self.db
+            .cf_handle(CF_RAFT)
+            .expect("raft column family exists")
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, RaftStorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, RaftStorageError> {
         match self.db.get_cf(self.cf_raft(), key).map_err(read_error)? {
             Some(v) => Ok(Some(decode("raft meta", &v).map_err(read_error)?)),
             None => Ok(None),
         }
     }
 
-    fn put_meta_synced<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), RaftStorageError> {
+    fn put_meta_synced<T: serde::Serialize>(
+        &self,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), RaftStorageError> {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         let mut batch = WriteBatch::default();
@@ -91,7 +100,11 @@ impl LogStore {
 
     /// The index of the last entry in the log (0 when empty), for status reports.
     pub fn last_index(&self) -> u64 {
-        self.last_log_id().ok().flatten().map(|l| l.index).unwrap_or(0)
+        self.last_log_id()
+            .ok()
+            .flatten()
+            .map(|l| l.index)
+            .unwrap_or(0)
     }
 }
 
@@ -126,9 +139,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut it = self.db.raw_iterator_cf(self.cf_log());
         it.seek(index_key(start));
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let index = u64::from_be_bytes(k.try_into().map_err(|_| {
-                read_error(std::io::Error::other("log key is not 8 bytes"))
-            })?);
+            let index = u64::from_be_bytes(
+                k.try_into()
+                    .map_err(|_| read_error(std::io::Error::other("log key is not 8 bytes")))?,
+            );
             if !range.contains(&index) {
                 break;
             }
@@ -146,7 +160,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
         let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         let last_log_id = self.last_log_id()?.or(last_purged_log_id);
-        Ok(LogState { last_purged_log_id, last_log_id })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -174,7 +191,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), RaftStorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

@@ -52,7 +52,9 @@ impl Serialize for RaftResponse {
 impl<'de> Deserialize<'de> for RaftResponse {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RaftResponse, D::Error> {
         let bytes = serde_bytes::ByteBuf::deserialize(d)?;
-        CommandResult::decode(bytes.as_slice()).map(RaftResponse).map_err(serde::de::Error::custom)
+        CommandResult::decode(bytes.as_slice())
+            .map(RaftResponse)
+            .map_err(serde::de::Error::custom)
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use flotilla_proto::flotillapb::peer_client::PeerClient;
 use flotilla_proto::flotillapb::RaftPayload;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -62,7 +64,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> Connection {
-        Connection { target, url: node.peer_urls.first().cloned().unwrap_or_default(), peers: self.peers.clone() }
+        Connection {
+            target,
+            url: node.peer_urls.first().cloned().unwrap_or_default(),
+            peers: self.peers.clone(),
+        }
     }
 }
 
@@ -81,7 +87,10 @@ impl Connection {
         E: std::error::Error + serde::de::DeserializeOwned,
     {
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self.peers.client(&self.url).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = self
+            .peers
+            .client(&self.url)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(timeout);
         let reply = match kind {
@@ -94,7 +103,8 @@ impl Connection {
             _ => RPCError::Network(NetworkError::new(&s)),
         })?;
         let decoded: Result<Resp, RaftError<NodeId, E>> =
-            bincode::deserialize(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            bincode::deserialize(&reply.into_inner().data)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

@@ -19,7 +19,10 @@ use rocksdb::{WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{io_error, read_error, Entry, LogId, MemberNode, NodeId, RaftResponse, RaftStorageError, StoredMembership, TypeConfig};
+use super::{
+    io_error, read_error, Entry, LogId, MemberNode, NodeId, RaftResponse, RaftStorageError,
+    StoredMembership, TypeConfig,
+};
 use crate::error::EtcdError;
 use crate::lease::LeaseKeeper;
 use crate::mvcc::apply::{Applier, Outcome};
@@ -43,9 +46,17 @@ pub struct StateMachine {
 const SNAPSHOT_FAMILIES: [&str; 3] = [CF_KV, CF_REV, CF_META];
 
 impl StateMachine {
-    pub fn new(mvcc: Arc<Mvcc>, leases: Arc<LeaseKeeper>, snapshot_dir: PathBuf) -> std::io::Result<StateMachine> {
+    pub fn new(
+        mvcc: Arc<Mvcc>,
+        leases: Arc<LeaseKeeper>,
+        snapshot_dir: PathBuf,
+    ) -> std::io::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
-        Ok(StateMachine { mvcc, leases, snapshot_dir })
+        Ok(StateMachine {
+            mvcc,
+            leases,
+            snapshot_dir,
+        })
     }
 
     fn db(&self) -> &DB {
@@ -60,7 +71,11 @@ impl StateMachine {
         self.snapshot_dir.join("current.meta")
     }
 
-    fn apply_command(&self, applier: &mut Applier<'_>, command: &Command) -> Result<command_result::Result, EtcdError> {
+    fn apply_command(
+        &self,
+        applier: &mut Applier<'_>,
+        command: &Command,
+    ) -> Result<command_result::Result, EtcdError> {
         use command::Request;
         use command_result::Result as R;
         Ok(match &command.request {
@@ -71,7 +86,10 @@ impl StateMachine {
             Some(Request::LeaseGrant(r)) => R::LeaseGrant(applier.lease_grant(r)?),
             Some(Request::LeaseRevoke(r)) => R::LeaseRevoke(applier.lease_revoke(r)?),
             Some(Request::MemberAttributes(a)) => {
-                let attrs = MemberAttributes { name: a.name.clone(), client_urls: a.client_urls.clone() };
+                let attrs = MemberAttributes {
+                    name: a.name.clone(),
+                    client_urls: a.client_urls.clone(),
+                };
                 applier.put_meta(&member_meta_key(a.id), &encode(&attrs));
                 R::MemberAttributes(Empty {})
             }
@@ -135,10 +153,11 @@ impl StateMachine {
             Some(v) => decode("applied", &v).map_err(read_error)?,
             None => None,
         };
-        let membership: StoredMembership = match snap.get_cf(meta, META_MEMBERSHIP).map_err(read_error)? {
-            Some(v) => decode("membership", &v).map_err(read_error)?,
-            None => StoredMembership::default(),
-        };
+        let membership: StoredMembership =
+            match snap.get_cf(meta, META_MEMBERSHIP).map_err(read_error)? {
+                Some(v) => decode("membership", &v).map_err(read_error)?,
+                None => StoredMembership::default(),
+            };
         let mut data = Vec::new();
         for (tag, name) in SNAPSHOT_FAMILIES.iter().enumerate() {
             let mut it = snap.raw_iterator_cf(self.mvcc.cf(name));
@@ -180,14 +199,18 @@ impl StateMachine {
         };
         while pos < data.len() {
             let tag = take(&mut pos, 1)?[0] as usize;
-            let klen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| corrupt())?) as usize;
+            let klen =
+                u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| corrupt())?) as usize;
             let k = take(&mut pos, klen)?;
-            let vlen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| corrupt())?) as usize;
+            let vlen =
+                u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| corrupt())?) as usize;
             let v = take(&mut pos, vlen)?;
             let name = SNAPSHOT_FAMILIES.get(tag).ok_or_else(corrupt)?;
             batch.put_cf(self.mvcc.cf(name), k, v);
             if batch.len() >= 10_000 {
-                self.db().write(std::mem::take(&mut batch)).map_err(io_error)?;
+                self.db()
+                    .write(std::mem::take(&mut batch))
+                    .map_err(io_error)?;
             }
         }
         self.db().write(batch).map_err(io_error)?;
@@ -197,15 +220,25 @@ impl StateMachine {
         Ok(())
     }
 
-    async fn save_snapshot_files(&self, meta: &SnapshotMeta<NodeId, MemberNode>, data: &[u8]) -> Result<(), RaftStorageError> {
+    async fn save_snapshot_files(
+        &self,
+        meta: &SnapshotMeta<NodeId, MemberNode>,
+        data: &[u8],
+    ) -> Result<(), RaftStorageError> {
         let tmp = self.snapshot_dir.join("incoming.data");
         let mut f = tokio::fs::File::create(&tmp).await.map_err(io_error)?;
         f.write_all(data).await.map_err(io_error)?;
         f.sync_all().await.map_err(io_error)?;
-        tokio::fs::rename(&tmp, self.data_path()).await.map_err(io_error)?;
+        tokio::fs::rename(&tmp, self.data_path())
+            .await
+            .map_err(io_error)?;
         let tmp_meta = self.snapshot_dir.join("incoming.meta");
-        tokio::fs::write(&tmp_meta, encode(meta)).await.map_err(io_error)?;
-        tokio::fs::rename(&tmp_meta, self.meta_path()).await.map_err(io_error)?;
+        tokio::fs::write(&tmp_meta, encode(meta))
+            .await
+            .map_err(io_error)?;
+        tokio::fs::rename(&tmp_meta, self.meta_path())
+            .await
+            .map_err(io_error)?;
         Ok(())
     }
 }
@@ -213,25 +246,35 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let this = self.clone();
-        let (applied, membership, data) = tokio::task::spawn_blocking(move || this.dump())
-            .await
-            .map_err(|e| io_error(std::io::Error::other(e.to_string())))??;
+        let (applied, membership, data) =
+            tokio::task::spawn_blocking(move || this.dump())
+                .await
+                .map_err(|e| io_error(std::io::Error::other(e.to_string())))??;
         let snapshot_id = format!(
             "{}-{}",
             applied.map(|l| l.leader_id.term).unwrap_or(0),
             applied.map(|l| l.index).unwrap_or(0)
         );
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
         self.save_snapshot_files(&meta, &data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
         let applied: Option<LogId> = match self.mvcc.meta_get(META_APPLIED).map_err(read_error)? {
             Some(v) => decode("applied", &v).map_err(read_error)?,
             None => None,
@@ -267,23 +310,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         tokio::task::block_in_place(|| self.load(&data))?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.mvcc.cf(CF_META), META_APPLIED, encode(&meta.last_log_id));
-        batch.put_cf(self.mvcc.cf(CF_META), META_MEMBERSHIP, encode(&meta.last_membership));
+        batch.put_cf(
+            self.mvcc.cf(CF_META),
+            META_APPLIED,
+            encode(&meta.last_log_id),
+        );
+        batch.put_cf(
+            self.mvcc.cf(CF_META),
+            META_MEMBERSHIP,
+            encode(&meta.last_membership),
+        );
         self.db().write(batch).map_err(io_error)?;
         self.save_snapshot_files(meta, &data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
         let meta_bytes = match tokio::fs::read(self.meta_path()).await {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read_error(e)),
         };
-        let meta: SnapshotMeta<NodeId, MemberNode> = decode("snapshot meta", &meta_bytes).map_err(read_error)?;
-        let data = tokio::fs::read(self.data_path()).await.map_err(read_error)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        let meta: SnapshotMeta<NodeId, MemberNode> =
+            decode("snapshot meta", &meta_bytes).map_err(read_error)?;
+        let data = tokio::fs::read(self.data_path())
+            .await
+            .map_err(read_error)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 

@@ -45,7 +45,10 @@ pub struct ClientIo {
 
 impl ClientIo {
     pub fn new(stream: TcpStream) -> ClientIo {
-        let info = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: stream.peer_addr().ok() };
+        let info = TcpConnectInfo {
+            local_addr: stream.local_addr().ok(),
+            remote_addr: stream.peer_addr().ok(),
+        };
         let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.into_split();
         let (pipe_in, pipe_out) = tokio::io::duplex(PIPE_BYTES);
@@ -55,7 +58,13 @@ impl ClientIo {
                 tracing::debug!(error = %e, "client connection ended in the authority shim");
             }
         });
-        ClientIo { pipe: Some(pipe_out), handback: Some(rx), direct: None, writer, info }
+        ClientIo {
+            pipe: Some(pipe_out),
+            handback: Some(rx),
+            direct: None,
+            writer,
+            info,
+        }
     }
 }
 
@@ -67,7 +76,11 @@ impl Connected for ClientIo {
 }
 
 impl AsyncRead for ClientIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if let Some(direct) = this.direct.as_mut() {
@@ -81,7 +94,9 @@ impl AsyncRead for ClientIo {
                 }
             }
             // The pipe is drained: either the socket comes back, or the connection is over.
-            let Some(rx) = this.handback.as_mut() else { return Poll::Ready(Ok(())) };
+            let Some(rx) = this.handback.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
             match Pin::new(rx).poll(cx) {
                 Poll::Ready(Ok(reader)) => {
                     this.handback = None;
@@ -100,7 +115,11 @@ impl AsyncRead for ClientIo {
 use std::future::Future;
 
 impl AsyncWrite for ClientIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.writer).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -153,7 +172,12 @@ async fn read_frame(r: &mut OwnedReadHalf) -> io::Result<Frame> {
     }
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await?;
-    Ok(Frame { kind: head[3], flags: head[4], stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]), payload })
+    Ok(Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]),
+        payload,
+    })
 }
 
 /// The header block fragment of a HEADERS frame, without padding and priority fields.
@@ -167,11 +191,19 @@ fn fragment(f: &Frame) -> io::Result<&[u8]> {
     if f.kind == FRAME_HEADERS && f.flags & FLAG_PRIORITY != 0 {
         p = p.get(5..).ok_or_else(|| invalid("short priority frame"))?;
     }
-    p.get(..p.len().checked_sub(pad).ok_or_else(|| invalid("bad padding"))?).ok_or_else(|| invalid("bad padding"))
+    p.get(
+        ..p.len()
+            .checked_sub(pad)
+            .ok_or_else(|| invalid("bad padding"))?,
+    )
+    .ok_or_else(|| invalid("bad padding"))
 }
 
 /// Reads one whole header block: a HEADERS frame and its CONTINUATION frames.
-async fn read_header_block(r: &mut OwnedReadHalf, first: Frame) -> io::Result<(Vec<Frame>, Vec<u8>)> {
+async fn read_header_block(
+    r: &mut OwnedReadHalf,
+    first: Frame,
+) -> io::Result<(Vec<Frame>, Vec<u8>)> {
     let mut block = fragment(&first)?.to_vec();
     let mut done = first.flags & FLAG_END_HEADERS != 0;
     let mut frames = vec![first];
@@ -213,11 +245,19 @@ fn encode_plain(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
 
 fn rewritten_block(stream: u32, end_stream: bool, headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     let block = encode_plain(headers);
-    let chunks: Vec<&[u8]> = if block.is_empty() { vec![&[][..]] } else { block.chunks(OUT_FRAME).collect() };
+    let chunks: Vec<&[u8]> = if block.is_empty() {
+        vec![&[][..]]
+    } else {
+        block.chunks(OUT_FRAME).collect()
+    };
     let mut out = Vec::new();
     for (i, chunk) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
-        let kind = if i == 0 { FRAME_HEADERS } else { FRAME_CONTINUATION };
+        let kind = if i == 0 {
+            FRAME_HEADERS
+        } else {
+            FRAME_CONTINUATION
+        };
         let mut flags = 0;
         if i == 0 && end_stream {
             flags |= FLAG_END_STREAM;
@@ -225,12 +265,24 @@ fn rewritten_block(stream: u32, end_stream: bool, headers: &[(Vec<u8>, Vec<u8>)]
         if last {
             flags |= FLAG_END_HEADERS;
         }
-        out.extend(Frame { kind, flags, stream, payload: chunk.to_vec() }.encode());
+        out.extend(
+            Frame {
+                kind,
+                flags,
+                stream,
+                payload: chunk.to_vec(),
+            }
+            .encode(),
+        );
     }
     out
 }
 
-async fn pump(mut reader: OwnedReadHalf, mut pipe: DuplexStream, handback: oneshot::Sender<OwnedReadHalf>) -> io::Result<()> {
+async fn pump(
+    mut reader: OwnedReadHalf,
+    mut pipe: DuplexStream,
+    handback: oneshot::Sender<OwnedReadHalf>,
+) -> io::Result<()> {
     let mut preface = [0u8; 24];
     let mut got = 0;
     while got < preface.len() {
@@ -258,7 +310,9 @@ async fn pump(mut reader: OwnedReadHalf, mut pipe: DuplexStream, handback: onesh
         let stream = frame.stream;
         let end_stream = frame.flags & FLAG_END_STREAM != 0;
         let (frames, block) = read_header_block(&mut reader, frame).await?;
-        let mut headers = decoder.decode(&block).map_err(|e| invalid(&format!("hpack: {e:?}")))?;
+        let mut headers = decoder
+            .decode(&block)
+            .map_err(|e| invalid(&format!("hpack: {e:?}")))?;
         let mut changed = false;
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" {
@@ -275,11 +329,16 @@ async fn pump(mut reader: OwnedReadHalf, mut pipe: DuplexStream, handback: onesh
             return hand_back(pipe, reader, handback).await;
         }
         rewriting = true;
-        pipe.write_all(&rewritten_block(stream, end_stream, &headers)).await?;
+        pipe.write_all(&rewritten_block(stream, end_stream, &headers))
+            .await?;
     }
 }
 
-async fn hand_back(mut pipe: DuplexStream, reader: OwnedReadHalf, handback: oneshot::Sender<OwnedReadHalf>) -> io::Result<()> {
+async fn hand_back(
+    mut pipe: DuplexStream,
+    reader: OwnedReadHalf,
+    handback: oneshot::Sender<OwnedReadHalf>,
+) -> io::Result<()> {
     pipe.flush().await?;
     drop(pipe);
     let _ = handback.send(reader);
@@ -292,7 +351,10 @@ mod tests {
 
     #[test]
     fn authority_urls_lose_their_scheme() {
-        assert_eq!(fix_authority(b"http://127.0.0.1:2379"), Some(b"127.0.0.1:2379".to_vec()));
+        assert_eq!(
+            fix_authority(b"http://127.0.0.1:2379"),
+            Some(b"127.0.0.1:2379".to_vec())
+        );
         assert_eq!(fix_authority(b"https://h:1/"), Some(b"h:1".to_vec()));
         assert_eq!(fix_authority(b"127.0.0.1:2379"), None);
     }

@@ -59,19 +59,34 @@ type Member_ = flotilla_proto::etcdserverpb::Member;
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_add(&self, _r: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+    async fn member_add(
+        &self,
+        _r: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
         Err(not_yet("member add"))
     }
-    async fn member_remove(&self, _r: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+    async fn member_remove(
+        &self,
+        _r: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
         Err(not_yet("member remove"))
     }
-    async fn member_update(&self, _r: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+    async fn member_update(
+        &self,
+        _r: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
         Err(not_yet("member update"))
     }
-    async fn member_promote(&self, _r: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+    async fn member_promote(
+        &self,
+        _r: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
         Err(not_yet("member promote"))
     }
-    async fn member_list(&self, request: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+    async fn member_list(
+        &self,
+        request: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
         if request.into_inner().linearizable {
             self.member.linearizable_barrier().await?;
         }
@@ -94,11 +109,16 @@ impl MaintenanceService {
         let prop = |name: &str| -> i64 {
             [CF_KV, CF_REV]
                 .iter()
-                .filter_map(|cf| db.property_int_value_cf(self.member.mvcc.cf(cf), name).ok().flatten())
+                .filter_map(|cf| {
+                    db.property_int_value_cf(self.member.mvcc.cf(cf), name)
+                        .ok()
+                        .flatten()
+                })
                 .sum::<u64>() as i64
         };
         let total = prop("rocksdb.total-sst-files-size") + prop("rocksdb.cur-size-all-mem-tables");
-        let live = prop("rocksdb.estimate-live-data-size") + prop("rocksdb.cur-size-all-mem-tables");
+        let live =
+            prop("rocksdb.estimate-live-data-size") + prop("rocksdb.cur-size-all-mem-tables");
         (total, live.min(total))
     }
 }
@@ -131,7 +151,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(&self, _r: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(
+        &self,
+        _r: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
         // RocksDB reclaims space in its own background compactions; nothing blocks here.
         Ok(Response::new(DefragmentResponse {
             header: Some(self.member.header(self.member.mvcc.current_revision())),
@@ -142,21 +165,33 @@ impl Maintenance for MaintenanceService {
         Err(not_yet("hash"))
     }
 
-    async fn hash_kv(&self, _r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+    async fn hash_kv(
+        &self,
+        _r: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
         Err(not_yet("hashkv"))
     }
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(&self, _r: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        _r: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
         Err(not_yet("snapshot"))
     }
 
-    async fn move_leader(&self, _r: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+    async fn move_leader(
+        &self,
+        _r: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
         Err(not_yet("move-leader"))
     }
 
-    async fn downgrade(&self, _r: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+    async fn downgrade(
+        &self,
+        _r: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
         Err(EtcdError::NotCapable.into())
     }
 }

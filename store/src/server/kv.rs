@@ -29,7 +29,9 @@ impl KvService {
             match &mut op.response {
                 Some(response_op::Response::ResponseRange(r)) => self.member.stamp(&mut r.header),
                 Some(response_op::Response::ResponsePut(r)) => self.member.stamp(&mut r.header),
-                Some(response_op::Response::ResponseDeleteRange(r)) => self.member.stamp(&mut r.header),
+                Some(response_op::Response::ResponseDeleteRange(r)) => {
+                    self.member.stamp(&mut r.header)
+                }
                 Some(response_op::Response::ResponseTxn(r)) => self.stamp_txn(r),
                 None => {}
             }
@@ -39,7 +41,10 @@ impl KvService {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
         let req = request.into_inner();
         validate::range(&req)?;
         if !req.serializable {
@@ -56,7 +61,13 @@ impl Kv for KvService {
         let req = request.into_inner();
         validate::put(&req)?;
         self.member.check_size(&req)?;
-        match self.member.propose(Command { request: Some(command::Request::Put(req)) }).await? {
+        match self
+            .member
+            .propose(Command {
+                request: Some(command::Request::Put(req)),
+            })
+            .await?
+        {
             command_result::Result::Put(mut r) => {
                 self.member.stamp(&mut r.header);
                 Ok(Response::new(r))
@@ -65,11 +76,20 @@ impl Kv for KvService {
         }
     }
 
-    async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let req = request.into_inner();
         validate::delete_range(&req)?;
         self.member.check_size(&req)?;
-        match self.member.propose(Command { request: Some(command::Request::DeleteRange(req)) }).await? {
+        match self
+            .member
+            .propose(Command {
+                request: Some(command::Request::DeleteRange(req)),
+            })
+            .await?
+        {
             command_result::Result::DeleteRange(mut r) => {
                 self.member.stamp(&mut r.header);
                 Ok(Response::new(r))
@@ -82,7 +102,13 @@ impl Kv for KvService {
         let req = request.into_inner();
         validate::txn(&req, self.member.limits.max_txn_ops)?;
         self.member.check_size(&req)?;
-        match self.member.propose(Command { request: Some(command::Request::Txn(req)) }).await? {
+        match self
+            .member
+            .propose(Command {
+                request: Some(command::Request::Txn(req)),
+            })
+            .await?
+        {
             command_result::Result::Txn(mut r) => {
                 self.stamp_txn(&mut r);
                 Ok(Response::new(r))
@@ -91,17 +117,29 @@ impl Kv for KvService {
         }
     }
 
-    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(
+        &self,
+        request: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
         let req = request.into_inner();
         let physical = req.physical;
         let revision = req.revision;
-        let mut resp = match self.member.propose(Command { request: Some(command::Request::Compaction(req)) }).await? {
+        let mut resp = match self
+            .member
+            .propose(Command {
+                request: Some(command::Request::Compaction(req)),
+            })
+            .await?
+        {
             command_result::Result::Compaction(r) => r,
             _ => return Err(unexpected()),
         };
         if physical {
             let mut progress = self.member.mvcc.compaction_progress();
-            progress.wait_for(|done| *done >= revision).await.map_err(|_| Status::from(EtcdError::Stopped))?;
+            progress
+                .wait_for(|done| *done >= revision)
+                .await
+                .map_err(|_| Status::from(EtcdError::Stopped))?;
         }
         self.member.stamp(&mut resp.header);
         Ok(Response::new(resp))

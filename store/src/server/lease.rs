@@ -31,7 +31,10 @@ type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, 
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+    async fn lease_grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut req = request.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(EtcdError::LeaseTtlTooLarge.into());
@@ -43,13 +46,20 @@ impl Lease for LeaseService {
                 // Positive and non-zero, like the IDs etcd hands out.
                 req.id = rand::thread_rng().gen_range(1..i64::MAX);
             }
-            let command = Command { request: Some(command::Request::LeaseGrant(req.clone())) };
+            let command = Command {
+                request: Some(command::Request::LeaseGrant(req.clone())),
+            };
             match self.member.propose(command).await {
                 Ok(command_result::Result::LeaseGrant(mut r)) => {
                     self.member.stamp(&mut r.header);
                     return Ok(Response::new(r));
                 }
-                Ok(_) => return Err(EtcdError::Internal("state machine answered a different request".into()).into()),
+                Ok(_) => {
+                    return Err(EtcdError::Internal(
+                        "state machine answered a different request".into(),
+                    )
+                    .into())
+                }
                 Err(EtcdError::LeaseExists) if choose_id => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -57,14 +67,25 @@ impl Lease for LeaseService {
         Err(EtcdError::LeaseExists.into())
     }
 
-    async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let req = request.into_inner();
-        match self.member.propose(Command { request: Some(command::Request::LeaseRevoke(req)) }).await? {
+        match self
+            .member
+            .propose(Command {
+                request: Some(command::Request::LeaseRevoke(req)),
+            })
+            .await?
+        {
             command_result::Result::LeaseRevoke(mut r) => {
                 self.member.stamp(&mut r.header);
                 Ok(Response::new(r))
             }
-            _ => Err(EtcdError::Internal("state machine answered a different request".into()).into()),
+            _ => {
+                Err(EtcdError::Internal("state machine answered a different request".into()).into())
+            }
         }
     }
 
@@ -97,15 +118,23 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        Ok(Response::new(self.member.lease_time_to_live(request.into_inner()).await?))
+        Ok(Response::new(
+            self.member.lease_time_to_live(request.into_inner()).await?,
+        ))
     }
 
-    async fn lease_leases(&self, _request: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+    async fn lease_leases(
+        &self,
+        _request: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.member.linearizable_barrier().await?;
         let leases = self.member.mvcc.leases().map_err(EtcdError::from)?;
         Ok(Response::new(LeaseLeasesResponse {
             header: Some(self.member.header(self.member.mvcc.current_revision())),
-            leases: leases.into_iter().map(|(id, _)| LeaseStatus { id }).collect(),
+            leases: leases
+                .into_iter()
+                .map(|(id, _)| LeaseStatus { id })
+                .collect(),
         }))
     }
 }

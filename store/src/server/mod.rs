@@ -37,15 +37,35 @@ pub async fn serve_clients(
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .add_service(KvServer::new(kv::KvService { member: member.clone() }).max_decoding_message_size(max))
-        .add_service(WatchServer::new(watch::WatchService { member: member.clone() }).max_decoding_message_size(max))
-        .add_service(LeaseServer::new(lease::LeaseService { member: member.clone() }).max_decoding_message_size(max))
         .add_service(
-            ClusterServer::new(cluster::ClusterService { member: member.clone() }).max_decoding_message_size(max),
+            KvServer::new(kv::KvService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
         )
         .add_service(
-            MaintenanceServer::new(cluster::MaintenanceService { member: member.clone() })
-                .max_decoding_message_size(max),
+            WatchServer::new(watch::WatchService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            LeaseServer::new(lease::LeaseService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            ClusterServer::new(cluster::ClusterService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            MaintenanceServer::new(cluster::MaintenanceService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
         )
         .serve_with_incoming_shutdown(client_connections(listener), shutdown)
         .await
@@ -56,7 +76,10 @@ fn client_connections(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<authority::ClientIo>> {
     futures::stream::unfold(listener, |listener| async move {
-        let next = listener.accept().await.map(|(stream, _)| authority::ClientIo::new(stream));
+        let next = listener
+            .accept()
+            .await
+            .map(|(stream, _)| authority::ClientIo::new(stream));
         Some((next, listener))
     })
 }

@@ -18,7 +18,8 @@ pub struct PeerService {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(p: &RaftPayload) -> Result<T, Status> {
-    bincode::deserialize(&p.data).map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+    bincode::deserialize(&p.data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
@@ -29,7 +30,10 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(request.get_ref())?;
         encode(&self.member.raft.append_entries(req).await)
     }
@@ -39,12 +43,18 @@ impl Peer for PeerService {
         encode(&self.member.raft.vote(req).await)
     }
 
-    async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let req: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref())?;
         encode(&self.member.raft.install_snapshot(req).await)
     }
 
-    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+    async fn forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
         let member = &self.member;
         let response = match request.into_inner().request {
             Some(forward_request::Request::Command(c)) => {
@@ -68,6 +78,8 @@ impl Peer for PeerService {
             }
             None => return Err(Status::invalid_argument("empty forward request")),
         };
-        Ok(Response::new(ForwardResponse { response: Some(response) }))
+        Ok(Response::new(ForwardResponse {
+            response: Some(response),
+        }))
     }
 }

@@ -1,7 +1,9 @@
 //! Request checks done before a request is proposed, with etcd's errors (etcd's
 //! `checkRangeRequest`, `checkPutRequest`, `checkTxnRequest` and `checkIntervals`).
 
-use flotilla_proto::etcdserverpb::{request_op, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest};
+use flotilla_proto::etcdserverpb::{
+    request_op, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
 
 use crate::error::EtcdError;
 use crate::mvcc::RangeEnd;
@@ -64,7 +66,9 @@ struct Writes {
 }
 
 fn overlaps_delete(deletes: &[(Vec<u8>, Vec<u8>)], key: &[u8]) -> bool {
-    deletes.iter().any(|(k, end)| RangeEnd::of(end).contains(k, key))
+    deletes
+        .iter()
+        .any(|(k, end)| RangeEnd::of(end).contains(k, key))
 }
 
 /// A key may be written once per branch: two puts, or a put inside a deleted range, are
@@ -73,7 +77,9 @@ fn branch_writes(ops: &[RequestOp]) -> Result<Writes, EtcdError> {
     let mut w = Writes::default();
     for op in ops {
         match &op.request {
-            Some(request_op::Request::RequestDeleteRange(d)) => w.deletes.push((d.key.clone(), d.range_end.clone())),
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                w.deletes.push((d.key.clone(), d.range_end.clone()))
+            }
             Some(request_op::Request::RequestTxn(t)) => {
                 let success = branch_writes(&t.success)?;
                 let failure = branch_writes(&t.failure)?;
@@ -83,7 +89,8 @@ fn branch_writes(ops: &[RequestOp]) -> Result<Writes, EtcdError> {
                     }
                     w.puts.push(p);
                 }
-                w.deletes.extend(success.deletes.into_iter().chain(failure.deletes));
+                w.deletes
+                    .extend(success.deletes.into_iter().chain(failure.deletes));
             }
             _ => {}
         }
@@ -110,28 +117,62 @@ mod tests {
     use flotilla_proto::etcdserverpb::request_op::Request;
 
     fn put_op(key: &str) -> RequestOp {
-        RequestOp { request: Some(Request::RequestPut(PutRequest { key: key.into(), value: b"v".to_vec(), ..Default::default() })) }
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: key.into(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        }
     }
     fn del_op(key: &str, end: &str) -> RequestOp {
         RequestOp {
-            request: Some(Request::RequestDeleteRange(DeleteRangeRequest { key: key.into(), range_end: end.into(), ..Default::default() })),
+            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                key: key.into(),
+                range_end: end.into(),
+                ..Default::default()
+            })),
         }
     }
     fn txn_of(success: Vec<RequestOp>) -> TxnRequest {
-        TxnRequest { success, ..Default::default() }
+        TxnRequest {
+            success,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn txn_write_conflicts_are_duplicate_keys() {
         let cases: Vec<(&str, Vec<RequestOp>, Result<(), EtcdError>)> = vec![
             ("distinct puts", vec![put_op("a"), put_op("b")], Ok(())),
-            ("same key twice", vec![put_op("a"), put_op("a")], Err(EtcdError::DuplicateKey)),
-            ("put inside deleted range", vec![del_op("a", "c"), put_op("b")], Err(EtcdError::DuplicateKey)),
-            ("put outside deleted range", vec![del_op("a", "c"), put_op("c")], Ok(())),
-            ("deletes may overlap", vec![del_op("a", "c"), del_op("b", "d")], Ok(())),
+            (
+                "same key twice",
+                vec![put_op("a"), put_op("a")],
+                Err(EtcdError::DuplicateKey),
+            ),
+            (
+                "put inside deleted range",
+                vec![del_op("a", "c"), put_op("b")],
+                Err(EtcdError::DuplicateKey),
+            ),
+            (
+                "put outside deleted range",
+                vec![del_op("a", "c"), put_op("c")],
+                Ok(()),
+            ),
+            (
+                "deletes may overlap",
+                vec![del_op("a", "c"), del_op("b", "d")],
+                Ok(()),
+            ),
             (
                 "nested put clashes with outer put",
-                vec![put_op("a"), RequestOp { request: Some(Request::RequestTxn(txn_of(vec![put_op("a")]))) }],
+                vec![
+                    put_op("a"),
+                    RequestOp {
+                        request: Some(Request::RequestTxn(txn_of(vec![put_op("a")]))),
+                    },
+                ],
                 Err(EtcdError::DuplicateKey),
             ),
         ];
@@ -149,9 +190,19 @@ mod tests {
 
     #[test]
     fn put_flags_are_checked() {
-        let p = PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), ignore_value: true, ..Default::default() };
+        let p = PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ignore_value: true,
+            ..Default::default()
+        };
         assert_eq!(put(&p), Err(EtcdError::ValueProvided));
-        let p = PutRequest { key: b"k".to_vec(), lease: 5, ignore_lease: true, ..Default::default() };
+        let p = PutRequest {
+            key: b"k".to_vec(),
+            lease: 5,
+            ignore_lease: true,
+            ..Default::default()
+        };
         assert_eq!(put(&p), Err(EtcdError::LeaseProvided));
         assert_eq!(put(&PutRequest::default()), Err(EtcdError::EmptyKey));
     }

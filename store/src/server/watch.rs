@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use flotilla_proto::etcdserverpb::watch_server::Watch;
 use flotilla_proto::etcdserverpb::{
-    watch_create_request::FilterType, watch_request, WatchCreateRequest, WatchRequest, WatchResponse,
+    watch_create_request::FilterType, watch_request, WatchCreateRequest, WatchRequest,
+    WatchResponse,
 };
 use flotilla_proto::mvccpb::{event::EventType, Event};
 use futures::Stream;
@@ -41,7 +42,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Se
 impl Watch for WatchService {
     type WatchStream = WatchStream;
 
-    async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = WatchStreamTask {
@@ -77,7 +81,9 @@ impl Watcher {
                 if (put && self.no_put) || (!put && self.no_delete) {
                     return false;
                 }
-                e.kv.as_ref().map(|kv| end.contains(&self.key, &kv.key)).unwrap_or(false)
+                e.kv.as_ref()
+                    .map(|kv| end.contains(&self.key, &kv.key))
+                    .unwrap_or(false)
             })
             .map(|e| {
                 let mut e = e.clone();
@@ -130,7 +136,11 @@ impl WatchStreamTask {
     }
 
     fn response(&self, watch_id: i64, revision: i64) -> WatchResponse {
-        WatchResponse { header: Some(self.member.header(revision)), watch_id, ..Default::default() }
+        WatchResponse {
+            header: Some(self.member.header(revision)),
+            watch_id,
+            ..Default::default()
+        }
     }
 
     async fn handle(&mut self, req: WatchRequest) -> Result<(), Gone> {
@@ -147,7 +157,13 @@ impl WatchStreamTask {
             Some(watch_request::RequestUnion::ProgressRequest(_)) => {
                 // The revision every watcher on this stream has been brought up to.
                 let current = self.member.mvcc.current_revision();
-                let revision = self.watchers.values().map(|w| w.next_revision - 1).min().unwrap_or(current).min(current);
+                let revision = self
+                    .watchers
+                    .values()
+                    .map(|w| w.next_revision - 1)
+                    .min()
+                    .unwrap_or(current)
+                    .min(current);
                 self.send(self.response(-1, revision)).await
             }
             None => Ok(()),
@@ -164,7 +180,10 @@ impl WatchStreamTask {
             }
             self.next_auto_id
         };
-        if self.watchers.contains_key(&id) || self.watchers.len() >= MAX_WATCHERS_PER_STREAM || c.key.is_empty() {
+        if self.watchers.contains_key(&id)
+            || self.watchers.len() >= MAX_WATCHERS_PER_STREAM
+            || c.key.is_empty()
+        {
             let reason = if c.key.is_empty() {
                 EtcdError::EmptyKey.to_string()
             } else if self.watchers.contains_key(&id) {
@@ -179,7 +198,11 @@ impl WatchStreamTask {
             return self.send(r).await;
         }
         let watcher = Watcher {
-            next_revision: if c.start_revision > 0 { c.start_revision } else { current + 1 },
+            next_revision: if c.start_revision > 0 {
+                c.start_revision
+            } else {
+                current + 1
+            },
             key: c.key,
             range_end: c.range_end,
             prev_kv: c.prev_kv,
@@ -200,7 +223,9 @@ impl WatchStreamTask {
     /// Delivers revisions `[watcher.next_revision, to]` from disk.
     async fn catch_up(&mut self, id: i64, to: i64) -> Result<(), Gone> {
         loop {
-            let Some(w) = self.watchers.get(&id) else { return Ok(()) };
+            let Some(w) = self.watchers.get(&id) else {
+                return Ok(());
+            };
             let from = w.next_revision;
             if from > to {
                 return Ok(());
@@ -215,7 +240,9 @@ impl WatchStreamTask {
                 return self.send(r).await;
             }
             let mvcc = self.member.mvcc.clone();
-            let batches = match tokio::task::block_in_place(|| mvcc.events_between(from, to, CATCH_UP_EVENTS)) {
+            let batches = match tokio::task::block_in_place(|| {
+                mvcc.events_between(from, to, CATCH_UP_EVENTS)
+            }) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(error = %e, watch_id = id, "watch catch-up read failed");
@@ -252,14 +279,18 @@ impl WatchStreamTask {
     async fn deliver(&mut self, batch: &RevisionEvents) -> Result<(), Gone> {
         let ids: Vec<i64> = self.watchers.keys().copied().collect();
         for id in ids {
-            let Some(w) = self.watchers.get(&id) else { continue };
+            let Some(w) = self.watchers.get(&id) else {
+                continue;
+            };
             if batch.revision < w.next_revision {
                 continue;
             }
             if batch.revision > w.next_revision {
                 self.catch_up(id, batch.revision - 1).await?;
             }
-            let Some(w) = self.watchers.get_mut(&id) else { continue };
+            let Some(w) = self.watchers.get_mut(&id) else {
+                continue;
+            };
             let events = w.select(&batch.events);
             w.next_revision = batch.revision + 1;
             if !events.is_empty() {
