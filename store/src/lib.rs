@@ -223,6 +223,7 @@ pub async fn run(
         min_lease_ttl: (config.election_timeout_ms * 3 / 2).div_ceil(1000) as i64,
         progress_notify_interval: config.progress_notify_interval,
     };
+    let (read_waiters, read_queue) = tokio::sync::mpsc::channel(member::READ_QUEUE);
     let member = Arc::new(Member {
         id,
         cluster_id,
@@ -233,7 +234,9 @@ pub async fn run(
         log,
         peers,
         limits,
+        read_waiters,
     });
+    tokio::spawn(member::read_index_loop(Arc::downgrade(&member), read_queue));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

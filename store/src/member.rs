@@ -13,6 +13,7 @@ use flotilla_proto::flotillapb::{
 };
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::EtcdError;
 use crate::lease::LeaseKeeper;
@@ -45,6 +46,31 @@ pub struct Member {
     pub log: LogStore,
     pub peers: Arc<PeerClients>,
     pub limits: Limits,
+    /// Linearizable reads waiting for a read index.
+    pub read_waiters: mpsc::Sender<ReadWaiter>,
+}
+
+pub type ReadWaiter = oneshot::Sender<Result<u64, EtcdError>>;
+
+/// Reads waiting at most for a read-index round before callers wait to enqueue.
+pub const READ_QUEUE: usize = 16 * 1024;
+
+/// Serves read-index requests in rounds: every reader queued while one round runs shares the
+/// next round, so N concurrent linearizable reads cost one leader confirmation, not N. A
+/// round starts after each of its readers arrived, which is what linearizability needs.
+pub async fn read_index_loop(member: std::sync::Weak<Member>, mut waiters: mpsc::Receiver<ReadWaiter>) {
+    while let Some(first) = waiters.recv().await {
+        let mut round = vec![first];
+        while let Ok(more) = waiters.try_recv() {
+            round.push(more);
+        }
+        let Some(m) = member.upgrade() else { return };
+        let result = m.fetch_read_index().await;
+        drop(m);
+        for w in round {
+            let _ = w.send(result.clone());
+        }
+    }
 }
 
 impl Member {
@@ -194,44 +220,40 @@ impl Member {
         }
     }
 
+    /// The read index for a linearizable read that arrived before this call: taken by the
+    /// leader, or asked of it. Concurrent callers share one round (see [`read_index_loop`]).
+    async fn fetch_read_index(&self) -> Result<u64, EtcdError> {
+        loop {
+            let (leader, node) = self.wait_for_leader().await?;
+            let index = if leader == self.id {
+                self.read_index_local().await
+            } else {
+                match self.forward(&node, forward_request::Request::ReadIndex(ReadIndexRequest {})).await {
+                    Ok(forward_response::Response::ReadIndex(i)) => Ok(i),
+                    Ok(_) => Err(EtcdError::Internal("leader answered a different request".into())),
+                    Err(e) => Err(e),
+                }
+            };
+            match index {
+                Err(EtcdError::NotLeader) => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => return other,
+            }
+        }
+    }
+
     /// Waits until this member has applied everything committed when the call began, as
     /// confirmed by the leader: after it, a local read is linearizable.
     pub async fn linearizable_barrier(&self) -> Result<(), EtcdError> {
         tokio::time::timeout(REQUEST_TIMEOUT, async {
-            loop {
-                let (leader, node) = self.wait_for_leader().await?;
-                let index = if leader == self.id {
-                    self.read_index_local().await
-                } else {
-                    match self
-                        .forward(
-                            &node,
-                            forward_request::Request::ReadIndex(ReadIndexRequest {}),
-                        )
-                        .await
-                    {
-                        Ok(forward_response::Response::ReadIndex(i)) => Ok(i),
-                        Ok(_) => Err(EtcdError::Internal(
-                            "leader answered a different request".into(),
-                        )),
-                        Err(e) => Err(e),
-                    }
-                };
-                match index {
-                    Ok(index) => {
-                        self.raft
-                            .wait(Some(REQUEST_TIMEOUT))
-                            .applied_index_at_least(Some(index), "linearizable read")
-                            .await
-                            .map_err(|_| EtcdError::Timeout)?;
-                        return Ok(());
-                    }
-                    Err(EtcdError::NotLeader) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            let (tx, rx) = oneshot::channel();
+            self.read_waiters.send(tx).await.map_err(|_| EtcdError::Stopped)?;
+            let index = rx.await.map_err(|_| EtcdError::Stopped)??;
+            self.raft
+                .wait(Some(REQUEST_TIMEOUT))
+                .applied_index_at_least(Some(index), "linearizable read")
+                .await
+                .map_err(|_| EtcdError::Timeout)?;
+            Ok(())
         })
         .await
         .unwrap_or(Err(EtcdError::Timeout))
