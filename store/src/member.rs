@@ -58,7 +58,10 @@ pub const READ_QUEUE: usize = 16 * 1024;
 /// Serves read-index requests in rounds: every reader queued while one round runs shares the
 /// next round, so N concurrent linearizable reads cost one leader confirmation, not N. A
 /// round starts after each of its readers arrived, which is what linearizability needs.
-pub async fn read_index_loop(member: std::sync::Weak<Member>, mut waiters: mpsc::Receiver<ReadWaiter>) {
+pub async fn read_index_loop(
+    member: std::sync::Weak<Member>,
+    mut waiters: mpsc::Receiver<ReadWaiter>,
+) {
     while let Some(first) = waiters.recv().await {
         let mut round = vec![first];
         while let Ok(more) = waiters.try_recv() {
@@ -228,9 +231,17 @@ impl Member {
             let index = if leader == self.id {
                 self.read_index_local().await
             } else {
-                match self.forward(&node, forward_request::Request::ReadIndex(ReadIndexRequest {})).await {
+                match self
+                    .forward(
+                        &node,
+                        forward_request::Request::ReadIndex(ReadIndexRequest {}),
+                    )
+                    .await
+                {
                     Ok(forward_response::Response::ReadIndex(i)) => Ok(i),
-                    Ok(_) => Err(EtcdError::Internal("leader answered a different request".into())),
+                    Ok(_) => Err(EtcdError::Internal(
+                        "leader answered a different request".into(),
+                    )),
                     Err(e) => Err(e),
                 }
             };
@@ -246,7 +257,10 @@ impl Member {
     pub async fn linearizable_barrier(&self) -> Result<(), EtcdError> {
         tokio::time::timeout(REQUEST_TIMEOUT, async {
             let (tx, rx) = oneshot::channel();
-            self.read_waiters.send(tx).await.map_err(|_| EtcdError::Stopped)?;
+            self.read_waiters
+                .send(tx)
+                .await
+                .map_err(|_| EtcdError::Stopped)?;
             let index = rx.await.map_err(|_| EtcdError::Stopped)??;
             self.raft
                 .wait(Some(REQUEST_TIMEOUT))

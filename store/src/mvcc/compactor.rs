@@ -89,3 +89,8 @@ fn compact(mvcc: &Mvcc, revision: i64) -> Result<(), StorageError> {
     db.write(batch)?;
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) fn compact_for_tests(mvcc: &Mvcc, revision: i64) {
+    compact(mvcc, revision).expect("compaction");
+}

@@ -8,6 +8,8 @@
 pub mod apply;
 pub mod compactor;
 pub mod keys;
+#[cfg(test)]
+mod tests;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicI64, Ordering};

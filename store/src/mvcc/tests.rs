@@ -1,0 +1,388 @@
+//! MVCC behaviour against etcd's semantics, on a real RocksDB in a temporary directory.
+
+use std::sync::Arc;
+
+use flotilla_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use flotilla_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use flotilla_proto::etcdserverpb::{
+    request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest,
+    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use flotilla_proto::mvccpb::event::EventType;
+
+use super::apply::Applier;
+use super::*;
+use crate::error::EtcdError;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    mvcc: Arc<Mvcc>,
+}
+
+fn open() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let db = DB::open_cf(&opts, dir.path(), Mvcc::column_families()).expect("open rocksdb");
+    let mvcc = Mvcc::open(Arc::new(db)).expect("open mvcc");
+    Fixture { _dir: dir, mvcc }
+}
+
+impl Fixture {
+    /// Applies one command the way the state machine does: all or nothing.
+    fn apply<T>(
+        &self,
+        f: impl FnOnce(&mut Applier<'_>) -> Result<T, EtcdError>,
+    ) -> Result<T, EtcdError> {
+        let mut a = Applier::new(&self.mvcc);
+        let r = f(&mut a)?;
+        let (batch, outcome) = a.finish();
+        self.mvcc.commit(batch, outcome).expect("commit");
+        Ok(r)
+    }
+
+    fn put(&self, k: &str, v: &str) -> i64 {
+        let req = PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        };
+        self.apply(|a| a.put(&req))
+            .expect("put")
+            .header
+            .expect("header")
+            .revision
+    }
+
+    fn get_at(&self, k: &str, rev: i64) -> Option<(String, i64, i64, i64)> {
+        self.mvcc.get(k.as_bytes(), rev).expect("get").map(|kv| {
+            (
+                String::from_utf8(kv.value).expect("utf8"),
+                kv.create_revision,
+                kv.mod_revision,
+                kv.version,
+            )
+        })
+    }
+
+    fn keys(&self, req: RangeRequest) -> Vec<String> {
+        let rev = self.mvcc.resolve_revision(req.revision).expect("revision");
+        self.mvcc
+            .range(&req, rev)
+            .expect("range")
+            .kvs
+            .into_iter()
+            .map(|kv| String::from_utf8(kv.key).expect("utf8"))
+            .collect()
+    }
+}
+
+fn range(key: &str, end: &str) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        range_end: end.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn revisions_count_like_etcd() {
+    let f = open();
+    assert_eq!(
+        f.mvcc.current_revision(),
+        1,
+        "an empty store is at revision 1"
+    );
+    assert_eq!(f.put("a", "1"), 2);
+    assert_eq!(f.put("a", "2"), 3);
+    assert_eq!(f.put("b", "1"), 4);
+    assert_eq!(f.get_at("a", 4), Some(("2".into(), 2, 3, 2)));
+    assert_eq!(f.get_at("a", 2), Some(("1".into(), 2, 2, 1)));
+    assert_eq!(f.get_at("a", 1), None);
+
+    let del = DeleteRangeRequest {
+        key: "a".into(),
+        ..Default::default()
+    };
+    let r = f.apply(|a| a.delete_range(&del)).expect("delete");
+    assert_eq!((r.deleted, r.header.expect("header").revision), (1, 5));
+    assert_eq!(f.get_at("a", 5), None);
+    let r = f.apply(|a| a.delete_range(&del)).expect("delete again");
+    assert_eq!(
+        (r.deleted, f.mvcc.current_revision()),
+        (0, 5),
+        "deleting nothing makes no revision"
+    );
+
+    assert_eq!(f.put("a", "3"), 6);
+    assert_eq!(
+        f.get_at("a", 6),
+        Some(("3".into(), 6, 6, 1)),
+        "a recreated key starts a new generation"
+    );
+}
+
+#[test]
+fn ranges_prefixes_limits_and_sorting() {
+    let f = open();
+    for (k, v) in [
+        ("p/b", "2"),
+        ("p/a", "3"),
+        ("p/c", "1"),
+        ("q", "0"),
+        ("p", "9"),
+        ("p\0x", "8"),
+    ] {
+        f.put(k, v);
+    }
+    assert_eq!(f.keys(range("p/", "p0")), ["p/a", "p/b", "p/c"]);
+    assert_eq!(f.keys(range("p", "")), ["p"]);
+    assert_eq!(
+        f.keys(range("p", "\0")),
+        ["p", "p\0x", "p/a", "p/b", "p/c", "q"]
+    );
+    assert_eq!(
+        f.keys(range("p/b", "p/a")),
+        Vec::<String>::new(),
+        "end before key is empty"
+    );
+
+    let mut limited = range("p/", "p0");
+    limited.limit = 2;
+    let rev = f.mvcc.current_revision();
+    let r = f.mvcc.range(&limited, rev).expect("range");
+    assert_eq!((r.kvs.len(), r.more, r.count), (2, true, 3));
+
+    let mut by_value = range("p/", "p0");
+    by_value.sort_target = SortTarget::Value as i32;
+    by_value.sort_order = SortOrder::Descend as i32;
+    assert_eq!(f.keys(by_value), ["p/a", "p/b", "p/c"]);
+
+    let mut count_only = range("p/", "p0");
+    count_only.count_only = true;
+    let r = f.mvcc.range(&count_only, rev).expect("range");
+    assert_eq!((r.kvs.len(), r.count), (0, 3));
+
+    let mut at_old = range("p/", "p0");
+    at_old.revision = 3;
+    assert_eq!(f.keys(at_old), ["p/a", "p/b"]);
+}
+
+#[test]
+fn txn_reads_its_own_writes_and_is_one_revision() {
+    let f = open();
+    f.put("k", "v1");
+    let put = |k: &str, v: &str| RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        })),
+    };
+    let get = |k: &str| RequestOp {
+        request: Some(request_op::Request::RequestRange(range(k, ""))),
+    };
+    let txn = TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Value as i32,
+            key: "k".into(),
+            target_union: Some(TargetUnion::Value("v1".into())),
+            range_end: Vec::new(),
+        }],
+        success: vec![put("k", "v2"), put("other", "x"), get("k")],
+        failure: vec![get("k")],
+    };
+    let r = f.apply(|a| a.txn(&txn)).expect("txn");
+    assert!(r.succeeded);
+    assert_eq!(r.header.expect("header").revision, 3);
+    let Some(response_op::Response::ResponseRange(read)) = &r.responses[2].response else {
+        panic!("range response")
+    };
+    assert_eq!(
+        read.kvs[0].value, b"v2",
+        "a txn's range sees its earlier put"
+    );
+    assert_eq!(
+        f.get_at("other", 3).map(|x| x.2),
+        Some(3),
+        "every write of the txn has its revision"
+    );
+
+    let r = f.apply(|a| a.txn(&txn)).expect("txn");
+    assert!(!r.succeeded, "the value is v2 now");
+    assert_eq!(
+        f.mvcc.current_revision(),
+        3,
+        "a read-only branch makes no revision"
+    );
+}
+
+#[test]
+fn compare_on_missing_key_compares_zero_values() {
+    let f = open();
+    let cmp = |target: CompareTarget, union: TargetUnion| TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal as i32,
+            target: target as i32,
+            key: "absent".into(),
+            target_union: Some(union),
+            range_end: Vec::new(),
+        }],
+        ..Default::default()
+    };
+    assert!(
+        f.apply(|a| a.txn(&cmp(CompareTarget::Create, TargetUnion::CreateRevision(0))))
+            .expect("txn")
+            .succeeded
+    );
+    assert!(
+        f.apply(|a| a.txn(&cmp(CompareTarget::Version, TargetUnion::Version(0))))
+            .expect("txn")
+            .succeeded
+    );
+    assert!(
+        !f.apply(|a| a.txn(&cmp(CompareTarget::Value, TargetUnion::Value(Vec::new()))))
+            .expect("txn")
+            .succeeded
+    );
+}
+
+#[test]
+fn leases_attach_and_revoke_in_one_revision() {
+    let f = open();
+    f.apply(|a| a.lease_grant(&LeaseGrantRequest { ttl: 10, id: 7 }))
+        .expect("grant");
+    assert_eq!(
+        f.apply(|a| a.lease_grant(&LeaseGrantRequest { ttl: 10, id: 7 }))
+            .expect_err("dup"),
+        EtcdError::LeaseExists
+    );
+    for k in ["x", "y"] {
+        let req = PutRequest {
+            key: k.into(),
+            value: "v".into(),
+            lease: 7,
+            ..Default::default()
+        };
+        f.apply(|a| a.put(&req)).expect("put");
+    }
+    let bad = PutRequest {
+        key: "z".into(),
+        value: "v".into(),
+        lease: 8,
+        ..Default::default()
+    };
+    assert_eq!(
+        f.apply(|a| a.put(&bad)).expect_err("no lease"),
+        EtcdError::LeaseNotFound
+    );
+    assert_eq!(
+        f.mvcc.lease_keys(7).expect("keys"),
+        [b"x".to_vec(), b"y".to_vec()]
+    );
+
+    let rev_before = f.mvcc.current_revision();
+    f.apply(|a| a.lease_revoke(&LeaseRevokeRequest { id: 7 }))
+        .expect("revoke");
+    assert_eq!(
+        f.mvcc.current_revision(),
+        rev_before + 1,
+        "both keys go in one revision"
+    );
+    assert_eq!(f.get_at("x", rev_before + 1), None);
+    assert_eq!(f.get_at("y", rev_before + 1), None);
+    assert!(f.mvcc.lease(7).expect("lease").is_none());
+}
+
+#[test]
+fn events_replay_in_order_with_prev_kv() {
+    let f = open();
+    f.put("a", "1");
+    f.put("a", "2");
+    f.apply(|a| {
+        a.delete_range(&DeleteRangeRequest {
+            key: "a".into(),
+            ..Default::default()
+        })
+    })
+    .expect("del");
+    let events = f.mvcc.events_between(2, 10, 100).expect("events");
+    let revs: Vec<i64> = events.iter().map(|r| r.revision).collect();
+    assert_eq!(revs, [2, 3, 4]);
+    let e = &events[1].events[0];
+    assert_eq!(
+        e.kv.as_ref().map(|kv| kv.value.clone()),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(
+        e.prev_kv.as_ref().map(|kv| kv.value.clone()),
+        Some(b"1".to_vec())
+    );
+    let d = &events[2].events[0];
+    assert_eq!(d.r#type, EventType::Delete as i32);
+    assert_eq!(d.kv.as_ref().map(|kv| kv.mod_revision), Some(4));
+}
+
+#[test]
+fn compaction_keeps_what_reads_at_or_after_it_see() {
+    let f = open();
+    f.put("a", "1"); // 2
+    f.put("a", "2"); // 3
+    f.put("b", "1"); // 4
+    f.apply(|a| {
+        a.delete_range(&DeleteRangeRequest {
+            key: "b".into(),
+            ..Default::default()
+        })
+    })
+    .expect("del"); // 5
+    f.put("a", "3"); // 6
+    f.apply(|a| {
+        a.compact(&CompactionRequest {
+            revision: 5,
+            physical: false,
+        })
+    })
+    .expect("compact");
+    assert_eq!(f.mvcc.resolve_revision(4), Err(EtcdError::Compacted));
+    assert_eq!(
+        f.mvcc.resolve_revision(5),
+        Ok(5),
+        "the compaction revision itself stays readable"
+    );
+    assert_eq!(f.mvcc.resolve_revision(7), Err(EtcdError::FutureRevision));
+    assert_eq!(
+        f.apply(|a| a.compact(&CompactionRequest {
+            revision: 5,
+            physical: false
+        }))
+        .expect_err("again"),
+        EtcdError::Compacted
+    );
+    compactor::compact_for_tests(&f.mvcc, 5);
+    assert_eq!(f.get_at("a", 5), Some(("2".into(), 2, 3, 2)));
+    assert_eq!(f.get_at("a", 6), Some(("3".into(), 2, 6, 3)));
+    assert_eq!(f.get_at("b", 5), None);
+    // Versions below the compaction are gone from disk, except the newest one per key.
+    let mut versions = 0;
+    let mut it = f.mvcc.db().raw_iterator_cf(f.mvcc.cf(CF_KV));
+    it.seek_to_first();
+    while it.valid() {
+        versions += 1;
+        it.next();
+    }
+    assert_eq!(
+        versions, 2,
+        "a@3 (newest at or below 5) and a@6 remain; b's tombstone and history go"
+    );
+    assert_eq!(
+        f.mvcc
+            .events_between(0, 10, 100)
+            .expect("events")
+            .first()
+            .map(|r| r.revision),
+        Some(5)
+    );
+}
