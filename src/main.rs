@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "flotilla",
@@ -20,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run one member of the key-value store (etcd v3 API, etcd's flags).
     Store(StoreArgs),
+    /// Drive load against any etcd v3 endpoint and report throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 fn urls(s: &str) -> Vec<String> {
@@ -81,7 +85,7 @@ struct StoreArgs {
     log_level: String,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
         .parse()
@@ -145,5 +149,6 @@ fn main() -> anyhow::Result<()> {
             };
             runtime.block_on(flotilla_store::run(config, shutdown_signal()))
         }
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
     }
 }

@@ -224,6 +224,7 @@ pub async fn run(
         progress_notify_interval: config.progress_notify_interval,
     };
     let (read_waiters, read_queue) = tokio::sync::mpsc::channel(member::READ_QUEUE);
+    let (proposals, proposal_queue) = tokio::sync::mpsc::channel(member::PROPOSAL_QUEUE);
     let member = Arc::new(Member {
         id,
         cluster_id,
@@ -235,7 +236,12 @@ pub async fn run(
         peers,
         limits,
         read_waiters,
+        proposals,
     });
+    tokio::spawn(member::proposal_loop(
+        Arc::downgrade(&member),
+        proposal_queue,
+    ));
     tokio::spawn(member::read_index_loop(Arc::downgrade(&member), read_queue));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

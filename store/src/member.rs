@@ -9,7 +9,8 @@ use flotilla_proto::etcdserverpb::{
     ResponseHeader,
 };
 use flotilla_proto::flotillapb::{
-    command_result, forward_request, forward_response, Command, ForwardRequest, ReadIndexRequest,
+    command_result, forward_request, forward_response, Command, CommandBatch, ForwardRequest,
+    ReadIndexRequest,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
@@ -48,6 +49,89 @@ pub struct Member {
     pub limits: Limits,
     /// Linearizable reads waiting for a read index.
     pub read_waiters: mpsc::Sender<ReadWaiter>,
+    /// Commands waiting to be batched into a Raft entry.
+    pub proposals: mpsc::Sender<Proposal>,
+}
+
+pub struct Proposal {
+    command: Command,
+    reply: oneshot::Sender<Result<Option<command_result::Result>, EtcdError>>,
+}
+
+/// Commands waiting for a batch before proposers wait to enqueue (back-pressure).
+pub const PROPOSAL_QUEUE: usize = 16 * 1024;
+/// Raft entries being replicated at once; while all are in flight, commands gather for the next.
+const MAX_INFLIGHT_ENTRIES: usize = 1;
+/// Most commands in one entry.
+const MAX_BATCH_COMMANDS: usize = 2048;
+/// Most bytes of commands in one entry (one command may be up to --max-request-bytes).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// Gathers concurrent proposals into Raft entries: one log append, one fsync and one
+/// replication round for many clients. Batches form by themselves: while
+/// `MAX_INFLIGHT_ENTRIES` entries are in flight, new commands queue and go out together.
+pub async fn proposal_loop(
+    member: std::sync::Weak<Member>,
+    mut proposals: mpsc::Receiver<Proposal>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_ENTRIES));
+    let mut carried: Option<Proposal> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match proposals.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut bytes = first.command.encoded_len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_COMMANDS {
+            match proposals.try_recv() {
+                Ok(p) => {
+                    let len = p.command.encoded_len();
+                    if bytes + len > MAX_BATCH_BYTES {
+                        carried = Some(p);
+                        break;
+                    }
+                    bytes += len;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(m) = member.upgrade() else { return };
+        tokio::spawn(async move {
+            let (commands, replies): (Vec<Command>, Vec<_>) =
+                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let entry = RaftCommand::new(&CommandBatch { commands });
+            let outcome = m.raft.client_write(entry).await;
+            drop(slot);
+            match outcome {
+                Ok(resp) => {
+                    let mut results = resp.data.0.results.into_iter();
+                    for reply in replies {
+                        let _ = reply.send(Ok(results.next().and_then(|r| r.result)));
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                            EtcdError::NotLeader
+                        }
+                        RaftError::APIError(e) => EtcdError::Internal(e.to_string()),
+                        RaftError::Fatal(_) => EtcdError::Stopped,
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
 }
 
 pub type ReadWaiter = oneshot::Sender<Result<u64, EtcdError>>;
@@ -167,14 +251,15 @@ impl Member {
         &self,
         command: &Command,
     ) -> Result<Option<command_result::Result>, EtcdError> {
-        match self.raft.client_write(RaftCommand::new(command)).await {
-            Ok(resp) => Ok(resp.data.0.result),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(EtcdError::NotLeader)
-            }
-            Err(RaftError::APIError(e)) => Err(EtcdError::Internal(e.to_string())),
-            Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped),
-        }
+        let (reply, rx) = oneshot::channel();
+        self.proposals
+            .send(Proposal {
+                command: command.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| EtcdError::Stopped)?;
+        rx.await.map_err(|_| EtcdError::Stopped)?
     }
 
     async fn forward(

@@ -126,6 +126,7 @@ pub struct LeaseRecord {
 }
 
 pub const META_APPLIED: &[u8] = b"applied";
+pub const META_APPLIED_PARTIAL: &[u8] = b"applied_partial";
 pub const META_MEMBERSHIP: &[u8] = b"membership";
 pub const META_REVISION: &[u8] = b"revision";
 pub const META_COMPACT: &[u8] = b"compact";

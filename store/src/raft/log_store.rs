@@ -6,7 +6,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -207,11 +207,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(false);
         self.db.write_opt(batch, &opts).map_err(io_error)?;
-        let flusher = self.flusher.clone();
-        // The queue is bounded; a full queue means the disk is behind, so wait off the runtime.
-        tokio::task::block_in_place(|| flusher.send(callback))
-            .map_err(|_| io_error(std::io::Error::other("log flusher stopped")))?;
-        Ok(())
+        let stopped = || io_error(std::io::Error::other("log flusher stopped"));
+        match self.flusher.try_send(callback) {
+            Ok(()) => Ok(()),
+            // The queue is bounded; a full queue means the disk is behind, so wait for it
+            // off the async workers.
+            Err(TrySendError::Full(callback)) => {
+                let flusher = self.flusher.clone();
+                tokio::task::block_in_place(|| flusher.send(callback)).map_err(|_| stopped())
+            }
+            Err(TrySendError::Disconnected(_)) => Err(stopped()),
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {

@@ -10,7 +10,7 @@ pub mod state_machine;
 use std::fmt;
 use std::io::Cursor;
 
-use flotilla_proto::flotillapb::{Command, CommandResult};
+use flotilla_proto::flotillapb::{BatchResult, CommandBatch};
 use prost::Message;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -29,19 +29,20 @@ impl fmt::Display for MemberNode {
     }
 }
 
-/// A command as the log stores it: the prost encoding of `flotillapb.Command`.
+/// A log entry's payload as the log stores it: the prost encoding of
+/// `flotillapb.CommandBatch`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RaftCommand(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 impl RaftCommand {
-    pub fn new(command: &Command) -> RaftCommand {
-        RaftCommand(command.encode_to_vec())
+    pub fn new(batch: &CommandBatch) -> RaftCommand {
+        RaftCommand(batch.encode_to_vec())
     }
 }
 
-/// The result of applying a command, handed back to the proposer.
+/// The results of applying an entry's commands, handed back to the proposer.
 #[derive(Debug, Clone, Default)]
-pub struct RaftResponse(pub CommandResult);
+pub struct RaftResponse(pub BatchResult);
 
 impl Serialize for RaftResponse {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -52,7 +53,7 @@ impl Serialize for RaftResponse {
 impl<'de> Deserialize<'de> for RaftResponse {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RaftResponse, D::Error> {
         let bytes = serde_bytes::ByteBuf::deserialize(d)?;
-        CommandResult::decode(bytes.as_slice())
+        BatchResult::decode(bytes.as_slice())
             .map(RaftResponse)
             .map_err(serde::de::Error::custom)
     }

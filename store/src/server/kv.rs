@@ -14,6 +14,9 @@ use super::validate;
 use crate::error::EtcdError;
 use crate::member::Member;
 
+/// Ranges with at most this many keys are read on the async worker.
+const INLINE_RANGE_LIMIT: i64 = 1000;
+
 pub struct KvService {
     pub member: Arc<Member>,
 }
@@ -51,8 +54,17 @@ impl Kv for KvService {
             self.member.linearizable_barrier().await?;
         }
         let revision = self.member.mvcc.resolve_revision(req.revision)?;
-        let mvcc = self.member.mvcc.clone();
-        let mut resp = tokio::task::block_in_place(|| mvcc.range(&req, revision))?;
+        // A single key or a short page is read inline; a range that may be large is read on
+        // the blocking pool so it does not hold up other requests on this worker.
+        let small = req.range_end.is_empty() || (req.limit > 0 && req.limit <= INLINE_RANGE_LIMIT);
+        let mut resp = if small {
+            self.member.mvcc.range(&req, revision)?
+        } else {
+            let mvcc = self.member.mvcc.clone();
+            tokio::task::spawn_blocking(move || mvcc.range(&req, revision))
+                .await
+                .map_err(|e| EtcdError::Internal(e.to_string()))??
+        };
         resp.header = Some(self.member.header(revision));
         Ok(Response::new(resp))
     }

@@ -18,7 +18,6 @@ use flotilla_proto::etcdserverpb::{
 };
 use flotilla_proto::flotillapb::peer_server::PeerServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::member::Member;
 use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
@@ -96,8 +95,22 @@ pub async fn serve_peers(
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(peer_connections(listener), shutdown)
         .await
+}
+
+/// Accepted peer connections, with Nagle's algorithm off: Raft messages are small and a
+/// delayed acknowledgement would stall replication for tens of milliseconds.
+fn peer_connections(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let next = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((next, listener))
+    })
 }
 
 /// Parses an etcd-style URL (`http://host:port`) into a socket address to listen on.

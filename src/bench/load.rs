@@ -1,0 +1,281 @@
+//! The request loops of the key-value benchmarks.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
+use flotilla_proto::etcdserverpb::{
+    request_op, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest,
+};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use super::report::Outcome;
+use super::{kv, Common, Kind};
+
+/// Shared pacing: who sends the next request, and when.
+pub struct Plan {
+    pub total: u64,
+    pub deadline: Option<Instant>,
+    pub rate: u64,
+    pub start: Instant,
+    pub issued: AtomicU64,
+    pub done: AtomicU64,
+}
+
+impl Plan {
+    pub fn new(common: &Common) -> Arc<Plan> {
+        let start = Instant::now();
+        Arc::new(Plan {
+            total: if common.duration.is_some() {
+                u64::MAX
+            } else {
+                common.total
+            },
+            deadline: common.duration.map(|d| start + d),
+            rate: common.rate,
+            start,
+            issued: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+        })
+    }
+
+    /// The next request's number and the time it is due, or None when the run is over.
+    pub async fn next(&self) -> Option<(u64, Instant)> {
+        let n = self.issued.fetch_add(1, Ordering::Relaxed);
+        if n >= self.total {
+            return None;
+        }
+        let due = if self.rate > 0 {
+            self.start + Duration::from_secs_f64(n as f64 / self.rate as f64)
+        } else {
+            Instant::now()
+        };
+        if let Some(deadline) = self.deadline {
+            if due >= deadline || Instant::now() >= deadline {
+                return None;
+            }
+        }
+        tokio::time::sleep_until(due).await;
+        Some((n, due))
+    }
+}
+
+pub fn key(common: &Common, n: u64) -> Vec<u8> {
+    let space = common.key_space_size.max(1);
+    let index = if common.sequential_keys {
+        n % space
+    } else {
+        rand::thread_rng().gen_range(0..space)
+    };
+    let mut k = format!("{index:0width$}", width = common.key_size).into_bytes();
+    k.truncate(common.key_size.max(1));
+    k
+}
+
+pub fn value(common: &Common) -> Vec<u8> {
+    vec![b'v'; common.val_size]
+}
+
+/// Prints progress on a terminal until the run ends.
+pub fn progress(plan: Arc<Plan>, mut stop: mpsc::Receiver<()>) {
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let done = plan.done.load(Ordering::Relaxed);
+                    let secs = plan.start.elapsed().as_secs_f64();
+                    let of = if plan.total == u64::MAX { String::new() } else { format!(" / {}", plan.total) };
+                    eprint!("\r  {done}{of} requests, {secs:.1} s, {:.0} req/s   ", done as f64 / secs.max(1e-9));
+                }
+                _ = stop.recv() => { eprintln!(); return; }
+            }
+        }
+    });
+}
+
+enum Op {
+    Put,
+    Range {
+        serializable: bool,
+        key: Option<Vec<u8>>,
+    },
+    TxnPut {
+        ops: usize,
+    },
+    TxnMixed {
+        read_share: f64,
+    },
+    KeepAlive,
+}
+
+pub async fn run(common: &Common, kind: &Kind, channels: &[Channel]) -> anyhow::Result<Outcome> {
+    let op = match kind {
+        Kind::Put => Op::Put,
+        Kind::Range { consistency, key } => {
+            let serializable = match consistency.as_str() {
+                "l" => false,
+                "s" => true,
+                other => anyhow::bail!("--consistency must be l or s, not {other:?}"),
+            };
+            Op::Range {
+                serializable,
+                key: key.as_ref().map(|k| k.as_bytes().to_vec()),
+            }
+        }
+        Kind::TxnPut { txn_ops } => Op::TxnPut {
+            ops: (*txn_ops).max(1),
+        },
+        Kind::TxnMixed { rw_ratio } => Op::TxnMixed {
+            read_share: rw_ratio / (1.0 + rw_ratio),
+        },
+        Kind::LeaseKeepalive => Op::KeepAlive,
+        Kind::Watch { .. } | Kind::WatchGet { .. } => {
+            unreachable!("watch benchmarks run elsewhere")
+        }
+    };
+    let op = Arc::new(op);
+    let plan = Plan::new(common);
+    let (stop_tx, stop_rx) = mpsc::channel(1);
+    progress(plan.clone(), stop_rx);
+    let mut tasks = Vec::new();
+    for client in 0..common.clients.max(1) {
+        let channel = channels[client % channels.len()].clone();
+        let (common, plan, op) = (common.clone(), plan.clone(), op.clone());
+        tasks.push(tokio::spawn(async move {
+            client_loop(&common, &plan, &op, channel).await
+        }));
+    }
+    let mut outcome = Outcome::new();
+    for t in tasks {
+        outcome.merge(&t.await??);
+    }
+    outcome.elapsed = plan.start.elapsed();
+    let _ = stop_tx.send(()).await;
+    Ok(outcome)
+}
+
+async fn client_loop(
+    common: &Common,
+    plan: &Plan,
+    op: &Op,
+    channel: Channel,
+) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new();
+    let mut client = kv(&channel);
+    let val = value(common);
+    let mut keepalive = None;
+    if let Op::KeepAlive = op {
+        let mut leases = LeaseClient::new(channel.clone());
+        let id = leases
+            .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+            .await?
+            .into_inner()
+            .id;
+        let (tx, rx) = mpsc::channel::<LeaseKeepAliveRequest>(1);
+        let responses = leases
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        keepalive = Some((id, tx, responses));
+    }
+    while let Some((n, due)) = plan.next().await {
+        let result: Result<(), tonic::Status> = match op {
+            Op::Put => client
+                .put(PutRequest {
+                    key: key(common, n),
+                    value: val.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Op::Range {
+                serializable,
+                key: fixed,
+            } => client
+                .range(RangeRequest {
+                    key: fixed.clone().unwrap_or_else(|| key(common, n)),
+                    serializable: *serializable,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Op::TxnPut { ops } => {
+                let success = (0..*ops)
+                    .map(|i| RequestOp {
+                        request: Some(request_op::Request::RequestPut(PutRequest {
+                            key: key(common, n.wrapping_mul(*ops as u64).wrapping_add(i as u64)),
+                            value: val.clone(),
+                            ..Default::default()
+                        })),
+                    })
+                    .collect();
+                client
+                    .txn(TxnRequest {
+                        success,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+            }
+            Op::TxnMixed { read_share } => {
+                if rand::thread_rng().gen_bool(read_share.clamp(0.0, 1.0)) {
+                    client
+                        .range(RangeRequest {
+                            key: key(common, n),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(drop)
+                } else {
+                    let put = PutRequest {
+                        key: key(common, n),
+                        value: val.clone(),
+                        ..Default::default()
+                    };
+                    let success = vec![RequestOp {
+                        request: Some(request_op::Request::RequestPut(put)),
+                    }];
+                    client
+                        .txn(TxnRequest {
+                            success,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(drop)
+                }
+            }
+            Op::KeepAlive => {
+                let (id, tx, responses) = keepalive.as_mut().expect("set up above");
+                if tx.send(LeaseKeepAliveRequest { id: *id }).await.is_err() {
+                    Err(tonic::Status::unavailable("keep-alive stream closed"))
+                } else {
+                    match responses.message().await {
+                        Ok(Some(r)) if r.ttl > 0 => Ok(()),
+                        Ok(Some(_)) => Err(tonic::Status::not_found("lease expired")),
+                        Ok(None) => Err(tonic::Status::unavailable("keep-alive stream closed")),
+                        Err(s) => Err(s),
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                let us = due.elapsed().as_micros().max(1) as u64;
+                out.latency_us.saturating_record(us);
+            }
+            Err(s) => out.record_error(&s),
+        }
+        plan.done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(out)
+}
