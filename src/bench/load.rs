@@ -73,6 +73,11 @@ pub fn key(common: &Common, n: u64) -> Vec<u8> {
     } else {
         rand::thread_rng().gen_range(0..space)
     };
+    key_at(common, index)
+}
+
+/// The benchmark key with number `index`, `--key-size` bytes long.
+pub fn key_at(common: &Common, index: u64) -> Vec<u8> {
     let mut k = format!("{index:0width$}", width = common.key_size).into_bytes();
     k.truncate(common.key_size.max(1));
     k

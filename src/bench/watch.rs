@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::load::{key, progress, Plan};
+use super::load::{key_at, progress, Plan};
 use super::report::{histogram, Outcome};
 use super::{kv, Common};
 
@@ -38,9 +38,8 @@ pub async fn run_watch(
         let mut responses = client.watch(ReceiverStream::new(rx)).await?.into_inner();
         let mine = (watchers / streams) + usize::from(s < watchers % streams);
         for w in 0..mine {
-            let k = key(common, (s * 7919 + w) as u64);
             let mut watched = KEY_PREFIX.as_bytes().to_vec();
-            watched.extend_from_slice(&k);
+            watched.extend_from_slice(&key_at(common, watched_key(s, w)));
             let create = WatchCreateRequest {
                 key: watched,
                 ..Default::default()
@@ -85,16 +84,11 @@ pub async fn run_watch(
     let mut client = kv(&channels[0]);
     let mut out = Outcome::new();
     while let Some((n, _)) = plan.next().await {
-        let k = key(
-            common,
-            ((n as usize % watchers.max(1)) / streams * 7919 + n as usize % streams) as u64,
-        );
-        let _ = k;
-        // Spread puts over the watched keys: stream s, watcher w has key index s*7919+w.
+        // Spread the puts over the watched keys, round robin over the streams.
         let s = (n as usize) % streams;
         let w = ((n as usize) / streams) % (watchers / streams).max(1);
         let mut watched = KEY_PREFIX.as_bytes().to_vec();
-        watched.extend_from_slice(&key(common, (s * 7919 + w) as u64));
+        watched.extend_from_slice(&key_at(common, watched_key(s, w)));
         let mut value = (origin.elapsed().as_micros() as u64).to_be_bytes().to_vec();
         value.resize(common.val_size.max(8), b'v');
         if let Err(s) = client
@@ -115,14 +109,27 @@ pub async fn run_watch(
         t.abort();
     }
     let _ = stop_tx.send(()).await;
+    let puts = plan.done.load(Ordering::Relaxed);
     out.latency_us = latencies.lock().await.clone();
     out.elapsed = plan.start.elapsed();
+    let delivered = out.latency_us.len();
+    if delivered < puts {
+        *out.errors
+            .entry("events not delivered within 500 ms of the last put".into())
+            .or_default() += puts - delivered;
+    }
+    eprintln!("  {puts} puts, {delivered} events delivered");
     Ok(out)
+}
+
+/// The key number watcher `w` of stream `s` watches.
+fn watched_key(s: usize, w: usize) -> u64 {
+    (s * 1_000_003 + w) as u64
 }
 
 /// Each of `watchers` creates a watch and then reads the key space, as an informer starts.
 pub async fn run_watch_get(
-    common: &Common,
+    _common: &Common,
     channels: &[Channel],
     watchers: usize,
 ) -> anyhow::Result<Outcome> {
@@ -160,7 +167,6 @@ pub async fn run_watch_get(
             }
             Err(s) => out.record_error(&s),
         }
-        let _ = common;
     }
     out.elapsed = start.elapsed();
     Ok(out)
