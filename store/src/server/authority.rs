@@ -41,15 +41,15 @@ pub struct ClientIo {
     direct: Option<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     info: TcpConnectInfo,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl ClientIo {
-    pub fn new(stream: TcpStream) -> ClientIo {
+    pub fn new(stream: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) -> ClientIo {
         let info = TcpConnectInfo {
             local_addr: stream.local_addr().ok(),
             remote_addr: stream.peer_addr().ok(),
         };
-        let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.into_split();
         let (pipe_in, pipe_out) = tokio::io::duplex(PIPE_BYTES);
         let (tx, rx) = oneshot::channel();
@@ -64,6 +64,7 @@ impl ClientIo {
             direct: None,
             writer,
             info,
+            _permit: permit,
         }
     }
 }

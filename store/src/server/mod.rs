@@ -70,16 +70,43 @@ pub async fn serve_clients(
         .await
 }
 
-/// Accepted client connections, each behind the `:authority` shim.
+/// Client connections served at once; further clients wait in the listen backlog.
+const MAX_CLIENT_CONNECTIONS: usize = 16 * 1024;
+
+/// Accepts connections for as long as the listener lives. A failed accept (out of file
+/// descriptors, say) is logged and retried after a pause instead of ending the server.
+async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return stream;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Accepted client connections, each behind the `:authority` shim and holding one of
+/// `MAX_CLIENT_CONNECTIONS` permits until it closes.
 fn client_connections(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<authority::ClientIo>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let next = listener
-            .accept()
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_CONNECTIONS));
+    futures::stream::unfold((listener, permits), |(listener, permits)| async move {
+        let permit = permits
+            .clone()
+            .acquire_owned()
             .await
-            .map(|(stream, _)| authority::ClientIo::new(stream));
-        Some((next, listener))
+            .expect("the semaphore is never closed");
+        let stream = accept(&listener).await;
+        Some((
+            Ok(authority::ClientIo::new(stream, permit)),
+            (listener, permits),
+        ))
     })
 }
 
@@ -99,17 +126,14 @@ pub async fn serve_peers(
         .await
 }
 
-/// Accepted peer connections, with Nagle's algorithm off: Raft messages are small and a
-/// delayed acknowledgement would stall replication for tens of milliseconds.
+/// Accepted peer connections. Nagle's algorithm is off (in `accept`): Raft messages are
+/// small and a delayed acknowledgement would stall replication for tens of milliseconds.
 fn peer_connections(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     futures::stream::unfold(listener, |listener| async move {
-        let next = listener.accept().await.map(|(stream, _)| {
-            let _ = stream.set_nodelay(true);
-            stream
-        });
-        Some((next, listener))
+        let stream = accept(&listener).await;
+        Some((Ok(stream), listener))
     })
 }
 
