@@ -80,6 +80,9 @@ struct StoreArgs {
     /// Interval between progress notifications on watches that asked for them (e.g. 10m, 5s).
     #[arg(long = "experimental-watch-progress-notify-interval", default_value = "10m", value_parser = parse_duration)]
     watch_progress_notify_interval: Duration,
+    /// Test-only fault injection: serve linearizable reads without a read index.
+    #[arg(long, hide = true)]
+    experimental_unsafe_stale_reads: bool,
     /// Log level: debug, info, warn, error.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -146,6 +149,7 @@ fn main() -> anyhow::Result<()> {
                 heartbeat_interval_ms: a.heartbeat_interval,
                 election_timeout_ms: a.election_timeout,
                 progress_notify_interval: a.watch_progress_notify_interval,
+                unsafe_stale_reads: a.experimental_unsafe_stale_reads,
             };
             runtime.block_on(flotilla_store::run(config, shutdown_signal()))
         }

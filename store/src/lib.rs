@@ -47,6 +47,10 @@ pub struct Config {
     pub heartbeat_interval_ms: u64,
     pub election_timeout_ms: u64,
     pub progress_notify_interval: Duration,
+    /// Test-only fault: serve linearizable reads from local state without a read index, so
+    /// a partitioned member answers stale reads. The chaos suite uses it to prove that its
+    /// checker catches the anomaly. Never set in production.
+    pub unsafe_stale_reads: bool,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             heartbeat_interval_ms: 100,
             election_timeout_ms: 1000,
             progress_notify_interval: Duration::from_secs(600),
+            unsafe_stale_reads: false,
         }
     }
 }
@@ -222,7 +227,13 @@ pub async fn run(
         // etcd's minimum lease TTL: 1.5 election timeouts, rounded up to whole seconds.
         min_lease_ttl: (config.election_timeout_ms * 3 / 2).div_ceil(1000) as i64,
         progress_notify_interval: config.progress_notify_interval,
+        unsafe_stale_reads: config.unsafe_stale_reads,
     };
+    if config.unsafe_stale_reads {
+        tracing::warn!(
+            "UNSAFE: linearizable reads are served without a read index (test-only fault)"
+        );
+    }
     let (read_waiters, read_queue) = tokio::sync::mpsc::channel(member::READ_QUEUE);
     let (proposals, proposal_queue) = tokio::sync::mpsc::channel(member::PROPOSAL_QUEUE);
     let member = Arc::new(Member {

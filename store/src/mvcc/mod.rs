@@ -352,6 +352,51 @@ impl Mvcc {
         })
     }
 
+    /// A hash of the key-value history visible at `revision`, equal on every member that
+    /// applied the same log, whatever its physical compaction has reached: every version
+    /// above the compaction revision, plus each key's newest live version at or below it.
+    /// Returns the hash and the compaction revision it assumed.
+    pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64), StorageError> {
+        // Snapshot first, then the compaction revision: any deletion the snapshot shows
+        // belongs to a compaction at or below the revision read.
+        let snapshot = self.db.snapshot();
+        let compacted = self.compact_revision();
+        let mut hasher = crc32fast::Hasher::new();
+        let mut it = snapshot.raw_iterator_cf(self.cf(CF_KV));
+        it.seek_to_first();
+        let mut current_key: Option<Vec<u8>> = None;
+        let mut seen_at_or_below = false;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some((user_key, rev)) = decode_kv_key(k) else {
+                return Err(StorageError::Corrupt {
+                    what: "kv key",
+                    detail: format!("{k:?}"),
+                });
+            };
+            if current_key.as_deref() != Some(user_key.as_slice()) {
+                current_key = Some(user_key);
+                seen_at_or_below = false;
+            }
+            let include = if rev > revision {
+                false
+            } else if rev > compacted {
+                true
+            } else if !seen_at_or_below {
+                seen_at_or_below = true;
+                !decode::<KvRecord>("kv", v)?.is_tombstone()
+            } else {
+                false
+            };
+            if include {
+                hasher.update(k);
+                hasher.update(v);
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok((hasher.finalize(), compacted))
+    }
+
     pub fn lease(&self, id: i64) -> Result<Option<LeaseRecord>, StorageError> {
         match self.db.get_cf(self.cf(CF_META), lease_meta_key(id))? {
             Some(v) => Ok(Some(decode("lease", &v)?)),

@@ -104,6 +104,14 @@ pub struct MaintenanceService {
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
 impl MaintenanceService {
+    async fn hash_at(&self, revision: i64) -> Result<(u32, i64), Status> {
+        let mvcc = self.member.mvcc.clone();
+        tokio::task::spawn_blocking(move || mvcc.hash_kv(revision))
+            .await
+            .map_err(|e| EtcdError::Internal(e.to_string()))?
+            .map_err(|e| EtcdError::from(e).into())
+    }
+
     fn db_size(&self) -> (i64, i64) {
         let db = self.member.mvcc.db();
         let prop = |name: &str| -> i64 {
@@ -162,14 +170,29 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, _r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(not_yet("hash"))
+        let revision = self.member.mvcc.current_revision();
+        let (hash, _) = self.hash_at(revision).await?;
+        Ok(Response::new(HashResponse {
+            header: Some(self.member.header(revision)),
+            hash,
+        }))
     }
 
-    async fn hash_kv(
-        &self,
-        _r: Request<HashKvRequest>,
-    ) -> Result<Response<HashKvResponse>, Status> {
-        Err(not_yet("hashkv"))
+    async fn hash_kv(&self, r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let current = self.member.mvcc.current_revision();
+        let requested = r.into_inner().revision;
+        let revision = if requested <= 0 {
+            current
+        } else {
+            self.member.mvcc.resolve_revision(requested)?
+        };
+        let (hash, compact_revision) = self.hash_at(revision).await?;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.member.header(current)),
+            hash,
+            compact_revision,
+            hash_revision: revision,
+        }))
     }
 
     type SnapshotStream = SnapshotStream;
