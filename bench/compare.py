@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+FLOTILLA = str(Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "flotilla")
 
 
 def log(*args):
@@ -136,7 +137,7 @@ class Cluster:
 
 def bench(cluster, *args):
     """Runs `flotilla bench ... --json` and returns the parsed result (None on failure)."""
-    cmd = [str(ROOT / "target/release/flotilla"), "bench"] + list(args) + ["--endpoints", cluster.endpoints(), "--json"]
+    cmd = [FLOTILLA, "bench"] + list(args) + ["--endpoints", cluster.endpoints(), "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -193,7 +194,7 @@ def compaction_p99(cluster, revisions):
                   "--key-space-size", "1000", "--key-size", "16")
     rev = json.loads(cluster.etcdctl("get", "x", "-w", "json").stdout)["header"]["revision"]
     proc = subprocess.Popen(
-        [str(ROOT / "target/release/flotilla"), "bench", "put", "--clients", "64", "--conns", "8", "--rate", "1000",
+        [FLOTILLA, "bench", "put", "--clients", "64", "--conns", "8", "--rate", "1000",
          "--duration", "10s", "--key-space-size", "1000", "--key-size", "16", "--endpoints", cluster.endpoints(),
          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1)
@@ -211,13 +212,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small loads to try the script")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--workdir", default=None, help="where data directories go (default: a temp dir)")
+    ap.add_argument("--flotilla", default=FLOTILLA, help="the flotilla binary (default: $CARGO_TARGET_DIR or target/, release)")
     args = ap.parse_args()
     scale = 0.1 if args.quick else 1.0
     if args.quick:
         args.keys = min(args.keys, 50_000)
         args.rounds = min(args.rounds, 2)
 
-    flotilla = str(ROOT / "target/release/flotilla")
+    flotilla = args.flotilla
     etcd = shutil.which("etcd")
     if not Path(flotilla).exists() or not etcd or not shutil.which("etcdctl"):
         sys.exit("needs target/release/flotilla (cargo build --release), etcd and etcdctl on PATH")

@@ -34,9 +34,10 @@ pub async fn run_watch(
     let mut created = Vec::new();
     for s in 0..streams {
         let mut client = WatchClient::new(channels[s % channels.len()].clone());
-        let (tx, rx) = mpsc::channel(1024);
-        let mut responses = client.watch(ReceiverStream::new(rx)).await?.into_inner();
         let mine = (watchers / streams) + usize::from(s < watchers % streams);
+        // The create requests are queued before the call: etcd's server sends the response
+        // headers only with its first message, which the call waits for.
+        let (tx, rx) = mpsc::channel(mine.max(1));
         for w in 0..mine {
             let mut watched = KEY_PREFIX.as_bytes().to_vec();
             watched.extend_from_slice(&key_at(common, watched_key(s, w)));
@@ -49,6 +50,7 @@ pub async fn run_watch(
             })
             .await?;
         }
+        let mut responses = client.watch(ReceiverStream::new(rx)).await?.into_inner();
         // Wait until every watcher of this stream is created before writing.
         let mut acks = 0;
         while acks < mine {
@@ -139,10 +141,6 @@ pub async fn run_watch_get(
         let channel = channels[i % channels.len()].clone();
         let t0 = Instant::now();
         let (tx, rx) = mpsc::channel(1);
-        let mut responses = WatchClient::new(channel.clone())
-            .watch(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
         let create = WatchCreateRequest {
             key: KEY_PREFIX.into(),
             range_end: b"bench-watch0".to_vec(),
@@ -152,7 +150,12 @@ pub async fn run_watch_get(
             request_union: Some(watch_request::RequestUnion::CreateRequest(create)),
         })
         .await?;
+        let mut responses = WatchClient::new(channel.clone())
+            .watch(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         let _ = responses.message().await?;
+        drop(tx);
         let r = kv(&channel)
             .range(RangeRequest {
                 key: KEY_PREFIX.into(),
