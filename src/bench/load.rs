@@ -187,10 +187,14 @@ async fn client_loop(
             .into_inner()
             .id;
         let (tx, rx) = mpsc::channel::<LeaseKeepAliveRequest>(1);
-        let responses = leases
+        // Queue one keep-alive before the call: etcd's server sends the response headers
+        // only with its first message, which the call waits for.
+        tx.send(LeaseKeepAliveRequest { id }).await?;
+        let mut responses = leases
             .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
+        responses.message().await?;
         keepalive = Some((id, tx, responses));
     }
     while let Some((n, due)) = plan.next().await {
