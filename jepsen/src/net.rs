@@ -1,0 +1,153 @@
+//! The test network: one network namespace per node, joined by a bridge in the root
+//! namespace, where the harness and its clients run.
+//!
+//! Node `i` (1-based) lives in namespace `fj-n<i>` with address `172.31.250.<10+i>`; the
+//! bridge `fj-br` holds `172.31.250.1`. Partitions are iptables DROP rules on INPUT inside
+//! the nodes' namespaces, so clients in the root namespace still reach every node (as in
+//! Jepsen, where the control node is never partitioned). Everything is removed on drop,
+//! and stale leftovers of an earlier run are removed before a new one starts.
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+const BRIDGE: &str = "fj-br";
+const SUBNET: &str = "172.31.250";
+
+pub struct Net {
+    nodes: usize,
+}
+
+fn run(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn run_quiet(args: &[&str]) {
+    let _ = Command::new(args[0]).args(&args[1..]).output();
+}
+
+impl Net {
+    pub fn namespace(i: usize) -> String {
+        format!("fj-n{i}")
+    }
+
+    pub fn ip(i: usize) -> String {
+        format!("{SUBNET}.{}", 10 + i)
+    }
+
+    /// Builds the bridge and `nodes` namespaces (removing leftovers of an earlier run).
+    pub fn create(nodes: usize) -> anyhow::Result<Net> {
+        if !(1..=9).contains(&nodes) {
+            bail!("--nodes must be between 1 and 9");
+        }
+        Net::remove_leftovers();
+        let net = Net { nodes };
+        run(&["ip", "link", "add", BRIDGE, "type", "bridge"])
+            .context("creating the bridge (root and iproute2 needed)")?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{SUBNET}.1/24"),
+            "dev",
+            BRIDGE,
+        ])?;
+        run(&["ip", "link", "set", BRIDGE, "up"])?;
+        for i in 1..=nodes {
+            let ns = Net::namespace(i);
+            let host = format!("fj-v{i}");
+            let peer = format!("fj-p{i}");
+            run(&["ip", "netns", "add", &ns])?;
+            run(&[
+                "ip", "link", "add", &host, "type", "veth", "peer", "name", &peer,
+            ])?;
+            run(&["ip", "link", "set", &peer, "netns", &ns])?;
+            run(&["ip", "-n", &ns, "link", "set", &peer, "name", "eth0"])?;
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", Net::ip(i)),
+                "dev",
+                "eth0",
+            ])?;
+            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            run(&["ip", "link", "set", &host, "master", BRIDGE])?;
+            run(&["ip", "link", "set", &host, "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// Removes whatever an earlier, killed run left behind.
+    pub fn remove_leftovers() {
+        for i in 1..=9 {
+            run_quiet(&["ip", "netns", "del", &Net::namespace(i)]);
+            run_quiet(&["ip", "link", "del", &format!("fj-v{i}")]);
+        }
+        run_quiet(&["ip", "link", "del", BRIDGE]);
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// A command that runs `program` inside node `i`'s namespace.
+    pub fn command(&self, i: usize, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &Net::namespace(i), program]);
+        c
+    }
+
+    /// Cuts links: node `i` drops every packet from node `j` unless `connected(i, j)`.
+    pub fn cut(&self, connected: impl Fn(usize, usize) -> bool) -> anyhow::Result<()> {
+        self.heal()?;
+        for i in 1..=self.nodes {
+            for j in 1..=self.nodes {
+                if j != i && !connected(i, j) {
+                    let (ns, src) = (Net::namespace(i), Net::ip(j));
+                    run(&[
+                        "ip", "netns", "exec", &ns, "iptables", "-A", "INPUT", "-s", &src, "-j",
+                        "DROP",
+                    ])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every partition rule.
+    pub fn heal(&self) -> anyhow::Result<()> {
+        for i in 1..=self.nodes {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &Net::namespace(i),
+                "iptables",
+                "-F",
+                "INPUT",
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        Net::remove_leftovers();
+    }
+}
