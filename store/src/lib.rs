@@ -121,6 +121,9 @@ fn open_db(dir: &std::path::Path) -> anyhow::Result<Arc<DB>> {
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_bytes_per_sync(1 << 20);
+    // Bound the write-ahead log: memtables whose data sits only in old log files are flushed
+    // once the log passes this size, so opening after a crash replays at most this much.
+    opts.set_max_total_wal_size(64 << 20);
     let families = Mvcc::column_families()
         .into_iter()
         .chain(LogStore::column_families())
