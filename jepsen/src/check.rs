@@ -21,6 +21,14 @@ pub fn check(workload: Workload, ops: &[crate::history::Op], finals: &Value) -> 
         Workload::Register => register(&completed),
         Workload::Watch => watch(&completed, finals),
         Workload::Append => append(&completed),
+        Workload::Lease => {
+            let anomalies = crate::workload::lease::check(&completed, describe);
+            json!({
+                "valid": anomalies.is_empty(),
+                "checker": "lease (all-or-nothing, alive while renewed, gone after revoke)",
+                "anomalies": anomalies,
+            })
+        }
     };
     let count = |k: OpKind| completed.iter().filter(|c| c.kind() == k).count();
     result["stats"] = json!({

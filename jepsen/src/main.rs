@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run one test and check it; exits 0 only when the history is valid.
     Test {
-        /// register, append or watch.
+        /// register, append, watch or lease.
         #[arg(long, default_value = "register")]
         workload: Workload,
         /// Faults, comma-separated: partition (all kinds), partition-one, partition-halves,

@@ -59,7 +59,7 @@ impl Recorder {
         self.start.elapsed().as_nanos() as u64
     }
 
-    async fn op(
+    pub(crate) async fn op(
         &self,
         process: u64,
         kind: OpKind,
@@ -158,6 +158,18 @@ pub async fn run(opts: TestOptions) -> anyhow::Result<RunResult> {
             let mut process = p as u64;
             let mut counter = 0u64;
             let mut client = Client::connect(&Cluster::endpoint(p % nodes + 1))?;
+            if workload == Workload::Lease {
+                crate::workload::lease::run_process(
+                    &rec,
+                    process,
+                    concurrency,
+                    &mut client,
+                    &mut rng,
+                    deadline,
+                )
+                .await;
+                return anyhow::Ok(());
+            }
             while Instant::now() < deadline {
                 let inv = workload.generate(&mut rng, process, counter);
                 counter += 1;
@@ -264,7 +276,7 @@ pub async fn run(opts: TestOptions) -> anyhow::Result<RunResult> {
             }
             finals = json!({ "final_revision": rev, "reference": reference, "watchers": observed });
         }
-        Workload::Register | Workload::Append => {}
+        Workload::Register | Workload::Append | Workload::Lease => {}
     }
     let crashed = cluster.crashed();
     cluster.stop_all();

@@ -1,6 +1,7 @@
 //! Workloads: what the client processes do, and how each operation's outcome is recorded.
 
 pub mod append;
+pub mod lease;
 pub mod register;
 pub mod watch;
 
@@ -30,6 +31,7 @@ pub enum Workload {
     Register,
     Append,
     Watch,
+    Lease,
 }
 
 impl std::str::FromStr for Workload {
@@ -52,6 +54,7 @@ impl Workload {
             Workload::Register => "register",
             Workload::Append => "append",
             Workload::Watch => "watch",
+            Workload::Lease => "lease",
         }
     }
 
@@ -59,7 +62,8 @@ impl Workload {
         match self {
             Workload::Register => register::generate(rng),
             Workload::Append => append::generate(rng, process, counter),
-            Workload::Watch => watch::generate(rng, process, counter),
+            // Lease processes run whole cycles (`lease::run_process`); single writes otherwise.
+            Workload::Watch | Workload::Lease => watch::generate(rng, process, counter),
         }
     }
 
@@ -67,7 +71,7 @@ impl Workload {
         match self {
             Workload::Register => register::invoke(client, op).await,
             Workload::Append => append::invoke(client, op).await,
-            Workload::Watch => watch::invoke(client, op).await,
+            Workload::Watch | Workload::Lease => watch::invoke(client, op).await,
         }
     }
 }
