@@ -63,6 +63,9 @@ enum Command {
         /// Seconds each fault lasts.
         #[arg(long, default_value_t = 8)]
         nemesis_duration: u64,
+        /// Faults applied at once (e.g. 2: a partition together with kills or pauses).
+        #[arg(long, default_value_t = 1)]
+        combine: usize,
         /// Extra flags for every member, e.g. --member-arg=--experimental-unsafe-stale-reads.
         #[arg(long = "member-arg", allow_hyphen_values = true)]
         member_args: Vec<String>,
@@ -126,6 +129,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             nemesis_interval,
             nemesis_duration,
             member_args,
+            combine,
         } => {
             let opts = TestOptions {
                 workload,
@@ -141,6 +145,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 member_args,
                 nemesis_interval: Duration::from_secs(nemesis_interval),
                 nemesis_duration: Duration::from_secs(nemesis_duration),
+                combine,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -37,6 +37,8 @@ pub struct TestOptions {
     /// Seconds between faults, and how long each lasts.
     pub nemesis_interval: Duration,
     pub nemesis_duration: Duration,
+    /// Faults applied at once (1: one at a time).
+    pub combine: usize,
 }
 
 /// The recorded history, shared by the processes and the nemesis.
@@ -229,17 +231,34 @@ pub async fn run(opts: TestOptions) -> anyhow::Result<RunResult> {
             if Instant::now() + opts.nemesis_duration >= deadline {
                 break;
             }
-            let kind = opts.nemesis[rng.gen_range(0..opts.nemesis.len())];
-            let applied = nemesis::start(kind, &net, &mut cluster, &mut rng).await?;
-            tracing::info!(fault = kind.name(), targets = ?applied.targets, "fault");
-            recorder
-                .fault(kind.name(), Phase::Start, applied.targets.clone())
-                .await;
+            // One fault, or several at once: at most one network partition (a new cut
+            // replaces the old) plus process faults.
+            let mut kinds: Vec<Kind> = Vec::new();
+            for _ in 0..opts.combine.max(1) * 4 {
+                if kinds.len() >= opts.combine.max(1) {
+                    break;
+                }
+                let k = opts.nemesis[rng.gen_range(0..opts.nemesis.len())];
+                let partition = |k: &Kind| k.name().starts_with("partition");
+                if kinds.contains(&k) || (partition(&k) && kinds.iter().any(partition)) {
+                    continue;
+                }
+                kinds.push(k);
+            }
+            let mut applied = Vec::new();
+            for kind in kinds {
+                let a = nemesis::start(kind, &net, &mut cluster, &mut rng).await?;
+                tracing::info!(fault = kind.name(), targets = ?a.targets, "fault");
+                recorder
+                    .fault(kind.name(), Phase::Start, a.targets.clone())
+                    .await;
+                applied.push(a);
+            }
             tokio::time::sleep(opts.nemesis_duration).await;
             nemesis::stop(&net, &mut cluster)?;
-            recorder
-                .fault(kind.name(), Phase::Stop, applied.targets)
-                .await;
+            for a in applied {
+                recorder.fault(a.kind.name(), Phase::Stop, a.targets).await;
+            }
             for (node, status) in cluster.crashed() {
                 tracing::error!(node, %status, "a member exited by itself");
                 recorder.fault("crash", Phase::Start, vec![node]).await;
