@@ -42,6 +42,16 @@ pub enum EtcdError {
     Timeout,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
     #[error("etcdserver: unhealthy cluster")]
     Unhealthy,
     #[error("etcdserver: server stopped")]
@@ -61,7 +71,9 @@ impl EtcdError {
             | RequestTooLarge => Code::InvalidArgument,
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExists | NotLeader => Code::FailedPrecondition,
+            LeaseExists | NotLeader | MemberExists | PeerUrlExists | MemberNotLearner
+            | LearnerNotReady => Code::FailedPrecondition,
+            MemberBadUrls => Code::InvalidArgument,
             NoLeader | LeaderChanged | Timeout | Unhealthy | Stopped => Code::Unavailable,
             NotCapable => Code::Unavailable,
             Internal(_) => Code::Internal,
@@ -101,6 +113,11 @@ const ALL_KNOWN: &[EtcdError] = &[
     EtcdError::LeaderChanged,
     EtcdError::Timeout,
     EtcdError::MemberNotFound,
+    EtcdError::MemberExists,
+    EtcdError::PeerUrlExists,
+    EtcdError::MemberBadUrls,
+    EtcdError::MemberNotLearner,
+    EtcdError::LearnerNotReady,
     EtcdError::Unhealthy,
     EtcdError::Stopped,
     EtcdError::NotCapable,

@@ -217,9 +217,9 @@ pub async fn run(
                     tracing::debug!(error = %e, "cluster already initialized");
                 }
             }
-            "existing" => bail!(
-                "--initial-cluster-state existing: joining a running cluster is not supported yet"
-            ),
+            // Added with `member add` first; the leader reaches this member and sends it the
+            // log or a snapshot.
+            "existing" => tracing::info!("joining an existing cluster; waiting for the leader"),
             other => bail!("--initial-cluster-state must be new or existing, not {other:?}"),
         }
     }
@@ -242,6 +242,7 @@ pub async fn run(
     let member = Arc::new(Member {
         id,
         cluster_id,
+        cluster_token: config.initial_cluster_token.clone(),
         name: config.name.clone(),
         raft: raft.clone(),
         mvcc: mvcc.clone(),

@@ -42,6 +42,8 @@ pub struct Limits {
 pub struct Member {
     pub id: NodeId,
     pub cluster_id: u64,
+    /// `--initial-cluster-token`: member IDs derive from it and the peer URLs.
+    pub cluster_token: String,
     pub name: String,
     pub raft: Raft,
     pub mvcc: Arc<Mvcc>,
@@ -452,5 +454,216 @@ impl Member {
             return Err(EtcdError::RequestTooLarge);
         }
         Ok(())
+    }
+}
+
+/// Membership changes (etcd's Cluster service), carried out on the leader through
+/// openraft's joint consensus.
+impl Member {
+    /// The members as etcd lists them: voters and learners, with the names and client URLs
+    /// they published once started (empty until then, as etcd shows unstarted members).
+    pub fn member_list(&self) -> Vec<flotilla_proto::etcdserverpb::Member> {
+        use crate::mvcc::decode;
+        use crate::mvcc::keys::member_meta_key;
+        use crate::raft::state_machine::MemberAttributes;
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| {
+                let attrs: MemberAttributes = self
+                    .mvcc
+                    .meta_get(&member_meta_key(*id))
+                    .ok()
+                    .flatten()
+                    .and_then(|v| decode("member", &v).ok())
+                    .unwrap_or_default();
+                flotilla_proto::etcdserverpb::Member {
+                    id: *id,
+                    name: attrs.name,
+                    peer_ur_ls: node.peer_urls.clone(),
+                    client_ur_ls: attrs.client_urls,
+                    is_learner: !voters.contains(id),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs a membership change on the leader, forwarding it there if need be.
+    pub async fn change_membership(
+        &self,
+        request: forward_request::Request,
+    ) -> Result<forward_response::Response, EtcdError> {
+        tokio::time::timeout(REQUEST_TIMEOUT * 2, async {
+            loop {
+                let (leader, node) = self.wait_for_leader().await?;
+                let outcome = if leader == self.id {
+                    self.change_membership_local(request.clone()).await
+                } else {
+                    self.forward(&node, request.clone()).await
+                };
+                match outcome {
+                    Err(EtcdError::NotLeader) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(EtcdError::Timeout))
+    }
+
+    /// Carries out a membership change on this member, which believes it leads.
+    pub async fn change_membership_local(
+        &self,
+        request: forward_request::Request,
+    ) -> Result<forward_response::Response, EtcdError> {
+        use flotilla_proto::etcdserverpb as pb;
+        use forward_request::Request as Rq;
+        use forward_response::Response as Rs;
+        use openraft::ChangeMembers;
+        if !self.is_leader() {
+            return Err(EtcdError::NotLeader);
+        }
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let nodes: std::collections::BTreeMap<u64, MemberNode> =
+            membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let check_urls = |urls: &[String]| -> Result<(), EtcdError> {
+            if urls.is_empty()
+                || urls
+                    .iter()
+                    .any(|u| crate::server::listen_addr(u).is_err() && !u.starts_with("http"))
+            {
+                return Err(EtcdError::MemberBadUrls);
+            }
+            Ok(())
+        };
+        let header = |m: &Member| Some(m.header(m.mvcc.current_revision()));
+        match request {
+            Rq::MemberAdd(r) => {
+                check_urls(&r.peer_ur_ls)?;
+                let id = crate::member_id(&r.peer_ur_ls, &self.cluster_token);
+                if nodes.contains_key(&id) {
+                    return Err(EtcdError::MemberExists);
+                }
+                if nodes
+                    .values()
+                    .any(|n| n.peer_urls.iter().any(|u| r.peer_ur_ls.contains(u)))
+                {
+                    return Err(EtcdError::PeerUrlExists);
+                }
+                let node = MemberNode {
+                    name: String::new(),
+                    peer_urls: r.peer_ur_ls.clone(),
+                };
+                let mut add = std::collections::BTreeMap::new();
+                add.insert(id, node);
+                self.membership_write(ChangeMembers::AddNodes(add)).await?;
+                if !r.is_learner {
+                    let mut ids = std::collections::BTreeSet::new();
+                    ids.insert(id);
+                    self.membership_write(ChangeMembers::AddVoterIds(ids))
+                        .await?;
+                }
+                let member = pb::Member {
+                    id,
+                    name: String::new(),
+                    peer_ur_ls: r.peer_ur_ls,
+                    client_ur_ls: Vec::new(),
+                    is_learner: r.is_learner,
+                };
+                Ok(Rs::MemberAdd(pb::MemberAddResponse {
+                    header: header(self),
+                    member: Some(member),
+                    members: self.member_list(),
+                }))
+            }
+            Rq::MemberRemove(r) => {
+                if !nodes.contains_key(&r.id) {
+                    return Err(EtcdError::MemberNotFound);
+                }
+                let mut ids = std::collections::BTreeSet::new();
+                ids.insert(r.id);
+                if voters.contains(&r.id) {
+                    self.membership_write(ChangeMembers::RemoveVoters(ids))
+                        .await?;
+                } else {
+                    self.membership_write(ChangeMembers::RemoveNodes(ids))
+                        .await?;
+                }
+                Ok(Rs::MemberRemove(pb::MemberRemoveResponse {
+                    header: header(self),
+                    members: self.member_list(),
+                }))
+            }
+            Rq::MemberPromote(r) => {
+                if !nodes.contains_key(&r.id) {
+                    return Err(EtcdError::MemberNotFound);
+                }
+                if voters.contains(&r.id) {
+                    return Err(EtcdError::MemberNotLearner);
+                }
+                // As etcd: only a learner that has caught up (90% of the leader's log).
+                let leader_index = metrics.last_log_index.unwrap_or(0);
+                let learner = r.id;
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|progress| progress.get(&learner).cloned().flatten())
+                    .map(|l| l.index)
+                    .unwrap_or(0);
+                if (matched as f64) < leader_index as f64 * 0.9 {
+                    return Err(EtcdError::LearnerNotReady);
+                }
+                let mut ids = std::collections::BTreeSet::new();
+                ids.insert(r.id);
+                self.membership_write(ChangeMembers::AddVoterIds(ids))
+                    .await?;
+                Ok(Rs::MemberPromote(pb::MemberPromoteResponse {
+                    header: header(self),
+                    members: self.member_list(),
+                }))
+            }
+            Rq::MemberUpdate(r) => {
+                check_urls(&r.peer_ur_ls)?;
+                let Some(node) = nodes.get(&r.id) else {
+                    return Err(EtcdError::MemberNotFound);
+                };
+                let mut set = std::collections::BTreeMap::new();
+                set.insert(
+                    r.id,
+                    MemberNode {
+                        name: node.name.clone(),
+                        peer_urls: r.peer_ur_ls,
+                    },
+                );
+                self.membership_write(ChangeMembers::SetNodes(set)).await?;
+                Ok(Rs::MemberUpdate(pb::MemberUpdateResponse {
+                    header: header(self),
+                    members: self.member_list(),
+                }))
+            }
+            _ => Err(EtcdError::Internal("not a membership change".into())),
+        }
+    }
+
+    async fn membership_write(
+        &self,
+        change: openraft::ChangeMembers<NodeId, MemberNode>,
+    ) -> Result<(), EtcdError> {
+        match self.raft.change_membership(change, false).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(EtcdError::NotLeader)
+            }
+            Err(RaftError::APIError(e)) => Err(EtcdError::Internal(format!(
+                "membership change refused: {e}"
+            ))),
+            Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped),
+        }
     }
 }

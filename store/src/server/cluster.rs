@@ -6,14 +6,13 @@ use std::sync::Arc;
 use flotilla_proto::etcdserverpb::cluster_server::Cluster;
 use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
 use flotilla_proto::etcdserverpb::*;
+use flotilla_proto::flotillapb::{forward_request, forward_response};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::EtcdError;
 use crate::member::Member;
-use crate::mvcc::keys::member_meta_key;
-use crate::mvcc::{decode, CF_KV, CF_REV};
-use crate::raft::state_machine::MemberAttributes;
+use crate::mvcc::{CF_KV, CF_REV};
 
 /// The etcd API version this store speaks, reported by Status.
 pub const ETCD_API_VERSION: &str = "3.5.0";
@@ -27,61 +26,79 @@ fn not_yet(what: &str) -> Status {
 }
 
 impl ClusterService {
-    fn members(&self) -> Vec<Member_> {
-        let metrics = self.member.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership().clone();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        membership
-            .nodes()
-            .map(|(id, node)| {
-                let attrs: MemberAttributes = self
-                    .member
-                    .mvcc
-                    .meta_get(&member_meta_key(*id))
-                    .ok()
-                    .flatten()
-                    .and_then(|v| decode("member", &v).ok())
-                    .unwrap_or_default();
-                Member_ {
-                    id: *id,
-                    // An unstarted member has no name yet, as in etcd.
-                    name: attrs.name,
-                    peer_ur_ls: node.peer_urls.clone(),
-                    client_ur_ls: attrs.client_urls,
-                    is_learner: !voters.contains(id),
-                }
-            })
-            .collect()
+    async fn change(
+        &self,
+        request: forward_request::Request,
+    ) -> Result<forward_response::Response, Status> {
+        Ok(self.member.change_membership(request).await?)
     }
 }
 
-type Member_ = flotilla_proto::etcdserverpb::Member;
+fn stamp(member: &Member, header: &mut Option<ResponseHeader>) {
+    member.stamp(header);
+}
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
         &self,
-        _r: Request<MemberAddRequest>,
+        r: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(not_yet("member add"))
+        match self
+            .change(forward_request::Request::MemberAdd(r.into_inner()))
+            .await?
+        {
+            forward_response::Response::MemberAdd(mut resp) => {
+                stamp(&self.member, &mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(EtcdError::Internal("leader answered a different request".into()).into()),
+        }
     }
     async fn member_remove(
         &self,
-        _r: Request<MemberRemoveRequest>,
+        r: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(not_yet("member remove"))
+        match self
+            .change(forward_request::Request::MemberRemove(r.into_inner()))
+            .await?
+        {
+            forward_response::Response::MemberRemove(mut resp) => {
+                stamp(&self.member, &mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(EtcdError::Internal("leader answered a different request".into()).into()),
+        }
     }
     async fn member_update(
         &self,
-        _r: Request<MemberUpdateRequest>,
+        r: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(not_yet("member update"))
+        match self
+            .change(forward_request::Request::MemberUpdate(r.into_inner()))
+            .await?
+        {
+            forward_response::Response::MemberUpdate(mut resp) => {
+                stamp(&self.member, &mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(EtcdError::Internal("leader answered a different request".into()).into()),
+        }
     }
     async fn member_promote(
         &self,
-        _r: Request<MemberPromoteRequest>,
+        r: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(not_yet("member promote"))
+        match self
+            .change(forward_request::Request::MemberPromote(r.into_inner()))
+            .await?
+        {
+            forward_response::Response::MemberPromote(mut resp) => {
+                stamp(&self.member, &mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(EtcdError::Internal("leader answered a different request".into()).into()),
+        }
     }
     async fn member_list(
         &self,
@@ -92,7 +109,7 @@ impl Cluster for ClusterService {
         }
         Ok(Response::new(MemberListResponse {
             header: Some(self.member.header(self.member.mvcc.current_revision())),
-            members: self.members(),
+            members: self.member.member_list(),
         }))
     }
 }

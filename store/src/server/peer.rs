@@ -76,6 +76,12 @@ impl Peer for PeerService {
                 }
                 forward_response::Response::LeaseTimeToLive(member.lease_time_to_live_local(&r)?)
             }
+            Some(
+                r @ (forward_request::Request::MemberAdd(_)
+                | forward_request::Request::MemberRemove(_)
+                | forward_request::Request::MemberPromote(_)
+                | forward_request::Request::MemberUpdate(_)),
+            ) => member.change_membership_local(r).await?,
             None => return Err(Status::invalid_argument("empty forward request")),
         };
         Ok(Response::new(ForwardResponse {
