@@ -299,6 +299,7 @@ pub async fn run(
         }
     });
     tasks.spawn(lease_expiry_loop(member.clone(), stop_rx.clone()));
+    tasks.spawn(exit_when_removed(member.clone(), stop_rx.clone()));
     tasks.spawn(publish_attributes(
         member.clone(),
         config.advertise_client_urls.clone(),
@@ -306,11 +307,13 @@ pub async fn run(
     ));
     tracing::info!(name = %config.name, id = format_args!("{id:x}"), cluster_id = format_args!("{cluster_id:x}"), "member started");
 
+    let mut failure = None;
     tokio::select! {
         _ = shutdown => {}
         Some(res) = tasks.join_next() => {
             if let Ok(Err(e)) = res {
-                tracing::error!(error = %e, "a member task failed; stopping");
+                tracing::error!(error = %e, "stopping");
+                failure = Some(e);
             }
         }
     }
@@ -319,7 +322,10 @@ pub async fn run(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     tracing::info!("member stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// On the leader, revokes leases whose deadline passed; on becoming leader, restarts every
@@ -356,6 +362,34 @@ async fn lease_expiry_loop(
                     tracing::debug!(lease = id, error = %e, "revoking expired lease");
                 }
             });
+        }
+    }
+}
+
+/// Stops this member once the cluster has removed it, as etcd does: a removed member has
+/// no part in the cluster any more, and serving clients would only mislead them.
+async fn exit_when_removed(
+    member: Arc<Member>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut metrics = member.raft.metrics();
+    let mut was_member = false;
+    loop {
+        let is_member = {
+            let m = metrics.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&member.id)
+                .is_some()
+        };
+        if is_member {
+            was_member = true;
+        } else if was_member {
+            anyhow::bail!("the member has been permanently removed from the cluster");
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return Ok(()) },
+            _ = stop.changed() => return Ok(()),
         }
     }
 }

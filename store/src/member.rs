@@ -495,7 +495,7 @@ impl Member {
         &self,
         request: forward_request::Request,
     ) -> Result<forward_response::Response, EtcdError> {
-        tokio::time::timeout(REQUEST_TIMEOUT * 2, async {
+        let result = tokio::time::timeout(REQUEST_TIMEOUT * 2, async {
             loop {
                 let (leader, node) = self.wait_for_leader().await?;
                 let outcome = if leader == self.id {
@@ -512,7 +512,29 @@ impl Member {
             }
         })
         .await
-        .unwrap_or(Err(EtcdError::Timeout))
+        .unwrap_or(Err(EtcdError::Timeout));
+        // A leader that removes itself steps down and stops as the change commits, so its
+        // answer may never come: judge by the membership this member sees.
+        if let (Err(_), forward_request::Request::MemberRemove(r)) = (&result, &request) {
+            let removed = self
+                .raft
+                .wait(Some(REQUEST_TIMEOUT))
+                .metrics(
+                    |m| m.membership_config.membership().get_node(&r.id).is_none(),
+                    "member removed",
+                )
+                .await
+                .is_ok();
+            if removed {
+                return Ok(forward_response::Response::MemberRemove(
+                    flotilla_proto::etcdserverpb::MemberRemoveResponse {
+                        header: Some(self.header(self.mvcc.current_revision())),
+                        members: self.member_list(),
+                    },
+                ));
+            }
+        }
+        result
     }
 
     /// Carries out a membership change on this member, which believes it leads.

@@ -69,6 +69,9 @@ pub struct Member {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// For a member that joins a running cluster: the `--initial-cluster` it starts with
+    /// (and `--initial-cluster-state existing`).
+    joins: Option<String>,
 }
 
 impl Member {
@@ -112,6 +115,7 @@ impl Cluster {
                     log: dir.path().join(format!("{name}.log")),
                     name,
                     child: None,
+                    joins: None,
                 }
             })
             .collect();
@@ -154,9 +158,15 @@ impl Cluster {
             .args(["--advertise-client-urls", &m.client_url()])
             .args(["--listen-peer-urls", &m.peer_url()])
             .args(["--initial-advertise-peer-urls", &m.peer_url()])
-            .args(["--initial-cluster", &self.initial_cluster])
+            .args([
+                "--initial-cluster",
+                m.joins.as_deref().unwrap_or(&self.initial_cluster),
+            ])
             .args(["--initial-cluster-token", &self.token])
-            .args(["--initial-cluster-state", "new"])
+            .args([
+                "--initial-cluster-state",
+                if m.joins.is_some() { "existing" } else { "new" },
+            ])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning the log handle"))
@@ -251,6 +261,29 @@ impl Cluster {
 
     /// Starts member `i` again with the same flags and data dir.
     pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+    }
+
+    /// Makes room for a new member (ports, data dir) without starting it; returns its index.
+    pub fn new_member(&mut self) -> usize {
+        let i = self.members.len();
+        let name = format!("m{i}");
+        self.members.push(Member {
+            client_port: free_port(),
+            peer_port: free_port(),
+            data_dir: self.dir.path().join(format!("{name}.data")),
+            log: self.dir.path().join(format!("{name}.log")),
+            name,
+            child: None,
+            joins: None,
+        });
+        i
+    }
+
+    /// Starts member `i` as a newcomer to the running cluster, which lists it in
+    /// `initial_cluster` (after `member add`).
+    pub fn start_joining(&mut self, i: usize, initial_cluster: &str) {
+        self.members[i].joins = Some(initial_cluster.to_string());
         self.spawn(i);
     }
 

@@ -1,0 +1,195 @@
+//! Membership changes with etcdctl on a loaded cluster: grow 3 → 5 through learners that
+//! are promoted once caught up, then shrink back to 3 removing the leader, while a writer
+//! keeps going. No acknowledged write may be lost.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const PRELOADED_KEYS: u64 = 100_000;
+
+fn member_ids(c: &Cluster) -> Vec<(u64, String, bool)> {
+    let list = c.json(&["member", "list"]);
+    list["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["ID"].as_u64().expect("ID"),
+                m["peerURLs"][0].as_str().unwrap_or_default().to_string(),
+                m["isLearner"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+fn count_on(c: &Cluster, i: usize, prefix: &str) -> u64 {
+    let out = c.etcdctl_at(
+        i,
+        &[
+            "get",
+            prefix,
+            "--prefix",
+            "--consistency=s",
+            "--limit=1",
+            "-w",
+            "json",
+        ],
+    );
+    if !out.status.success() {
+        return 0;
+    }
+    parse_json(&stdout(&out))["count"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn grow_to_five_through_learners_and_shrink_back_removing_the_leader() {
+    let mut c = Cluster::start(3);
+    // Load: 100k keys through the benchmark client.
+    let load = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "bench",
+            "put",
+            "--endpoints",
+            &c.endpoints(),
+            "--clients",
+            "64",
+            "--conns",
+            "4",
+        ])
+        .args([
+            "--total",
+            &PRELOADED_KEYS.to_string(),
+            "--key-space-size",
+            &PRELOADED_KEYS.to_string(),
+        ])
+        .args(["--sequential-keys", "--key-size", "12", "--val-size", "64"])
+        .output()
+        .expect("running flotilla bench");
+    assert!(load.status.success(), "{}", describe(&load));
+
+    // A writer that keeps going through every change; it records what was acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let (stop, acked, endpoints) = (stop.clone(), acked.clone(), c.endpoints());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let key = format!("during-{i:06}");
+                if etcdctl(&endpoints, &["put", &key, "v"], None)
+                    .status
+                    .success()
+                {
+                    acked.lock().expect("lock").push(key);
+                }
+                i += 1;
+            }
+        })
+    };
+
+    // Grow to five: add each as a learner, start it, wait until it has the data, promote.
+    for _ in 0..2 {
+        let i = c.new_member();
+        let (name, peer) = (c.members[i].name.clone(), c.members[i].peer_url());
+        let added = c.ok(&[
+            "member",
+            "add",
+            &name,
+            &format!("--peer-urls={peer}"),
+            "--learner",
+        ]);
+        let initial_cluster = added
+            .lines()
+            .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER="))
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("member add printed no ETCD_INITIAL_CLUSTER: {added}"));
+        assert!(
+            added.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""),
+            "{added}"
+        );
+        c.start_joining(i, &initial_cluster);
+        let caught_up = poll(Duration::from_secs(120), || {
+            (count_on(&c, i, "0") >= PRELOADED_KEYS).then_some(())
+        });
+        assert!(
+            caught_up.is_some(),
+            "the learner did not catch up:\n{}",
+            c.log_tails()
+        );
+        let id = member_ids(&c)
+            .into_iter()
+            .find(|m| m.1 == peer)
+            .expect("the new member is listed")
+            .0;
+        let promoted = poll(Duration::from_secs(60), || {
+            c.etcdctl(&["member", "promote", &format!("{id:x}")])
+                .status
+                .success()
+                .then_some(())
+        });
+        assert!(
+            promoted.is_some(),
+            "promotion never succeeded:\n{}",
+            c.log_tails()
+        );
+    }
+    let members = member_ids(&c);
+    assert_eq!(members.len(), 5, "{members:?}");
+    assert!(
+        members.iter().all(|m| !m.2),
+        "every member is a voter now: {members:?}"
+    );
+
+    // Shrink back to three, the leader first. A removed member stops by itself, as etcd's.
+    for _ in 0..2 {
+        let leader = c.leader();
+        let id = c.member_id(leader);
+        let out = c.etcdctl(&["member", "remove", &format!("{id:x}")]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let exited = poll(Duration::from_secs(30), || {
+            (!c.is_alive(leader)).then_some(())
+        });
+        assert!(exited.is_some(), "the removed member kept running");
+        c.kill(leader);
+    }
+    let members = member_ids(&c);
+    assert_eq!(members.len(), 3, "{members:?}");
+    c.wait_ready();
+
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    let acked = acked.lock().expect("lock").clone();
+    assert!(
+        !acked.is_empty(),
+        "no write went through during the changes"
+    );
+    // Every acknowledged write, and the preload, is on every remaining member.
+    let after = c.ok(&["put", "after-changes", "x"]);
+    assert_eq!(after.trim(), "OK");
+    for i in c.running() {
+        let during = poll(Duration::from_secs(30), || {
+            (count_on(&c, i, "during-") >= acked.len() as u64).then_some(())
+        });
+        assert!(
+            during.is_some(),
+            "member {i} is missing acknowledged writes"
+        );
+        assert!(
+            count_on(&c, i, "0") >= PRELOADED_KEYS,
+            "member {i} is missing the preload"
+        );
+    }
+    for key in acked.iter().step_by(7) {
+        assert_eq!(
+            c.ok(&["get", key, "--print-value-only"]).trim(),
+            "v",
+            "{key}"
+        );
+    }
+}
