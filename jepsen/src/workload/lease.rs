@@ -27,6 +27,11 @@ use crate::runner::Recorder;
 /// Lease TTL in seconds (above the store's 2 s minimum).
 pub const TTL: i64 = 4;
 
+/// How long past its TTL a lease that nobody renews may still live. A new leader gives every
+/// lease a fresh TTL (etcd does the same without checkpoints), and elections under faults
+/// take seconds, so the bound is loose; a lease that outlives it was never expired.
+pub const EXPIRY_SLACK_SECS: u64 = 12;
+
 fn outcome_kind(e: &ClientError) -> OpKind {
     match e {
         ClientError::Definite(_) => OpKind::Fail,
@@ -70,6 +75,8 @@ pub async fn run_process(
                 if outcome_kind(&e) == OpKind::Info {
                     process += concurrency;
                 }
+                // The member may be down or cut off: back off rather than spin.
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         };
@@ -104,30 +111,24 @@ pub async fn run_process(
                 if outcome_kind(&e) == OpKind::Info {
                     process += concurrency;
                 }
+                // The member may be down or cut off: back off rather than spin.
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         }
         let revoke = rng.gen_bool(0.5);
         let renewals = rng.gen_range(1..4);
-        // Keep alive (a stream per cycle), reading in between.
+        // Keep alive on one stream per cycle, reading in between. The stream opens with the
+        // first renewal (a bidirectional call's first message must be queued before the call
+        // is awaited), so each renewal's invocation is recorded when its request is sent.
         let (tx, rx) = mpsc::channel(1);
-        let _ = tx.send(LeaseKeepAliveRequest { id }).await;
-        let mut stream = match tokio::time::timeout(
-            Duration::from_secs(3),
-            LeaseClient::new(client.channel.clone()).lease_keep_alive(ReceiverStream::new(rx)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => Some(s.into_inner()),
-            _ => None,
-        };
-        let mut first = true;
+        let mut rx = Some(rx);
+        let mut stream = None;
         for _ in 0..renewals {
             read(rec, process, client, &key).await;
             tokio::time::sleep(Duration::from_millis(800)).await;
-            let Some(s) = stream.as_mut() else { break };
             record!("keepalive", OpKind::Invoke, json!(id), None);
-            if !first && tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
                 record!(
                     "keepalive",
                     OpKind::Fail,
@@ -136,7 +137,23 @@ pub async fn run_process(
                 );
                 break;
             }
-            first = false;
+            if let Some(rx) = rx.take() {
+                let mut lease = LeaseClient::new(client.channel.clone());
+                let call = lease.lease_keep_alive(ReceiverStream::new(rx));
+                stream = match tokio::time::timeout(Duration::from_secs(3), call).await {
+                    Ok(Ok(s)) => Some(s.into_inner()),
+                    other => {
+                        let error = match other {
+                            Ok(Err(status)) => status.message().to_string(),
+                            _ => "timed out opening the stream".into(),
+                        };
+                        record!("keepalive", OpKind::Info, json!(id), Some(error));
+                        process += concurrency;
+                        break;
+                    }
+                };
+            }
+            let Some(s) = stream.as_mut() else { break };
             match tokio::time::timeout(Duration::from_secs(3), s.message()).await {
                 Ok(Ok(Some(r))) if r.ttl > 0 => record!(
                     "keepalive",
@@ -160,7 +177,7 @@ pub async fn run_process(
                         Some(format!("{other:?}"))
                     );
                     process += concurrency;
-                    stream = None;
+                    break;
                 }
             }
         }
@@ -183,17 +200,20 @@ pub async fn run_process(
             }
             read(rec, process, client, &key).await;
         } else {
-            // Let it expire, reading as it does.
-            let until = Instant::now() + Duration::from_secs(TTL as u64 + 2);
+            // Let it expire, reading until the keys are gone (or long past any excuse).
+            let until = Instant::now() + Duration::from_secs(TTL as u64 + EXPIRY_SLACK_SECS + 2);
             while Instant::now() < until && Instant::now() < deadline {
-                read(rec, process, client, &key).await;
+                if read(rec, process, client, &key).await == Some(0) {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
 }
 
-async fn read(rec: &Recorder, process: u64, client: &mut Client, key: &str) {
+/// Reads the cycle's keys; returns how many were there, if the read succeeded.
+async fn read(rec: &Recorder, process: u64, client: &mut Client, key: &str) -> Option<usize> {
     rec.op(
         process,
         OpKind::Invoke,
@@ -209,6 +229,7 @@ async fn read(rec: &Recorder, process: u64, client: &mut Client, key: &str) {
                 .into_iter()
                 .map(|(k, _)| k.trim_start_matches(key).to_string())
                 .collect();
+            let count = names.len();
             rec.op(
                 process,
                 OpKind::Ok,
@@ -218,6 +239,7 @@ async fn read(rec: &Recorder, process: u64, client: &mut Client, key: &str) {
                 None,
             )
             .await;
+            Some(count)
         }
         Err(e) => {
             rec.op(
@@ -228,7 +250,8 @@ async fn read(rec: &Recorder, process: u64, client: &mut Client, key: &str) {
                 json!(null),
                 Some(e.message().to_string()),
             )
-            .await
+            .await;
+            None
         }
     }
 }
@@ -261,6 +284,14 @@ pub fn check(
             .iter()
             .find(|c| c.invoke.f == "revoke")
             .map(|c| c.invoke.time_ns);
+        // The last moment anything could have renewed the lease: any grant or renewal sent,
+        // whatever its outcome.
+        let last_renewal_sent = ops
+            .iter()
+            .filter(|c| c.invoke.f == "grant" || c.invoke.f == "keepalive")
+            .map(|c| c.invoke.time_ns)
+            .max();
+        let expiry_slack_ns = EXPIRY_SLACK_SECS * 1_000_000_000;
         // Renewals known to have happened: the lease lives at least TTL past each invocation.
         let renewals: Vec<(u64, u64)> = ops
             .iter()
@@ -293,6 +324,14 @@ pub fn check(
                 anomalies.push(json!({
                     "type": "lease-key-survived-revoke", "key": key, "ops": [describe(c)],
                     "explanation": "read after the revoke was acknowledged still saw the lease's keys",
+                }));
+            }
+            if present && last_renewal_sent.is_some_and(|t| start > t + ttl_ns + expiry_slack_ns) {
+                anomalies.push(json!({
+                    "type": "lease-outlived-ttl", "key": key, "ops": [describe(c)],
+                    "explanation": format!(
+                        "keys still there more than TTL + {EXPIRY_SLACK_SECS} s after the last renewal was sent"
+                    ),
                 }));
             }
             let must_live_until = renewals
@@ -391,5 +430,13 @@ mod tests {
             op(5, OpKind::Ok, "read", json!([]), 1010),
         ]);
         assert_eq!(run(&early), ["lease-expired-early"]);
+
+        // Nobody renewed since the grant at 0; keys still there 20 s later.
+        let mut outlived = base();
+        outlived.extend([
+            op(4, OpKind::Invoke, "read", json!(null), 20_000),
+            op(5, OpKind::Ok, "read", json!(["a", "b"]), 20_010),
+        ]);
+        assert_eq!(run(&outlived), ["lease-outlived-ttl"]);
     }
 }

@@ -41,8 +41,9 @@ impl std::str::FromStr for Workload {
             "register" => Ok(Workload::Register),
             "append" => Ok(Workload::Append),
             "watch" => Ok(Workload::Watch),
+            "lease" => Ok(Workload::Lease),
             other => Err(format!(
-                "--workload must be register, append or watch, not {other:?}"
+                "--workload must be register, append, watch or lease, not {other:?}"
             )),
         }
     }
