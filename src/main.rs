@@ -80,6 +80,13 @@ struct StoreArgs {
     /// Interval between progress notifications on watches that asked for them (e.g. 10m, 5s).
     #[arg(long = "experimental-watch-progress-notify-interval", default_value = "10m", value_parser = parse_duration)]
     watch_progress_notify_interval: Duration,
+    /// Checkpoint leases' remaining TTLs through Raft, so a leader change does not renew
+    /// them (on by default; etcd's default is off).
+    #[arg(long = "experimental-enable-lease-checkpoint", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    enable_lease_checkpoint: bool,
+    /// How often the leader checkpoints leases' remaining TTLs (e.g. 5s, 5m).
+    #[arg(long = "experimental-lease-checkpoint-interval", default_value = "1s", value_parser = parse_duration)]
+    lease_checkpoint_interval: Duration,
     /// Test-only fault injection: serve linearizable reads without a read index.
     #[arg(long, hide = true)]
     experimental_unsafe_stale_reads: bool,
@@ -149,6 +156,9 @@ fn main() -> anyhow::Result<()> {
                 heartbeat_interval_ms: a.heartbeat_interval,
                 election_timeout_ms: a.election_timeout,
                 progress_notify_interval: a.watch_progress_notify_interval,
+                lease_checkpoint_interval: a
+                    .enable_lease_checkpoint
+                    .then_some(a.lease_checkpoint_interval),
                 unsafe_stale_reads: a.experimental_unsafe_stale_reads,
             };
             runtime.block_on(flotilla_store::run(config, shutdown_signal()))

@@ -205,3 +205,72 @@ fn whole_cluster_killed_during_writes_loses_no_acknowledged_write() {
         );
     }
 }
+
+/// The remaining TTL of `lease timetolive` output, "... remaining(7s) ...".
+fn remaining_ttl(out: &str) -> i64 {
+    let start = out
+        .find("remaining(")
+        .unwrap_or_else(|| panic!("no remaining TTL in {out:?}"))
+        + "remaining(".len();
+    let end = out[start..].find('s').map(|e| start + e).unwrap_or(start);
+    out[start..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("remaining TTL is not a number in {out:?}"))
+}
+
+#[test]
+fn lease_keeps_its_remaining_ttl_across_a_leader_kill() {
+    let mut c = Cluster::start(3);
+    let t0 = std::time::Instant::now();
+    let grant = c.ok(&["lease", "grant", "10"]);
+    let id = grant
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        c.ok(&["put", &format!("--lease={id}"), "leased", "v"]),
+        "OK\n"
+    );
+
+    // Past half its TTL the leader checkpoints what is left; then the leader dies.
+    thread::sleep(Duration::from_millis(6500));
+    let before = remaining_ttl(&c.ok(&["lease", "timetolive", &id]));
+    assert!(before <= 4, "6.5 s into a 10 s lease: {before}s left");
+    let old = c.leader();
+    c.kill(old);
+    let survivors = c.running();
+    c.leader();
+
+    // The new leader kept (roughly) the remaining TTL instead of granting a fresh 10 s.
+    let out = c.etcdctl_on(&survivors, &["lease", "timetolive", &id, "--keys"]);
+    let text = stdout_ok(&out, &["lease", "timetolive"]);
+    let after = remaining_ttl(&text);
+    let elapsed = t0.elapsed().as_secs_f64();
+    assert!(
+        after <= before + 1,
+        "after the failover the lease has {after}s left; before it had {before}s: {text}"
+    );
+    if after > 0 {
+        assert!(
+            text.contains("attached keys([leased])"),
+            "the lease is alive, so is its key: {text}"
+        );
+    }
+
+    // It expires on time: gone well before a renewed TTL would have run out.
+    let gone = poll(Duration::from_secs(30), || {
+        let out = c.etcdctl_on(&survivors, &["get", "leased", "--print-value-only"]);
+        (out.status.success() && stdout(&out).is_empty()).then(|| t0.elapsed().as_secs_f64())
+    })
+    .unwrap_or_else(|| c.fail("the lease's key never went away"));
+    assert!(
+        gone < elapsed + 7.0,
+        "the key went at {gone:.1}s; the failover was over at {elapsed:.1}s, so a fresh \
+         10 s TTL would explain it"
+    );
+    assert!(
+        gone >= 9.5,
+        "the key went early, at {gone:.1}s of a 10 s lease"
+    );
+}

@@ -1,9 +1,23 @@
 //! Lease expiry bookkeeping: which lease expires when.
 //!
 //! Every member mirrors the granted leases from the applied log; only the leader's deadlines
-//! count. A member that becomes leader gives every lease a full TTL again (etcd does the same
-//! when checkpointing is off; TTL checkpoints through Raft are future work). Keep-alives renew
-//! on the leader only and are not written to the log, as in etcd.
+//! count. Keep-alives renew on the leader only and are not written to the log, as in etcd.
+//!
+//! **Checkpoints.** So that a failover does not hand every lease a fresh TTL, the leader
+//! periodically writes through Raft the remaining TTL of leases that have not been renewed
+//! lately (`Command::LeaseCheckpoint`, etcd's LeaseCheckpoint). A new leader starts each
+//! lease from its checkpointed remaining TTL, or the full TTL when there is none.
+//!
+//! The invariant that keeps this safe: a checkpoint in the log is never smaller than the
+//! lease's true remaining TTL at the time it takes effect. A renewal raises the true
+//! remaining TTL, so a renewal of a lease with a checkpoint in the log (or on its way there)
+//! writes a clearing checkpoint (remaining 0) and answers only once that is committed; the
+//! member orders the two through one gate (`Member::lease_checkpoint_gate`).
+//!
+//! What gets checkpointed: only leases with less than half their TTL left (clients renew at
+//! a third of the TTL, so healthy keep-alives cost no Raft writes), and each again only after
+//! its remaining TTL dropped by the interval or a tenth of its TTL, whichever is more. A new
+//! leader may so give a lease up to half its TTL more than it had, never less.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,20 +33,45 @@ pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// A proposed revoke that has not applied within this time is proposed again.
 const REVOKE_RETRY: Duration = Duration::from_secs(5);
 
+/// Checkpoints per Raft command, as etcd's `maxLeaseCheckpointBatchSize`.
+pub const CHECKPOINT_BATCH: usize = 1000;
+
 #[derive(Debug, Clone, Copy)]
 struct Deadline {
     ttl: i64,
     expires: Instant,
     revoke_proposed: Option<Instant>,
+    /// Remaining TTL in the applied state (None: full TTL).
+    checkpoint: Option<i64>,
+    /// Leader only: the last remaining TTL this leader proposed (or found applied) and not
+    /// yet known to be cleared, with a number that tells proposals apart; Some means a
+    /// renewal must clear it.
+    proposed: Option<(i64, u64)>,
 }
 
 #[derive(Default)]
 pub struct LeaseKeeper {
     deadlines: Mutex<HashMap<i64, Deadline>>,
+    proposals: std::sync::atomic::AtomicU64,
 }
 
 fn seconds(ttl: i64) -> Duration {
     Duration::from_secs(ttl.clamp(0, MAX_LEASE_TTL) as u64)
+}
+
+/// Whole seconds left, rounded up (a fresh lease reports its full TTL, as in etcd).
+fn seconds_left(expires: Instant, now: Instant) -> i64 {
+    let left = expires.saturating_duration_since(now);
+    left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0)
+}
+
+/// What a renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewed {
+    pub ttl: i64,
+    /// A checkpoint smaller than the full TTL is in the log (or on its way): clear it before
+    /// answering, then report `cleared` with this number.
+    pub clear_checkpoint: Option<u64>,
 }
 
 impl LeaseKeeper {
@@ -49,6 +88,8 @@ impl LeaseKeeper {
                 ttl,
                 expires: now + seconds(ttl),
                 revoke_proposed: None,
+                checkpoint: None,
+                proposed: None,
             },
         );
     }
@@ -57,9 +98,19 @@ impl LeaseKeeper {
         self.lock().remove(&id);
     }
 
+    /// A checkpoint applied (on every member).
+    pub fn checkpointed(&self, id: i64, remaining: i64) {
+        if let Some(d) = self.lock().get_mut(&id) {
+            d.checkpoint = (remaining > 0).then_some(remaining);
+        }
+    }
+
     /// Rebuilds the table from the state machine (start-up, snapshot install).
     pub fn reload(&self, mvcc: &Mvcc) {
-        let leases = match mvcc.leases() {
+        let loaded = mvcc
+            .leases()
+            .and_then(|l| Ok((l, mvcc.lease_checkpoints()?)));
+        let (leases, checkpoints) = match loaded {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read leases from the state machine");
@@ -70,33 +121,77 @@ impl LeaseKeeper {
         let mut table = self.lock();
         table.clear();
         for (id, record) in leases {
+            let checkpoint = checkpoints.get(&id).copied().filter(|r| *r > 0);
             table.insert(
                 id,
                 Deadline {
                     ttl: record.ttl,
-                    expires: now + seconds(record.ttl),
+                    expires: now + seconds(checkpoint.unwrap_or(record.ttl).min(record.ttl)),
                     revoke_proposed: None,
+                    checkpoint,
+                    proposed: checkpoint.map(|c| (c, 0)),
                 },
             );
         }
     }
 
-    /// On becoming leader: every lease gets its full TTL from now.
+    /// On becoming leader: every lease lives on from its checkpointed remaining TTL, or
+    /// gets its full TTL from now when it has none.
     pub fn promote(&self) {
         let now = Instant::now();
         for d in self.lock().values_mut() {
-            d.expires = now + seconds(d.ttl);
+            let left = d.checkpoint.unwrap_or(d.ttl).min(d.ttl);
+            d.expires = now + seconds(left);
             d.revoke_proposed = None;
+            d.proposed = d.checkpoint.map(|c| (c, 0));
         }
     }
 
-    /// Renews a lease; returns its TTL, or None when no such lease exists.
-    pub fn keep_alive(&self, id: i64) -> Option<i64> {
+    /// Renews a lease; None when no such lease exists.
+    pub fn keep_alive(&self, id: i64) -> Option<Renewed> {
         let now = Instant::now();
         let mut table = self.lock();
         let d = table.get_mut(&id)?;
         d.expires = now + seconds(d.ttl);
-        Some(d.ttl)
+        Some(Renewed {
+            ttl: d.ttl,
+            clear_checkpoint: d.proposed.map(|(_, n)| n),
+        })
+    }
+
+    /// A clearing checkpoint committed: renewals need not clear again, unless a checkpoint
+    /// was proposed since the one that was cleared.
+    pub fn cleared(&self, id: i64, proposal: u64) {
+        if let Some(d) = self.lock().get_mut(&id) {
+            if d.proposed.is_some_and(|(_, n)| n == proposal) {
+                d.proposed = None;
+            }
+        }
+    }
+
+    /// Leader: the leases whose remaining TTL is worth writing down now (see the module
+    /// notes). Marks them as proposed; the caller proposes the result in this order.
+    pub fn due_checkpoints(&self, interval: Duration) -> Vec<(i64, i64)> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (id, d) in self.lock().iter_mut() {
+            if d.revoke_proposed.is_some() {
+                continue;
+            }
+            let step = (interval.as_secs().max(1) as i64).max(d.ttl / 10);
+            let left = seconds_left(d.expires, now);
+            let stale = 2 * left <= d.ttl && left + step <= d.ttl;
+            let moved = d.proposed.is_none_or(|(p, _)| p - left >= step);
+            if left > 0 && stale && moved {
+                let n = self
+                    .proposals
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                d.proposed = Some((left, n));
+                out.push((*id, left));
+            }
+        }
+        out
     }
 
     /// (granted TTL, remaining seconds) of a lease.
@@ -104,10 +199,7 @@ impl LeaseKeeper {
         let now = Instant::now();
         let table = self.lock();
         let d = table.get(&id)?;
-        let left = d.expires.saturating_duration_since(now);
-        // Round up as etcd does, so a fresh lease reports its full TTL.
-        let left_s = left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0);
-        Some((d.ttl, left_s.min(d.ttl)))
+        Some((d.ttl, seconds_left(d.expires, now).min(d.ttl)))
     }
 
     /// Leases past their deadline that need a revoke proposed now.
@@ -141,7 +233,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(k.take_expired().is_empty());
         assert_eq!(k.time_to_live(7), Some((10, 4)));
-        assert_eq!(k.keep_alive(7), Some(10));
+        assert_eq!(k.keep_alive(7).map(|r| r.ttl), Some(10));
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(k.take_expired().is_empty());
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -154,5 +246,54 @@ mod tests {
         assert_eq!(k.take_expired(), vec![7]);
         k.revoked(7);
         assert_eq!(k.keep_alive(7), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checkpoints_carry_the_remaining_ttl_to_a_new_leader() {
+        let leader = LeaseKeeper::default();
+        let follower = LeaseKeeper::default();
+        for k in [&leader, &follower] {
+            k.granted(1, 10);
+            k.granted(2, 10);
+        }
+        let interval = Duration::from_secs(2);
+        tokio::time::advance(Duration::from_millis(4500)).await;
+        assert!(
+            leader.due_checkpoints(interval).is_empty(),
+            "more than half the TTL is left"
+        );
+        // Lease 2 is renewed all along; lease 1 is not.
+        assert_eq!(leader.keep_alive(2).map(|r| r.clear_checkpoint), Some(None));
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        assert_eq!(leader.keep_alive(2).map(|r| r.clear_checkpoint), Some(None));
+        let due = leader.due_checkpoints(interval);
+        assert_eq!(due, vec![(1, 3)]);
+        for (id, left) in due {
+            follower.checkpointed(id, left);
+        }
+        // Not moved enough since the last one: nothing new.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(leader.due_checkpoints(interval).is_empty());
+
+        // The follower takes over: lease 1 keeps its 3 s, lease 2 gets its full TTL.
+        follower.promote();
+        assert_eq!(follower.time_to_live(1), Some((10, 3)));
+        assert_eq!(follower.time_to_live(2), Some((10, 10)));
+        // A renewal of a checkpointed lease must clear the checkpoint, and every renewal
+        // does until the clearing is committed.
+        let clear = follower.keep_alive(1).and_then(|r| r.clear_checkpoint);
+        assert!(clear.is_some());
+        assert_eq!(
+            follower.keep_alive(1).and_then(|r| r.clear_checkpoint),
+            clear
+        );
+        follower.checkpointed(1, 0);
+        follower.cleared(1, clear.unwrap_or_default());
+        assert_eq!(
+            follower.keep_alive(1).and_then(|r| r.clear_checkpoint),
+            None
+        );
+        follower.promote();
+        assert_eq!(follower.time_to_live(1), Some((10, 10)));
     }
 }

@@ -47,6 +47,9 @@ pub struct Config {
     pub heartbeat_interval_ms: u64,
     pub election_timeout_ms: u64,
     pub progress_notify_interval: Duration,
+    /// How often the leader checkpoints leases' remaining TTLs (None: never, so a new
+    /// leader gives every lease its full TTL).
+    pub lease_checkpoint_interval: Option<Duration>,
     /// Test-only fault: serve linearizable reads from local state without a read index, so
     /// a partitioned member answers stale reads. The chaos suite uses it to prove that its
     /// checker catches the anomaly. Never set in production.
@@ -71,6 +74,7 @@ impl Default for Config {
             heartbeat_interval_ms: 100,
             election_timeout_ms: 1000,
             progress_notify_interval: Duration::from_secs(600),
+            lease_checkpoint_interval: Some(Duration::from_secs(1)),
             unsafe_stale_reads: false,
         }
     }
@@ -252,6 +256,7 @@ pub async fn run(
         limits,
         read_waiters,
         proposals,
+        lease_checkpoint_gate: tokio::sync::Mutex::new(()),
     });
     tokio::spawn(member::proposal_loop(
         Arc::downgrade(&member),
@@ -298,7 +303,11 @@ pub async fn run(
             Ok(())
         }
     });
-    tasks.spawn(lease_expiry_loop(member.clone(), stop_rx.clone()));
+    tasks.spawn(lease_expiry_loop(
+        member.clone(),
+        config.lease_checkpoint_interval,
+        stop_rx.clone(),
+    ));
     tasks.spawn(exit_when_removed(member.clone(), stop_rx.clone()));
     tasks.spawn(publish_attributes(
         member.clone(),
@@ -328,14 +337,17 @@ pub async fn run(
     }
 }
 
-/// On the leader, revokes leases whose deadline passed; on becoming leader, restarts every
-/// lease's deadline.
+/// On the leader, revokes leases whose deadline passed and checkpoints remaining TTLs; on
+/// becoming leader, restarts every lease's deadline from its checkpoint.
 async fn lease_expiry_loop(
     member: Arc<Member>,
+    checkpoint_interval: Option<Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut metrics = member.raft.metrics();
     let mut was_leader = false;
+    let mut last_checkpoint = tokio::time::Instant::now();
+    let checkpointing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -350,6 +362,21 @@ async fn lease_expiry_loop(
         was_leader = leader;
         if !leader {
             continue;
+        }
+        if let Some(interval) = checkpoint_interval {
+            // One round at a time; a round that cannot commit waits for the next.
+            if last_checkpoint.elapsed() >= interval
+                && !checkpointing.swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                last_checkpoint = tokio::time::Instant::now();
+                let (m, busy) = (member.clone(), checkpointing.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = m.lease_checkpoint_tick(interval).await {
+                        tracing::debug!(error = %e, "checkpointing leases");
+                    }
+                    busy.store(false, std::sync::atomic::Ordering::Release);
+                });
+            }
         }
         for id in member.leases.take_expired() {
             let m = member.clone();

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::etcdserverpb::{
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
-    ResponseHeader,
+    LeaseCheckpoint, LeaseCheckpointRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
 };
 use flotilla_proto::flotillapb::{
-    command_result, forward_request, forward_response, Command, CommandBatch, ForwardRequest,
-    ReadIndexRequest,
+    command, command_result, forward_request, forward_response, Command, CommandBatch,
+    ForwardRequest, ReadIndexRequest,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
@@ -55,6 +55,8 @@ pub struct Member {
     pub read_waiters: mpsc::Sender<ReadWaiter>,
     /// Commands waiting to be batched into a Raft entry.
     pub proposals: mpsc::Sender<Proposal>,
+    /// Orders lease checkpoints and the renewals that clear them in the log (see `lease`).
+    pub lease_checkpoint_gate: tokio::sync::Mutex<()>,
 }
 
 pub struct Proposal {
@@ -255,15 +257,63 @@ impl Member {
         &self,
         command: &Command,
     ) -> Result<Option<command_result::Result>, EtcdError> {
+        let rx = self.enqueue_local(command.clone()).await?;
+        rx.await.map_err(|_| EtcdError::Stopped)?
+    }
+
+    /// Queues a command for the next entry on this member, which believes it leads; commands
+    /// queued one after another enter the log in that order.
+    async fn enqueue_local(
+        &self,
+        command: Command,
+    ) -> Result<oneshot::Receiver<Result<Option<command_result::Result>, EtcdError>>, EtcdError>
+    {
         let (reply, rx) = oneshot::channel();
         self.proposals
-            .send(Proposal {
-                command: command.clone(),
-                reply,
-            })
+            .send(Proposal { command, reply })
             .await
             .map_err(|_| EtcdError::Stopped)?;
-        rx.await.map_err(|_| EtcdError::Stopped)?
+        Ok(rx)
+    }
+
+    /// Awaits a queued command's result, as `propose_local` does.
+    async fn await_local(
+        rx: oneshot::Receiver<Result<Option<command_result::Result>, EtcdError>>,
+    ) -> Result<(), EtcdError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Err(_) => Err(EtcdError::Timeout),
+            Ok(Err(_)) => Err(EtcdError::Stopped),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Ok(Ok(Some(command_result::Result::Error(e))))) => {
+                Err(EtcdError::from_wire(e.code, &e.message))
+            }
+            Ok(Ok(Ok(_))) => Ok(()),
+        }
+    }
+
+    /// Leader: writes the remaining TTLs of leases not renewed lately (see `lease`).
+    pub async fn lease_checkpoint_tick(&self, interval: Duration) -> Result<(), EtcdError> {
+        let mut pending = Vec::new();
+        {
+            let _gate = self.lease_checkpoint_gate.lock().await;
+            let due = self.leases.due_checkpoints(interval);
+            for chunk in due.chunks(crate::lease::CHECKPOINT_BATCH) {
+                let checkpoints = chunk
+                    .iter()
+                    .map(|&(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl })
+                    .collect();
+                let command = Command {
+                    request: Some(command::Request::LeaseCheckpoint(LeaseCheckpointRequest {
+                        checkpoints,
+                    })),
+                };
+                pending.push(self.enqueue_local(command).await?);
+            }
+        }
+        for rx in pending {
+            Self::await_local(rx).await?;
+        }
+        Ok(())
     }
 
     async fn forward(
@@ -371,7 +421,7 @@ impl Member {
     ) -> Result<LeaseKeepAliveResponse, EtcdError> {
         let (leader, node) = self.wait_for_leader().await?;
         if leader == self.id {
-            return Ok(self.lease_keep_alive_local(&req));
+            return self.lease_keep_alive_local(&req).await;
         }
         match self
             .forward(&node, forward_request::Request::LeaseKeepAlive(req))
@@ -387,14 +437,35 @@ impl Member {
         }
     }
 
-    /// As etcd: renewing an unknown lease answers TTL 0, not an error.
-    pub fn lease_keep_alive_local(&self, req: &LeaseKeepAliveRequest) -> LeaseKeepAliveResponse {
-        let ttl = self.leases.keep_alive(req.id).unwrap_or(0);
-        LeaseKeepAliveResponse {
+    /// As etcd: renewing an unknown lease answers TTL 0, not an error. A lease with a
+    /// checkpoint in the log has it cleared before the renewal is acknowledged, so that a
+    /// new leader never gives it less than the renewal promised.
+    pub async fn lease_keep_alive_local(
+        &self,
+        req: &LeaseKeepAliveRequest,
+    ) -> Result<LeaseKeepAliveResponse, EtcdError> {
+        let renewed = self.leases.keep_alive(req.id);
+        if let Some(proposal) = renewed.and_then(|r| r.clear_checkpoint) {
+            let command = Command {
+                request: Some(command::Request::LeaseCheckpoint(LeaseCheckpointRequest {
+                    checkpoints: vec![LeaseCheckpoint {
+                        id: req.id,
+                        remaining_ttl: 0,
+                    }],
+                })),
+            };
+            let rx = {
+                let _gate = self.lease_checkpoint_gate.lock().await;
+                self.enqueue_local(command).await?
+            };
+            Self::await_local(rx).await?;
+            self.leases.cleared(req.id, proposal);
+        }
+        Ok(LeaseKeepAliveResponse {
             header: Some(self.header(self.mvcc.current_revision())),
             id: req.id,
-            ttl,
-        }
+            ttl: renewed.map(|r| r.ttl).unwrap_or(0),
+        })
     }
 
     pub async fn lease_time_to_live(

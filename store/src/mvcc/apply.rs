@@ -9,9 +9,9 @@ use std::ops::ControlFlow;
 
 use flotilla_proto::etcdserverpb::{
     compare, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
-    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse,
-    LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    RequestOp, ResponseOp, TxnRequest, TxnResponse,
+    DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest, LeaseCheckpointResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseOp, TxnRequest, TxnResponse,
 };
 use flotilla_proto::mvccpb::{event::EventType, Event};
 use rocksdb::WriteBatch;
@@ -447,8 +447,33 @@ impl<'a> Applier<'a> {
         }
         self.batch
             .delete_cf(self.mvcc.cf(CF_META), lease_meta_key(req.id));
+        self.batch
+            .delete_cf(self.mvcc.cf(CF_META), lease_checkpoint_key(req.id));
         Ok(LeaseRevokeResponse {
             header: self.mvcc.header(self.header_revision()),
+        })
+    }
+
+    /// Records the remaining TTLs the leader measured (0: renewed, the full TTL again).
+    /// Leases revoked meanwhile are skipped: a checkpoint never brings a lease back.
+    pub fn lease_checkpoint(
+        &mut self,
+        req: &LeaseCheckpointRequest,
+    ) -> Result<LeaseCheckpointResponse, EtcdError> {
+        for cp in &req.checkpoints {
+            if self.mvcc.lease(cp.id)?.is_none() {
+                continue;
+            }
+            let key = lease_checkpoint_key(cp.id);
+            if cp.remaining_ttl > 0 {
+                self.batch
+                    .put_cf(self.mvcc.cf(CF_META), key, cp.remaining_ttl.to_be_bytes());
+            } else {
+                self.batch.delete_cf(self.mvcc.cf(CF_META), key);
+            }
+        }
+        Ok(LeaseCheckpointResponse {
+            header: self.mvcc.header(self.base),
         })
     }
 

@@ -134,9 +134,17 @@ pub const META_COMPACT_DONE: &[u8] = b"compact_done";
 pub const META_LEASE_PREFIX: &[u8] = b"lease/";
 pub const META_LEASE_KEY_PREFIX: &[u8] = b"lkey/";
 pub const META_MEMBER_PREFIX: &[u8] = b"member/";
+/// `lckp/<id>` → remaining TTL (i64 BE) checkpointed by a leader; absent: full TTL.
+pub const META_LEASE_CHECKPOINT_PREFIX: &[u8] = b"lckp/";
 
 pub fn lease_meta_key(id: i64) -> Vec<u8> {
     let mut k = META_LEASE_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn lease_checkpoint_key(id: i64) -> Vec<u8> {
+    let mut k = META_LEASE_CHECKPOINT_PREFIX.to_vec();
     k.extend_from_slice(&id.to_be_bytes());
     k
 }

@@ -11,6 +11,7 @@ pub mod keys;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -418,6 +419,28 @@ impl Mvcc {
                 detail: format!("{k:?}"),
             })?;
             out.push((i64::from_be_bytes(id), decode("lease", v)?));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Remaining TTLs a leader checkpointed, by lease: what a new leader starts from.
+    pub fn lease_checkpoints(&self) -> Result<HashMap<i64, i64>, StorageError> {
+        let mut out = HashMap::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
+        it.seek(META_LEASE_CHECKPOINT_PREFIX);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some(id) = k.strip_prefix(META_LEASE_CHECKPOINT_PREFIX) else {
+                break;
+            };
+            let corrupt = || StorageError::Corrupt {
+                what: "lease checkpoint",
+                detail: format!("{k:?}"),
+            };
+            let id: [u8; 8] = id.try_into().map_err(|_| corrupt())?;
+            let remaining: [u8; 8] = v.try_into().map_err(|_| corrupt())?;
+            out.insert(i64::from_be_bytes(id), i64::from_be_bytes(remaining));
             it.next();
         }
         it.status()?;

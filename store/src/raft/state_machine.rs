@@ -87,6 +87,7 @@ impl StateMachine {
             Some(Request::Compaction(r)) => R::Compaction(applier.compact(r)?),
             Some(Request::LeaseGrant(r)) => R::LeaseGrant(applier.lease_grant(r)?),
             Some(Request::LeaseRevoke(r)) => R::LeaseRevoke(applier.lease_revoke(r)?),
+            Some(Request::LeaseCheckpoint(r)) => R::LeaseCheckpoint(applier.lease_checkpoint(r)?),
             Some(Request::MemberAttributes(a)) => {
                 let attrs = MemberAttributes {
                     name: a.name.clone(),
@@ -205,6 +206,11 @@ impl StateMachine {
         match &command.request {
             Some(command::Request::LeaseGrant(g)) => self.leases.granted(g.id, g.ttl),
             Some(command::Request::LeaseRevoke(r)) => self.leases.revoked(r.id),
+            Some(command::Request::LeaseCheckpoint(r)) => {
+                for cp in &r.checkpoints {
+                    self.leases.checkpointed(cp.id, cp.remaining_ttl);
+                }
+            }
             _ => {}
         }
     }

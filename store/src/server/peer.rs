@@ -68,7 +68,7 @@ impl Peer for PeerService {
                 if !member.is_leader() {
                     return Err(EtcdError::NotLeader.into());
                 }
-                forward_response::Response::LeaseKeepAlive(member.lease_keep_alive_local(&r))
+                forward_response::Response::LeaseKeepAlive(member.lease_keep_alive_local(&r).await?)
             }
             Some(forward_request::Request::LeaseTimeToLive(r)) => {
                 if !member.is_leader() {
