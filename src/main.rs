@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod snapshot;
 
 #[derive(Parser)]
 #[command(
@@ -33,8 +34,18 @@ fn urls(s: &str) -> Vec<String> {
         .collect()
 }
 
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Back up a member, inspect a backup, restore one into a new member's data dir.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+}
+
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct StoreArgs {
+    #[command(subcommand)]
+    command: Option<StoreCommand>,
     /// Human-readable name for this member.
     #[arg(long, default_value = "default")]
     name: String,
@@ -133,6 +144,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
+        Command::Store(StoreArgs {
+            command: Some(StoreCommand::Snapshot(cmd)),
+            ..
+        }) => runtime.block_on(snapshot::run(cmd)),
         Command::Store(a) => {
             init_tracing(&a.log_level);
             let initial_cluster = a

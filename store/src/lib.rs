@@ -2,6 +2,7 @@
 //!
 //! [`run`] starts one member from etcd-style configuration and serves until shut down.
 
+pub mod backup;
 pub mod error;
 pub mod lease;
 pub mod member;
@@ -119,7 +120,7 @@ pub fn parse_initial_cluster(s: &str) -> anyhow::Result<BTreeMap<String, Vec<Str
     Ok(out)
 }
 
-fn open_db(dir: &std::path::Path) -> anyhow::Result<Arc<DB>> {
+pub(crate) fn open_db(dir: &std::path::Path) -> anyhow::Result<Arc<DB>> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);

@@ -96,6 +96,31 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` members of a new cluster and waits until every one of them is healthy.
     pub fn start(n: usize) -> Cluster {
+        let mut cluster = Cluster::prepare(n);
+        cluster.start_all();
+        cluster
+    }
+
+    /// Starts every member and waits until all are healthy.
+    pub fn start_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.spawn(i);
+        }
+        self.wait_ready();
+    }
+
+    /// `--initial-cluster` of the members the cluster was made with.
+    pub fn initial_cluster(&self) -> &str {
+        &self.initial_cluster
+    }
+
+    /// `--initial-cluster-token`.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Chooses ports and data dirs for `n` members of a new cluster without starting them.
+    pub fn prepare(n: usize) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-test-")
             .tempdir()
@@ -124,17 +149,12 @@ impl Cluster {
             .map(|m| format!("{}={}", m.name, m.peer_url()))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = Cluster {
+        Cluster {
             dir,
             token,
             initial_cluster,
             members,
-        };
-        for i in 0..n {
-            cluster.spawn(i);
         }
-        cluster.wait_ready();
-        cluster
     }
 
     pub fn dir(&self) -> &Path {
