@@ -98,6 +98,10 @@ struct StoreArgs {
     /// How often the leader checkpoints leases' remaining TTLs (e.g. 5s, 5m).
     #[arg(long = "experimental-lease-checkpoint-interval", default_value = "1s", value_parser = parse_duration)]
     lease_checkpoint_interval: Duration,
+    /// Raise the NOSPACE alarm when the data grows past this many bytes (0: 2 GiB; negative:
+    /// no quota).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    quota_backend_bytes: i64,
     /// Test-only fault injection: serve linearizable reads without a read index.
     #[arg(long, hide = true)]
     experimental_unsafe_stale_reads: bool,
@@ -171,6 +175,7 @@ fn main() -> anyhow::Result<()> {
                 heartbeat_interval_ms: a.heartbeat_interval,
                 election_timeout_ms: a.election_timeout,
                 progress_notify_interval: a.watch_progress_notify_interval,
+                quota_backend_bytes: a.quota_backend_bytes,
                 lease_checkpoint_interval: a
                     .enable_lease_checkpoint
                     .then_some(a.lease_checkpoint_interval),

@@ -58,6 +58,10 @@ pub enum EtcdError {
     Stopped,
     #[error("etcdserver: not capable")]
     NotCapable,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
     /// A failure inside this member (disk, encoding) that the client cannot fix.
     #[error("etcdserver: {0}")]
     Internal(String),
@@ -76,6 +80,8 @@ impl EtcdError {
             MemberBadUrls => Code::InvalidArgument,
             NoLeader | LeaderChanged | Timeout | Unhealthy | Stopped => Code::Unavailable,
             NotCapable => Code::Unavailable,
+            NoSpace => Code::ResourceExhausted,
+            Corrupt => Code::DataLoss,
             Internal(_) => Code::Internal,
         }
     }
@@ -121,6 +127,8 @@ const ALL_KNOWN: &[EtcdError] = &[
     EtcdError::Unhealthy,
     EtcdError::Stopped,
     EtcdError::NotCapable,
+    EtcdError::NoSpace,
+    EtcdError::Corrupt,
 ];
 
 impl From<EtcdError> for Status {

@@ -28,6 +28,9 @@ use raft::network::{Network, PeerClients};
 use raft::state_machine::StateMachine;
 use raft::MemberNode;
 
+/// etcd's default `--quota-backend-bytes`.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+
 /// A member's configuration, named after etcd's flags.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -51,6 +54,8 @@ pub struct Config {
     /// How often the leader checkpoints leases' remaining TTLs (None: never, so a new
     /// leader gives every lease its full TTL).
     pub lease_checkpoint_interval: Option<Duration>,
+    /// `--quota-backend-bytes`: 0 for the default (2 GiB, as etcd), negative for none.
+    pub quota_backend_bytes: i64,
     /// Test-only fault: serve linearizable reads from local state without a read index, so
     /// a partitioned member answers stale reads. The chaos suite uses it to prove that its
     /// checker catches the anomaly. Never set in production.
@@ -76,6 +81,7 @@ impl Default for Config {
             election_timeout_ms: 1000,
             progress_notify_interval: Duration::from_secs(600),
             lease_checkpoint_interval: Some(Duration::from_secs(1)),
+            quota_backend_bytes: 0,
             unsafe_stale_reads: false,
         }
     }
@@ -235,6 +241,11 @@ pub async fn run(
         // etcd's minimum lease TTL: 1.5 election timeouts, rounded up to whole seconds.
         min_lease_ttl: (config.election_timeout_ms * 3 / 2).div_ceil(1000) as i64,
         progress_notify_interval: config.progress_notify_interval,
+        quota_bytes: match config.quota_backend_bytes {
+            0 => Some(DEFAULT_QUOTA_BYTES),
+            q if q < 0 => None,
+            q => Some(q as u64),
+        },
         unsafe_stale_reads: config.unsafe_stale_reads,
     };
     if config.unsafe_stale_reads {
@@ -304,6 +315,7 @@ pub async fn run(
             Ok(())
         }
     });
+    tasks.spawn(size_loop(member.clone(), stop_rx.clone()));
     tasks.spawn(lease_expiry_loop(
         member.clone(),
         config.lease_checkpoint_interval,
@@ -335,6 +347,21 @@ pub async fn run(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Measures the data's on-disk size twice a second, for the quota check and Status.
+async fn size_loop(
+    member: Arc<Member>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        member.mvcc.refresh_size();
     }
 }
 

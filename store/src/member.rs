@@ -37,7 +37,14 @@ pub struct Limits {
     pub progress_notify_interval: Duration,
     /// Test-only fault: linearizable reads skip the read index.
     pub unsafe_stale_reads: bool,
+    /// `--quota-backend-bytes`: past this on-disk size, writes that add data raise NOSPACE.
+    pub quota_bytes: Option<u64>,
 }
+
+/// What etcd's quota counts for a put beyond its key and value (`kvOverhead`).
+pub const QUOTA_PUT_OVERHEAD: u64 = 256;
+/// And for a lease grant (`leaseOverhead`).
+pub const QUOTA_LEASE_OVERHEAD: u64 = 64;
 
 pub struct Member {
     pub id: NodeId,
@@ -517,6 +524,44 @@ impl Member {
             granted_ttl: granted,
             keys,
         })
+    }
+
+    /// etcd's quota check: when a write of `cost` bytes would take the data past the quota,
+    /// this member raises the NOSPACE alarm through Raft (the cluster then refuses writes that
+    /// add data until an operator disarms it) and the write is refused.
+    pub async fn quota_check(&self, cost: u64) -> Result<(), EtcdError> {
+        let Some(quota) = self.limits.quota_bytes else {
+            return Ok(());
+        };
+        let (size, _) = self.mvcc.size();
+        if (size.max(0) as u64).saturating_add(cost) <= quota {
+            return Ok(());
+        }
+        let raised = self
+            .mvcc
+            .alarms()
+            .contains(&(self.id, crate::mvcc::ALARM_NOSPACE));
+        if !raised {
+            tracing::warn!(
+                size,
+                quota,
+                "database space exceeded; raising the NOSPACE alarm"
+            );
+            let command = Command {
+                request: Some(command::Request::Alarm(
+                    flotilla_proto::etcdserverpb::AlarmRequest {
+                        action: flotilla_proto::etcdserverpb::alarm_request::AlarmAction::Activate
+                            as i32,
+                        member_id: self.id,
+                        alarm: crate::mvcc::ALARM_NOSPACE,
+                    },
+                )),
+            };
+            if let Err(e) = self.propose(command).await {
+                tracing::warn!(error = %e, "raising the NOSPACE alarm");
+            }
+        }
+        Err(EtcdError::NoSpace)
     }
 
     /// Size of a request as it would travel through Raft.

@@ -91,6 +91,8 @@ pub struct Cluster {
     token: String,
     initial_cluster: String,
     pub members: Vec<Member>,
+    /// Flags every member starts with beyond the harness's own.
+    extra_args: Vec<String>,
 }
 
 impl Cluster {
@@ -154,7 +156,16 @@ impl Cluster {
             token,
             initial_cluster,
             members,
+            extra_args: Vec::new(),
         }
+    }
+
+    /// Starts `n` members with extra flags (e.g. `--quota-backend-bytes`).
+    pub fn start_with(n: usize, extra_args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::prepare(n);
+        cluster.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        cluster.start_all();
+        cluster
     }
 
     pub fn dir(&self) -> &Path {
@@ -187,6 +198,7 @@ impl Cluster {
                 "--initial-cluster-state",
                 if m.joins.is_some() { "existing" } else { "new" },
             ])
+            .args(&self.extra_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning the log handle"))

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use flotilla_proto::etcdserverpb::{
-    compare, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
-    DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest, LeaseCheckpointResponse,
-    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseOp, TxnRequest, TxnResponse,
+    alarm_request, compare, request_op, response_op, AlarmMember, AlarmRequest, AlarmResponse,
+    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseCheckpointRequest, LeaseCheckpointResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    RequestOp, ResponseOp, TxnRequest, TxnResponse,
 };
 use flotilla_proto::mvccpb::{event::EventType, Event};
 use rocksdb::WriteBatch;
@@ -27,6 +28,8 @@ pub struct Outcome {
     pub revision: Option<i64>,
     pub events: Vec<Event>,
     pub compaction: Option<i64>,
+    /// The raised alarms after this command, if it changed them.
+    pub alarms: Option<Vec<(u64, i32)>>,
 }
 
 type Version = (i64, KvRecord);
@@ -40,6 +43,7 @@ pub struct Applier<'a> {
     overlay: BTreeMap<Vec<u8>, Option<Version>>,
     events: Vec<Event>,
     compaction: Option<i64>,
+    alarms: Option<Vec<(u64, i32)>>,
 }
 
 impl<'a> Applier<'a> {
@@ -52,6 +56,7 @@ impl<'a> Applier<'a> {
             overlay: BTreeMap::new(),
             events: Vec::new(),
             compaction: None,
+            alarms: None,
         }
     }
 
@@ -75,6 +80,7 @@ impl<'a> Applier<'a> {
                 revision,
                 events: self.events,
                 compaction: self.compaction,
+                alarms: self.alarms,
             },
         )
     }
@@ -477,6 +483,42 @@ impl<'a> Applier<'a> {
         })
     }
 
+    /// Raises or clears an alarm; answers the alarm that changed (none if it already was so).
+    pub fn alarm(&mut self, req: &AlarmRequest) -> Result<AlarmResponse, EtcdError> {
+        use alarm_request::AlarmAction;
+        let mut alarms = self.mvcc.alarms();
+        let entry = (req.member_id, req.alarm);
+        let key = alarm_key(req.member_id, req.alarm);
+        let changed = match AlarmAction::try_from(req.action) {
+            Ok(AlarmAction::Activate) if req.alarm != 0 && !alarms.contains(&entry) => {
+                alarms.push(entry);
+                self.batch.put_cf(self.mvcc.cf(CF_META), key, []);
+                true
+            }
+            Ok(AlarmAction::Deactivate) if alarms.contains(&entry) => {
+                alarms.retain(|a| *a != entry);
+                self.batch.delete_cf(self.mvcc.cf(CF_META), key);
+                true
+            }
+            _ => false,
+        };
+        let response = AlarmResponse {
+            header: self.mvcc.header(self.base),
+            alarms: if changed {
+                vec![AlarmMember {
+                    member_id: req.member_id,
+                    alarm: req.alarm,
+                }]
+            } else {
+                Vec::new()
+            },
+        };
+        if changed {
+            self.alarms = Some(alarms);
+        }
+        Ok(response)
+    }
+
     /// Writes raw metadata in the command's batch (member attributes and the like).
     pub fn put_meta(&mut self, key: &[u8], value: &[u8]) {
         self.batch.put_cf(self.mvcc.cf(CF_META), key, value);
@@ -495,4 +537,17 @@ fn set_header_revision(op: &mut ResponseOp, revision: i64) {
     if let Some(h) = header {
         h.revision = revision;
     }
+}
+
+/// Whether a Txn could add data (a put in either branch, at any depth): what a NOSPACE
+/// alarm refuses, as etcd's capped applier does.
+pub fn txn_has_put(txn: &TxnRequest) -> bool {
+    txn.success
+        .iter()
+        .chain(&txn.failure)
+        .any(|op| match &op.request {
+            Some(request_op::Request::RequestPut(_)) => true,
+            Some(request_op::Request::RequestTxn(t)) => txn_has_put(t),
+            _ => false,
+        })
 }

@@ -134,12 +134,21 @@ pub const META_COMPACT_DONE: &[u8] = b"compact_done";
 pub const META_LEASE_PREFIX: &[u8] = b"lease/";
 pub const META_LEASE_KEY_PREFIX: &[u8] = b"lkey/";
 pub const META_MEMBER_PREFIX: &[u8] = b"member/";
+/// `alarm/<member id u64 BE><alarm type i32 BE>` → empty: a raised alarm.
+pub const META_ALARM_PREFIX: &[u8] = b"alarm/";
 /// `lckp/<id>` → remaining TTL (i64 BE) checkpointed by a leader; absent: full TTL.
 pub const META_LEASE_CHECKPOINT_PREFIX: &[u8] = b"lckp/";
 
 pub fn lease_meta_key(id: i64) -> Vec<u8> {
     let mut k = META_LEASE_PREFIX.to_vec();
     k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn alarm_key(member: u64, alarm: i32) -> Vec<u8> {
+    let mut k = META_ALARM_PREFIX.to_vec();
+    k.extend_from_slice(&member.to_be_bytes());
+    k.extend_from_slice(&alarm.to_be_bytes());
     k
 }
 

@@ -49,7 +49,16 @@ pub struct Mvcc {
     /// `compact_done`.
     compact_target: watch::Sender<i64>,
     compact_done: watch::Sender<i64>,
+    /// Raised alarms (member id, alarm type), as the applied state holds them.
+    alarms: std::sync::RwLock<Vec<(u64, i32)>>,
+    /// On-disk size (bytes) as last measured by `refresh_size`.
+    size: AtomicI64,
+    in_use: AtomicI64,
 }
+
+/// Alarm types (etcd's `AlarmType`).
+pub const ALARM_NOSPACE: i32 = 1;
+pub const ALARM_CORRUPT: i32 = 2;
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     what: &'static str,
@@ -121,14 +130,112 @@ impl Mvcc {
         let compacted = read_i64(META_COMPACT, 0)?;
         let compact_done = read_i64(META_COMPACT_DONE, 0)?;
         let (events, _) = broadcast::channel(EVENT_FANOUT_CAPACITY);
-        Ok(Arc::new(Mvcc {
+        let mvcc = Arc::new(Mvcc {
             db,
             current: AtomicI64::new(current),
             compacted: AtomicI64::new(compacted),
             events,
             compact_target: watch::Sender::new(compacted),
             compact_done: watch::Sender::new(compact_done),
-        }))
+            alarms: std::sync::RwLock::new(Vec::new()),
+            size: AtomicI64::new(0),
+            in_use: AtomicI64::new(0),
+        });
+        mvcc.load_alarms()?;
+        mvcc.refresh_size();
+        Ok(mvcc)
+    }
+
+    fn load_alarms(&self) -> Result<(), StorageError> {
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
+        it.seek(META_ALARM_PREFIX);
+        while let Some(k) = it.key() {
+            let Some(rest) = k.strip_prefix(META_ALARM_PREFIX) else {
+                break;
+            };
+            let (member, alarm) = match (rest.get(..8), rest.get(8..12)) {
+                (Some(m), Some(a)) if rest.len() == 12 => (
+                    u64::from_be_bytes(m.try_into().unwrap_or_default()),
+                    i32::from_be_bytes(a.try_into().unwrap_or_default()),
+                ),
+                _ => {
+                    return Err(StorageError::Corrupt {
+                        what: "alarm key",
+                        detail: format!("{k:?}"),
+                    })
+                }
+            };
+            out.push((member, alarm));
+            it.next();
+        }
+        it.status()?;
+        self.set_alarms(out);
+        Ok(())
+    }
+
+    fn set_alarms(&self, alarms: Vec<(u64, i32)>) {
+        *self.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarms;
+    }
+
+    /// Raised alarms: (member id, alarm type).
+    pub fn alarms(&self) -> Vec<(u64, i32)> {
+        self.alarms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether a NOSPACE alarm is raised anywhere in the cluster: writes that add data are
+    /// refused until it is disarmed.
+    pub fn nospace(&self) -> bool {
+        self.alarms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(_, a)| *a == ALARM_NOSPACE)
+    }
+
+    /// Measures the on-disk size of the data (SST files and memtables of `kv` and `rev`) and
+    /// the part of it that is live; `size()` then answers from the measurement.
+    pub fn refresh_size(&self) -> (i64, i64) {
+        let prop = |name: &str| -> i64 {
+            [CF_KV, CF_REV]
+                .iter()
+                .filter_map(|cf| {
+                    self.db
+                        .property_int_value_cf(self.cf(cf), name)
+                        .ok()
+                        .flatten()
+                })
+                .sum::<u64>() as i64
+        };
+        let total = prop("rocksdb.total-sst-files-size") + prop("rocksdb.cur-size-all-mem-tables");
+        let live =
+            prop("rocksdb.estimate-live-data-size") + prop("rocksdb.cur-size-all-mem-tables");
+        let live = live.min(total);
+        self.size.store(total, Ordering::Release);
+        self.in_use.store(live, Ordering::Release);
+        (total, live)
+    }
+
+    /// Rewrites every family in full (RocksDB manual compaction), dropping deleted data.
+    pub fn compact_storage(&self) {
+        for name in Self::column_families() {
+            let mut opts = rocksdb::CompactOptions::default();
+            opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+            opts.set_exclusive_manual_compaction(false);
+            self.db
+                .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+    }
+
+    /// (on-disk size, size in use) as last measured.
+    pub fn size(&self) -> (i64, i64) {
+        (
+            self.size.load(Ordering::Acquire),
+            self.in_use.load(Ordering::Acquire),
+        )
     }
 
     pub(crate) fn db(&self) -> &DB {
@@ -486,6 +593,9 @@ impl Mvcc {
             self.compacted.store(compact, Ordering::Release);
             self.compact_target.send_replace(compact);
         }
+        if let Some(alarms) = outcome.alarms {
+            self.set_alarms(alarms);
+        }
         Ok(())
     }
 
@@ -503,6 +613,7 @@ impl Mvcc {
         let compacted = get(META_COMPACT, 0)?;
         self.compacted.store(compacted, Ordering::Release);
         self.compact_target.send_replace(compacted);
+        self.load_alarms()?;
         Ok(())
     }
 

@@ -80,6 +80,16 @@ impl StateMachine {
     ) -> Result<command_result::Result, EtcdError> {
         use command::Request;
         use command_result::Result as R;
+        if self.mvcc.nospace() {
+            let adds_data = match &command.request {
+                Some(Request::Put(_)) | Some(Request::LeaseGrant(_)) => true,
+                Some(Request::Txn(t)) => crate::mvcc::apply::txn_has_put(t),
+                _ => false,
+            };
+            if adds_data {
+                return Err(EtcdError::NoSpace);
+            }
+        }
         Ok(match &command.request {
             Some(Request::Put(r)) => R::Put(applier.put(r)?),
             Some(Request::DeleteRange(r)) => R::DeleteRange(applier.delete_range(r)?),
@@ -88,6 +98,7 @@ impl StateMachine {
             Some(Request::LeaseGrant(r)) => R::LeaseGrant(applier.lease_grant(r)?),
             Some(Request::LeaseRevoke(r)) => R::LeaseRevoke(applier.lease_revoke(r)?),
             Some(Request::LeaseCheckpoint(r)) => R::LeaseCheckpoint(applier.lease_checkpoint(r)?),
+            Some(Request::Alarm(r)) => R::Alarm(applier.alarm(r)?),
             Some(Request::MemberAttributes(a)) => {
                 let attrs = MemberAttributes {
                     name: a.name.clone(),

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use flotilla_proto::etcdserverpb::cluster_server::Cluster;
 use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
 use flotilla_proto::etcdserverpb::*;
-use flotilla_proto::flotillapb::{forward_request, forward_response};
+use flotilla_proto::flotillapb::{
+    command, command_result, forward_request, forward_response, Command,
+};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::backup;
 use crate::error::EtcdError;
 use crate::member::Member;
-use crate::mvcc::{CF_KV, CF_REV};
 
 /// The etcd API version this store speaks, reported by Status.
 pub const ETCD_API_VERSION: &str = "3.5.0";
@@ -165,32 +166,50 @@ impl MaintenanceService {
     }
 
     fn db_size(&self) -> (i64, i64) {
-        let db = self.member.mvcc.db();
-        let prop = |name: &str| -> i64 {
-            [CF_KV, CF_REV]
-                .iter()
-                .filter_map(|cf| {
-                    db.property_int_value_cf(self.member.mvcc.cf(cf), name)
-                        .ok()
-                        .flatten()
-                })
-                .sum::<u64>() as i64
-        };
-        let total = prop("rocksdb.total-sst-files-size") + prop("rocksdb.cur-size-all-mem-tables");
-        let live =
-            prop("rocksdb.estimate-live-data-size") + prop("rocksdb.cur-size-all-mem-tables");
-        (total, live.min(total))
+        self.member.mvcc.refresh_size()
+    }
+}
+
+fn alarm_name(alarm: i32) -> &'static str {
+    match AlarmType::try_from(alarm) {
+        Ok(AlarmType::Nospace) => "NOSPACE",
+        Ok(AlarmType::Corrupt) => "CORRUPT",
+        _ => "NONE",
     }
 }
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, _r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        // No alarm can be raised yet (no quota); GET answers the empty list.
-        Ok(Response::new(AlarmResponse {
-            header: Some(self.member.header(self.member.mvcc.current_revision())),
-            alarms: Vec::new(),
-        }))
+    /// GET lists the raised alarms; ACTIVATE and DEACTIVATE go through Raft, so every member
+    /// agrees on them (`etcdctl alarm disarm` deactivates each listed alarm).
+    async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let req = r.into_inner();
+        if req.action == alarm_request::AlarmAction::Get as i32 {
+            let alarms = self
+                .member
+                .mvcc
+                .alarms()
+                .into_iter()
+                .filter(|(_, a)| req.alarm == 0 || *a == req.alarm)
+                .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
+                .collect();
+            return Ok(Response::new(AlarmResponse {
+                header: Some(self.member.header(self.member.mvcc.current_revision())),
+                alarms,
+            }));
+        }
+        let command = Command {
+            request: Some(command::Request::Alarm(req)),
+        };
+        match self.member.propose(command).await? {
+            command_result::Result::Alarm(mut r) => {
+                stamp(&self.member, &mut r.header);
+                Ok(Response::new(r))
+            }
+            _ => {
+                Err(EtcdError::Internal("state machine answered a different request".into()).into())
+            }
+        }
     }
 
     async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -205,7 +224,13 @@ impl Maintenance for MaintenanceService {
             raft_index: metrics.last_log_index.unwrap_or(0),
             raft_term: metrics.current_term,
             raft_applied_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
-            errors: Vec::new(),
+            errors: self
+                .member
+                .mvcc
+                .alarms()
+                .into_iter()
+                .map(|(member, alarm)| format!("memberID:{member} alarm:{} ", alarm_name(alarm)))
+                .collect(),
             db_size_in_use,
             is_learner: !voters.contains(&self.member.id),
         }))
@@ -215,7 +240,17 @@ impl Maintenance for MaintenanceService {
         &self,
         _r: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        // RocksDB reclaims space in its own background compactions; nothing blocks here.
+        // A full manual compaction of every family: it rewrites the data without the
+        // versions and tombstones an MVCC compaction left, and gives the space back. RocksDB
+        // runs it beside normal writes (they go on to new memtables and files), so writes
+        // are never blocked for its duration.
+        let mvcc = self.member.mvcc.clone();
+        tokio::task::spawn_blocking(move || {
+            mvcc.compact_storage();
+            mvcc.refresh_size();
+        })
+        .await
+        .map_err(|e| EtcdError::Internal(e.to_string()))?;
         Ok(Response::new(DefragmentResponse {
             header: Some(self.member.header(self.member.mvcc.current_revision())),
         }))

@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 
 use super::validate;
 use crate::error::EtcdError;
-use crate::member::Member;
+use crate::member::{Member, QUOTA_PUT_OVERHEAD};
+use crate::mvcc::apply::txn_has_put;
+use prost::Message;
 
 /// Ranges with at most this many keys are read on the async worker.
 const INLINE_RANGE_LIMIT: i64 = 1000;
@@ -73,6 +75,9 @@ impl Kv for KvService {
         let req = request.into_inner();
         validate::put(&req)?;
         self.member.check_size(&req)?;
+        self.member
+            .quota_check((req.key.len() + req.value.len()) as u64 + QUOTA_PUT_OVERHEAD)
+            .await?;
         match self
             .member
             .propose(Command {
@@ -114,6 +119,11 @@ impl Kv for KvService {
         let req = request.into_inner();
         validate::txn(&req, self.member.limits.max_txn_ops)?;
         self.member.check_size(&req)?;
+        if txn_has_put(&req) {
+            self.member
+                .quota_check(req.encoded_len() as u64 + QUOTA_PUT_OVERHEAD)
+                .await?;
+        }
         match self
             .member
             .propose(Command {

@@ -40,6 +40,9 @@ impl Lease for LeaseService {
             return Err(EtcdError::LeaseTtlTooLarge.into());
         }
         req.ttl = req.ttl.max(self.member.limits.min_lease_ttl);
+        self.member
+            .quota_check(crate::member::QUOTA_LEASE_OVERHEAD)
+            .await?;
         let choose_id = req.id == 0;
         for _ in 0..8 {
             if choose_id {
