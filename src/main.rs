@@ -98,6 +98,10 @@ struct StoreArgs {
     /// How often the leader checkpoints leases' remaining TTLs (e.g. 5s, 5m).
     #[arg(long = "experimental-lease-checkpoint-interval", default_value = "1s", value_parser = parse_duration)]
     lease_checkpoint_interval: Duration,
+    /// How often the leader compares every member's HashKV and raises the CORRUPT alarm
+    /// for a member that differs (0s: never).
+    #[arg(long = "experimental-corrupt-check-time", default_value = "5m", value_parser = parse_duration)]
+    corrupt_check_time: Duration,
     /// Raise the NOSPACE alarm when the data grows past this many bytes (0: 2 GiB; negative:
     /// no quota).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -176,6 +180,8 @@ fn main() -> anyhow::Result<()> {
                 election_timeout_ms: a.election_timeout,
                 progress_notify_interval: a.watch_progress_notify_interval,
                 quota_backend_bytes: a.quota_backend_bytes,
+                corrupt_check_interval: (!a.corrupt_check_time.is_zero())
+                    .then_some(a.corrupt_check_time),
                 lease_checkpoint_interval: a
                     .enable_lease_checkpoint
                     .then_some(a.lease_checkpoint_interval),

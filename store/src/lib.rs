@@ -3,6 +3,7 @@
 //! [`run`] starts one member from etcd-style configuration and serves until shut down.
 
 pub mod backup;
+pub mod corruption;
 pub mod error;
 pub mod lease;
 pub mod member;
@@ -54,6 +55,8 @@ pub struct Config {
     /// How often the leader checkpoints leases' remaining TTLs (None: never, so a new
     /// leader gives every lease its full TTL).
     pub lease_checkpoint_interval: Option<Duration>,
+    /// How often the leader compares every member's HashKV (None: never).
+    pub corrupt_check_interval: Option<Duration>,
     /// `--quota-backend-bytes`: 0 for the default (2 GiB, as etcd), negative for none.
     pub quota_backend_bytes: i64,
     /// Test-only fault: serve linearizable reads from local state without a read index, so
@@ -82,6 +85,7 @@ impl Default for Config {
             progress_notify_interval: Duration::from_secs(600),
             lease_checkpoint_interval: Some(Duration::from_secs(1)),
             quota_backend_bytes: 0,
+            corrupt_check_interval: Some(Duration::from_secs(300)),
             unsafe_stale_reads: false,
         }
     }
@@ -316,6 +320,13 @@ pub async fn run(
         }
     });
     tasks.spawn(size_loop(member.clone(), stop_rx.clone()));
+    if let Some(interval) = config.corrupt_check_interval {
+        tasks.spawn(corruption::check_loop(
+            member.clone(),
+            interval,
+            stop_rx.clone(),
+        ));
+    }
     tasks.spawn(lease_expiry_loop(
         member.clone(),
         config.lease_checkpoint_interval,

@@ -196,6 +196,15 @@ impl Mvcc {
             .any(|(_, a)| *a == ALARM_NOSPACE)
     }
 
+    /// Whether a CORRUPT alarm is raised: the cluster refuses writes until it is disarmed.
+    pub fn corrupt(&self) -> bool {
+        self.alarms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(_, a)| *a == ALARM_CORRUPT)
+    }
+
     /// Measures the on-disk size of the data (SST files and memtables of `kv` and `rev`) and
     /// the part of it that is live; `size()` then answers from the measurement.
     pub fn refresh_size(&self) -> (i64, i64) {

@@ -80,6 +80,22 @@ impl StateMachine {
     ) -> Result<command_result::Result, EtcdError> {
         use command::Request;
         use command_result::Result as R;
+        if self.mvcc.corrupt() {
+            let refused = matches!(
+                &command.request,
+                Some(
+                    Request::Put(_)
+                        | Request::DeleteRange(_)
+                        | Request::Txn(_)
+                        | Request::Compaction(_)
+                        | Request::LeaseGrant(_)
+                        | Request::LeaseRevoke(_)
+                )
+            );
+            if refused {
+                return Err(EtcdError::Corrupt);
+            }
+        }
         if self.mvcc.nospace() {
             let adds_data = match &command.request {
                 Some(Request::Put(_)) | Some(Request::LeaseGrant(_)) => true,

@@ -52,6 +52,14 @@ impl Kv for KvService {
     ) -> Result<Response<RangeResponse>, Status> {
         let req = request.into_inner();
         validate::range(&req)?;
+        if self
+            .member
+            .mvcc
+            .alarms()
+            .contains(&(self.member.id, crate::mvcc::ALARM_CORRUPT))
+        {
+            return Err(EtcdError::Corrupt.into());
+        }
         if !req.serializable {
             self.member.linearizable_barrier().await?;
         }
