@@ -40,7 +40,9 @@ fn write_error(s: tonic::Status) -> ClientError {
     let definite = matches!(
         s.code(),
         Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange | Code::NotFound
-    ) || s.message() == "etcdserver: no leader";
+    ) || s.message() == "etcdserver: no leader"
+        // The connection was never made: the request did not leave this process.
+        || s.message().contains("tcp connect error");
     if definite {
         ClientError::Definite(msg)
     } else {

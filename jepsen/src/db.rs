@@ -34,6 +34,11 @@ pub struct Cluster {
     extra_args: Vec<String>,
     members: Vec<Option<Child>>,
     paused: Vec<bool>,
+    /// Nodes the membership nemesis removed from the cluster (data wiped, not running).
+    removed: Vec<bool>,
+    /// For a node re-added to the cluster: the `--initial-cluster` it joins with
+    /// (`--initial-cluster-state existing`).
+    joins: Vec<Option<String>>,
 }
 
 pub const CLIENT_PORT: u16 = 2379;
@@ -55,6 +60,8 @@ impl Cluster {
             extra_args,
             members: (0..nodes).map(|_| None).collect(),
             paused: vec![false; nodes],
+            removed: vec![false; nodes],
+            joins: vec![None; nodes],
         }
     }
 
@@ -64,6 +71,47 @@ impl Cluster {
 
     pub fn endpoint(i: usize) -> String {
         format!("http://{}:{CLIENT_PORT}", Net::ip(i))
+    }
+
+    pub fn peer_url(i: usize) -> String {
+        format!("http://{}:{PEER_PORT}", Net::ip(i))
+    }
+
+    /// The node whose peer URL this is.
+    pub fn node_of_peer_url(&self, url: &str) -> Option<usize> {
+        (1..=self.nodes).find(|&i| Cluster::peer_url(i) == url)
+    }
+
+    /// Node `i` was removed from the cluster: it is stopped (it exits by itself once it learns
+    /// of the removal; killed if it has not within `wait`) and its data is wiped.
+    pub async fn removed(&mut self, i: usize, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let exited = match self.members[i - 1].as_mut() {
+                Some(c) => !matches!(c.try_wait(), Ok(None)),
+                None => true,
+            };
+            if exited || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.kill(i);
+        let _ = std::fs::remove_dir_all(self.dir.join(format!("n{i}")));
+        self.removed[i - 1] = true;
+    }
+
+    /// Nodes removed and not yet added back.
+    pub fn removed_nodes(&self) -> Vec<usize> {
+        (1..=self.nodes).filter(|&i| self.removed[i - 1]).collect()
+    }
+
+    /// Starts a removed node again as a newcomer (after `member add`), joining with
+    /// `initial_cluster`.
+    pub fn rejoin(&mut self, net: &Net, i: usize, initial_cluster: String) -> anyhow::Result<()> {
+        self.removed[i - 1] = false;
+        self.joins[i - 1] = Some(initial_cluster);
+        self.start(net, i)
     }
 
     fn args(&self, i: usize) -> Vec<String> {
@@ -90,11 +138,15 @@ impl Cluster {
                 "--initial-advertise-peer-urls",
                 &format!("http://{ip}:{PEER_PORT}"),
                 "--initial-cluster",
-                &cluster.join(","),
+                self.joins[i - 1].as_deref().unwrap_or(&cluster.join(",")),
                 "--initial-cluster-token",
                 "jepsen",
                 "--initial-cluster-state",
-                "new",
+                if self.joins[i - 1].is_some() {
+                    "existing"
+                } else {
+                    "new"
+                },
             ]
             .iter()
             .map(|s| s.to_string()),
@@ -103,9 +155,10 @@ impl Cluster {
         args
     }
 
-    /// Starts (or restarts) node `i`'s member, logging to `<dir>/n<i>.log`.
+    /// Starts (or restarts) node `i`'s member, logging to `<dir>/n<i>.log`. A node removed
+    /// from the cluster stays down until `rejoin`.
     pub fn start(&mut self, net: &Net, i: usize) -> anyhow::Result<()> {
-        if self.members[i - 1].is_some() {
+        if self.members[i - 1].is_some() || self.removed[i - 1] {
             return Ok(());
         }
         std::fs::create_dir_all(&self.dir)?;

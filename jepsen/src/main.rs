@@ -30,7 +30,7 @@ enum Command {
         #[arg(long, default_value = "register")]
         workload: Workload,
         /// Faults, comma-separated: partition (all kinds), partition-one, partition-halves,
-        /// partition-leader, partition-ring, partition-bridge, kill, leader-kill, pause, none.
+        /// partition-leader, partition-ring, partition-bridge, kill, leader-kill, pause, member, none.
         #[arg(long, default_value = "partition,kill")]
         nemesis: String,
         /// Nodes (3 or 5 usually).
@@ -69,6 +69,9 @@ enum Command {
         /// Extra flags for every member, e.g. --member-arg=--experimental-unsafe-stale-reads.
         #[arg(long = "member-arg", allow_hyphen_values = true)]
         member_args: Vec<String>,
+        /// Which namespaces and subnet to use (0-9): runs with different ids can go on at once.
+        #[arg(long, default_value_t = 0)]
+        net_id: usize,
     },
     /// Check a stored run again and rewrite its results.json.
     Check {
@@ -129,8 +132,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             nemesis_interval,
             nemesis_duration,
             member_args,
+            net_id,
             combine,
         } => {
+            flotilla_jepsen::net::set_net_id(net_id)?;
             let opts = TestOptions {
                 workload,
                 nemesis: Kind::parse_list(&nemesis)?,

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use anyhow::bail;
+use flotilla_proto::etcdserverpb::cluster_client::ClusterClient;
 use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use flotilla_proto::etcdserverpb::StatusRequest;
+use flotilla_proto::etcdserverpb::{self as pb, StatusRequest};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -31,6 +32,9 @@ pub enum Kind {
     LeaderKill,
     /// SIGSTOP of random nodes, SIGCONT when the fault ends.
     Pause,
+    /// A random node removed from the cluster (member remove; it stops, its data is wiped),
+    /// and added back empty when the fault ends (member add, then it joins and catches up).
+    Member,
 }
 
 impl Kind {
@@ -44,6 +48,7 @@ impl Kind {
             Kind::Kill => "kill",
             Kind::LeaderKill => "leader-kill",
             Kind::Pause => "pause",
+            Kind::Member => "member",
         }
     }
 
@@ -68,9 +73,10 @@ impl Kind {
                 "kill" => out.push(Kind::Kill),
                 "leader-kill" => out.push(Kind::LeaderKill),
                 "pause" => out.push(Kind::Pause),
+                "member" => out.push(Kind::Member),
                 other => bail!(
                     "unknown nemesis {other:?}: use partition, partition-one, partition-halves, partition-leader, \
-                     partition-ring, partition-bridge, kill, leader-kill, pause or none"
+                     partition-ring, partition-bridge, kill, leader-kill, pause, member or none"
                 ),
             }
         }
@@ -197,12 +203,123 @@ pub async fn start(
             }
             victims
         }
+        Kind::Member => {
+            // One node out of the cluster at a time.
+            let v = rng.gen_range(1..=n);
+            if cluster.removed_nodes().is_empty() && remove_member(cluster, v).await {
+                cluster.removed(v, MEMBER_TIMEOUT).await;
+                vec![v]
+            } else {
+                Vec::new()
+            }
+        }
     };
     Ok(Applied { kind, targets })
 }
 
-/// Ends every fault: heals the network, resumes and restarts members.
-pub fn stop(net: &Net, cluster: &mut Cluster) -> anyhow::Result<()> {
+/// How long one membership call may take.
+const MEMBER_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn cluster_client(i: usize) -> Option<ClusterClient<tonic::transport::Channel>> {
+    let ep = tonic::transport::Endpoint::from_shared(Cluster::endpoint(i))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(MEMBER_TIMEOUT);
+    Some(ClusterClient::new(ep.connect().await.ok()?))
+}
+
+/// The member list as some running node other than `except` reports it.
+async fn member_list(cluster: &Cluster, except: usize) -> Option<Vec<pb::Member>> {
+    for j in (1..=cluster.nodes()).filter(|&j| j != except && cluster.is_running(j)) {
+        let Some(mut c) = cluster_client(j).await else {
+            continue;
+        };
+        if let Ok(r) = c.member_list(pb::MemberListRequest::default()).await {
+            return Some(r.into_inner().members);
+        }
+    }
+    None
+}
+
+fn member_of(list: &[pb::Member], v: usize) -> Option<u64> {
+    let url = Cluster::peer_url(v);
+    list.iter()
+        .find(|m| m.peer_ur_ls.contains(&url))
+        .map(|m| m.id)
+}
+
+/// Removes node `v` through another node; true if it is out of the cluster afterwards.
+async fn remove_member(cluster: &Cluster, v: usize) -> bool {
+    let Some(list) = member_list(cluster, v).await else {
+        return false;
+    };
+    let Some(id) = member_of(&list, v) else {
+        return false;
+    };
+    for j in (1..=cluster.nodes()).filter(|&j| j != v && cluster.is_running(j)) {
+        let Some(mut c) = cluster_client(j).await else {
+            continue;
+        };
+        match c.member_remove(pb::MemberRemoveRequest { id }).await {
+            Ok(_) => return true,
+            Err(e) => {
+                tracing::info!(node = v, via = j, error = %e.message(), "member remove failed");
+                break;
+            }
+        }
+    }
+    // The answer may have been lost: what does the cluster say now?
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    matches!(member_list(cluster, v).await, Some(l) if member_of(&l, v).is_none())
+}
+
+/// Adds removed node `v` back (a member add, retried until the cluster takes it) and
+/// starts it as a newcomer.
+async fn add_member_back(net: &Net, cluster: &mut Cluster, v: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            bail!("node {v} could not be added back to the cluster");
+        }
+        if let Some(list) = member_list(cluster, v).await {
+            if member_of(&list, v).is_some() {
+                let initial_cluster: Vec<String> = list
+                    .iter()
+                    .flat_map(|m| {
+                        m.peer_ur_ls.iter().filter_map(|u| {
+                            cluster
+                                .node_of_peer_url(u)
+                                .map(|node| format!("n{node}={u}"))
+                        })
+                    })
+                    .collect();
+                return cluster.rejoin(net, v, initial_cluster.join(","));
+            }
+            for j in (1..=cluster.nodes()).filter(|&j| j != v && cluster.is_running(j)) {
+                let Some(mut c) = cluster_client(j).await else {
+                    continue;
+                };
+                let add = pb::MemberAddRequest {
+                    peer_ur_ls: vec![Cluster::peer_url(v)],
+                    is_learner: false,
+                };
+                if let Err(e) = c.member_add(add).await {
+                    tracing::info!(node = v, via = j, error = %e.message(), "member add failed");
+                }
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Ends every fault: heals the network, resumes and restarts members, adds removed members
+/// back.
+pub async fn stop(net: &Net, cluster: &mut Cluster) -> anyhow::Result<()> {
     net.heal()?;
-    cluster.recover(net)
+    cluster.recover(net)?;
+    for v in cluster.removed_nodes() {
+        add_member_back(net, cluster, v).await?;
+    }
+    Ok(())
 }

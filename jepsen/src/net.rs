@@ -2,7 +2,8 @@
 //! namespace, where the harness and its clients run.
 //!
 //! Node `i` (1-based) lives in namespace `fj-n<i>` with address `172.31.250.<10+i>`; the
-//! bridge `fj-br` holds `172.31.250.1`. Partitions are iptables DROP rules on INPUT inside
+//! bridge `fj-br` holds `172.31.250.1`. With `--net-id K` (1 to 9) the names are `fjK-...` and
+//! the subnet `172.31.<250-K>.0/24`, so runs with different ids can go on side by side. Partitions are iptables DROP rules on INPUT inside
 //! the nodes' namespaces, so clients in the root namespace still reach every node (as in
 //! Jepsen, where the control node is never partitioned). Everything is removed on drop,
 //! and stale leftovers of an earlier run are removed before a new one starts.
@@ -11,8 +12,34 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-const BRIDGE: &str = "fj-br";
-const SUBNET: &str = "172.31.250";
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Which set of names and which subnet this process uses (`--net-id`).
+static NET_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// Chooses the names and subnet (0 to 9); call before anything else here.
+pub fn set_net_id(id: usize) -> anyhow::Result<()> {
+    if id > 9 {
+        bail!("--net-id must be between 0 and 9");
+    }
+    NET_ID.store(id, Ordering::Relaxed);
+    Ok(())
+}
+
+fn prefix() -> String {
+    match NET_ID.load(Ordering::Relaxed) {
+        0 => "fj".to_string(),
+        id => format!("fj{id}"),
+    }
+}
+
+fn bridge() -> String {
+    format!("{}-br", prefix())
+}
+
+fn subnet() -> String {
+    format!("172.31.{}", 250 - NET_ID.load(Ordering::Relaxed))
+}
 
 pub struct Net {
     nodes: usize,
@@ -39,11 +66,11 @@ fn run_quiet(args: &[&str]) {
 
 impl Net {
     pub fn namespace(i: usize) -> String {
-        format!("fj-n{i}")
+        format!("{}-n{i}", prefix())
     }
 
     pub fn ip(i: usize) -> String {
-        format!("{SUBNET}.{}", 10 + i)
+        format!("{}.{}", subnet(), 10 + i)
     }
 
     /// Builds the bridge and `nodes` namespaces (removing leftovers of an earlier run).
@@ -53,21 +80,21 @@ impl Net {
         }
         Net::remove_leftovers();
         let net = Net { nodes };
-        run(&["ip", "link", "add", BRIDGE, "type", "bridge"])
+        run(&["ip", "link", "add", &bridge(), "type", "bridge"])
             .context("creating the bridge (root and iproute2 needed)")?;
         run(&[
             "ip",
             "addr",
             "add",
-            &format!("{SUBNET}.1/24"),
+            &format!("{}.1/24", subnet()),
             "dev",
-            BRIDGE,
+            &bridge(),
         ])?;
-        run(&["ip", "link", "set", BRIDGE, "up"])?;
+        run(&["ip", "link", "set", &bridge(), "up"])?;
         for i in 1..=nodes {
             let ns = Net::namespace(i);
-            let host = format!("fj-v{i}");
-            let peer = format!("fj-p{i}");
+            let host = format!("{}-v{i}", prefix());
+            let peer = format!("{}-p{i}", prefix());
             run(&["ip", "netns", "add", &ns])?;
             run(&[
                 "ip", "link", "add", &host, "type", "veth", "peer", "name", &peer,
@@ -86,7 +113,7 @@ impl Net {
             ])?;
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-            run(&["ip", "link", "set", &host, "master", BRIDGE])?;
+            run(&["ip", "link", "set", &host, "master", &bridge()])?;
             run(&["ip", "link", "set", &host, "up"])?;
         }
         Ok(net)
@@ -96,9 +123,9 @@ impl Net {
     pub fn remove_leftovers() {
         for i in 1..=9 {
             run_quiet(&["ip", "netns", "del", &Net::namespace(i)]);
-            run_quiet(&["ip", "link", "del", &format!("fj-v{i}")]);
+            run_quiet(&["ip", "link", "del", &format!("{}-v{i}", prefix())]);
         }
-        run_quiet(&["ip", "link", "del", BRIDGE]);
+        run_quiet(&["ip", "link", "del", &bridge()]);
     }
 
     pub fn nodes(&self) -> usize {

@@ -255,7 +255,7 @@ pub async fn run(opts: TestOptions) -> anyhow::Result<RunResult> {
                 applied.push(a);
             }
             tokio::time::sleep(opts.nemesis_duration).await;
-            nemesis::stop(&net, &mut cluster)?;
+            nemesis::stop(&net, &mut cluster).await?;
             for a in applied {
                 recorder.fault(a.kind.name(), Phase::Stop, a.targets).await;
             }
@@ -268,7 +268,7 @@ pub async fn run(opts: TestOptions) -> anyhow::Result<RunResult> {
     for p in processes {
         p.await??;
     }
-    nemesis::stop(&net, &mut cluster)?;
+    nemesis::stop(&net, &mut cluster).await?;
     db::wait_ready(opts.nodes, Duration::from_secs(60)).await?;
 
     // Final reads after healing: the state every acknowledged write must be in.
