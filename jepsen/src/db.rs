@@ -213,6 +213,14 @@ impl Cluster {
         self.paused[i - 1] = false;
     }
 
+    /// Whether node `i`'s process exited by itself (it stays recorded until reaped).
+    pub fn has_exited(&mut self, i: usize) -> bool {
+        match self.members[i - 1].as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
     pub fn is_running(&self, i: usize) -> bool {
         self.members[i - 1].is_some()
     }

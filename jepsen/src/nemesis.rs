@@ -249,7 +249,7 @@ fn member_of(list: &[pb::Member], v: usize) -> Option<u64> {
 }
 
 /// Removes node `v` through another node; true if it is out of the cluster afterwards.
-async fn remove_member(cluster: &Cluster, v: usize) -> bool {
+async fn remove_member(cluster: &mut Cluster, v: usize) -> bool {
     let Some(list) = member_list(cluster, v).await else {
         return false;
     };
@@ -268,9 +268,19 @@ async fn remove_member(cluster: &Cluster, v: usize) -> bool {
             }
         }
     }
-    // The answer may have been lost: what does the cluster say now?
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    matches!(member_list(cluster, v).await, Some(l) if member_of(&l, v).is_none())
+    // The answer may have been lost (removing the leader, say): the removal happened if the
+    // cluster no longer lists the node, or the node stopped by itself, within a while.
+    let deadline = tokio::time::Instant::now() + MEMBER_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        if cluster.has_exited(v) {
+            return true;
+        }
+        if matches!(member_list(cluster, v).await, Some(l) if member_of(&l, v).is_none()) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
 }
 
 /// Adds removed node `v` back (a member add, retried until the cluster takes it) and
@@ -318,6 +328,16 @@ async fn add_member_back(net: &Net, cluster: &mut Cluster, v: usize) -> anyhow::
 pub async fn stop(net: &Net, cluster: &mut Cluster) -> anyhow::Result<()> {
     net.heal()?;
     cluster.recover(net)?;
+    // A removal that timed out may still have taken effect once the faults healed: any node
+    // the cluster no longer lists is treated as removed, and added back like the others.
+    if let Some(list) = member_list(cluster, 0).await {
+        for j in 1..=cluster.nodes() {
+            if !cluster.removed_nodes().contains(&j) && member_of(&list, j).is_none() {
+                tracing::info!(node = j, "found removed by an earlier membership fault");
+                cluster.removed(j, Duration::from_secs(1)).await;
+            }
+        }
+    }
     for v in cluster.removed_nodes() {
         add_member_back(net, cluster, v).await?;
     }

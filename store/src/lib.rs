@@ -433,13 +433,20 @@ async fn lease_expiry_loop(
 }
 
 /// Stops this member once the cluster has removed it, as etcd does: a removed member has
-/// no part in the cluster any more, and serving clients would only mislead them.
+/// no part in the cluster any more, and serving clients would only mislead them. It knows
+/// from its own log, or from a leader that refused its vote request (a leader stops
+/// replicating to a member it removes, so the last entry may never arrive).
+///
+/// A member that rejoins after a removal replays the old removal from the log on its way to
+/// the entry that added it back; only a removal that lasts `REMOVAL_SETTLE` counts.
 async fn exit_when_removed(
     member: Arc<Member>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    const REMOVAL_SETTLE: Duration = Duration::from_secs(5);
     let mut metrics = member.raft.metrics();
     let mut was_member = false;
+    let mut out_since: Option<tokio::time::Instant> = None;
     loop {
         let is_member = {
             let m = metrics.borrow();
@@ -450,11 +457,22 @@ async fn exit_when_removed(
         };
         if is_member {
             was_member = true;
-        } else if was_member {
+        }
+        let told = member
+            .peers
+            .removed
+            .load(std::sync::atomic::Ordering::Acquire);
+        out_since = if was_member && !is_member {
+            Some(out_since.unwrap_or_else(tokio::time::Instant::now))
+        } else {
+            None
+        };
+        if told || out_since.is_some_and(|t| t.elapsed() >= REMOVAL_SETTLE) {
             anyhow::bail!("the member has been permanently removed from the cluster");
         }
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return Ok(()) },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.changed() => return Ok(()),
         }
     }

@@ -22,10 +22,16 @@ use super::{MemberNode, NodeId, TypeConfig};
 /// Largest peer message: a snapshot chunk or a batch of log entries.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// What a leader answers a vote request from a node that is no longer a member.
+pub const REMOVED_MEMBER: &str = "the member has been permanently removed from the cluster";
+
 /// gRPC channels to other members, one per peer URL, made on first use.
 #[derive(Default)]
 pub struct PeerClients {
     channels: Mutex<HashMap<String, Channel>>,
+    /// Set when a leader told this member it was removed (it may have missed the log entry
+    /// that removed it: a leader stops replicating to a member it removes).
+    pub removed: std::sync::atomic::AtomicBool,
 }
 
 impl PeerClients {
@@ -98,6 +104,13 @@ impl Connection {
             "vote" => client.vote(request).await,
             _ => client.install_snapshot(request).await,
         };
+        if let Err(s) = &reply {
+            if s.message() == REMOVED_MEMBER {
+                self.peers
+                    .removed
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
         let reply = reply.map_err(|s| match s.code() {
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
             _ => RPCError::Network(NetworkError::new(&s)),

@@ -40,6 +40,26 @@ impl Peer for PeerService {
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let req: VoteRequest<u64> = decode(request.get_ref())?;
+        // A leader knows the membership: a candidate outside it was removed and missed the
+        // news (the leader stopped replicating to it). Tell it, so it stops, as etcd does.
+        if self.member.is_leader() {
+            let candidate = req.vote.leader_id().voted_for();
+            let known = candidate.is_some_and(|c| {
+                self.member
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&c)
+                    .is_some()
+            });
+            if !known {
+                return Err(Status::failed_precondition(
+                    crate::raft::network::REMOVED_MEMBER,
+                ));
+            }
+        }
         encode(&self.member.raft.vote(req).await)
     }
 
