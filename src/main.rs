@@ -102,6 +102,19 @@ struct StoreArgs {
     /// for a member that differs (0s: never).
     #[arg(long = "experimental-corrupt-check-time", default_value = "5m", value_parser = parse_duration)]
     corrupt_check_time: Duration,
+    /// Path to the client server TLS certificate (for https:// client URLs).
+    #[arg(long)]
+    cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Path to the client server TLS trusted CA certificate.
+    #[arg(long)]
+    trusted_ca_file: Option<PathBuf>,
+    /// Enable client cert authentication (clients must present a certificate signed by
+    /// --trusted-ca-file).
+    #[arg(long)]
+    client_cert_auth: bool,
     /// Raise the NOSPACE alarm when the data grows past this many bytes (0: 2 GiB; negative:
     /// no quota).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -180,6 +193,18 @@ fn main() -> anyhow::Result<()> {
                 election_timeout_ms: a.election_timeout,
                 progress_notify_interval: a.watch_progress_notify_interval,
                 quota_backend_bytes: a.quota_backend_bytes,
+                client_tls: match (a.cert_file, a.key_file) {
+                    (Some(cert_file), Some(key_file)) => {
+                        Some(flotilla_store::server::tls::TlsFiles {
+                            cert_file,
+                            key_file,
+                            trusted_ca_file: a.trusted_ca_file,
+                            client_cert_auth: a.client_cert_auth,
+                        })
+                    }
+                    (None, None) => None,
+                    _ => anyhow::bail!("--cert-file and --key-file go together"),
+                },
                 corrupt_check_interval: (!a.corrupt_check_time.is_zero())
                     .then_some(a.corrupt_check_time),
                 lease_checkpoint_interval: a

@@ -57,6 +57,8 @@ pub struct Config {
     pub lease_checkpoint_interval: Option<Duration>,
     /// How often the leader compares every member's HashKV (None: never).
     pub corrupt_check_interval: Option<Duration>,
+    /// TLS for `https://` client URLs (`--cert-file`, `--key-file`, ...).
+    pub client_tls: Option<server::tls::TlsFiles>,
     /// `--quota-backend-bytes`: 0 for the default (2 GiB, as etcd), negative for none.
     pub quota_backend_bytes: i64,
     /// Test-only fault: serve linearizable reads from local state without a read index, so
@@ -85,6 +87,7 @@ impl Default for Config {
             progress_notify_interval: Duration::from_secs(600),
             lease_checkpoint_interval: Some(Duration::from_secs(1)),
             quota_backend_bytes: 0,
+            client_tls: None,
             corrupt_check_interval: Some(Duration::from_secs(300)),
             unsafe_stale_reads: false,
         }
@@ -298,15 +301,27 @@ pub async fn run(
                 .map_err(anyhow::Error::from)
         });
     }
+    let client_tls = match &config.client_tls {
+        Some(files) => Some(server::tls::acceptor(files).context("client TLS")?),
+        None => None,
+    };
     for url in &config.listen_client_urls {
         let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
+        let tls = if url.starts_with("https://") {
+            let Some(acceptor) = client_tls.clone() else {
+                bail!("{url}: an https client URL needs --cert-file and --key-file");
+            };
+            Some(acceptor)
+        } else {
+            None
+        };
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening for clients on {url}"))?;
         let m = member.clone();
         let s = stopped(stop_rx.clone());
         tasks.spawn(async move {
-            server::serve_clients(m, listener, s)
+            server::serve_clients(m, listener, tls, s)
                 .await
                 .map_err(anyhow::Error::from)
         });

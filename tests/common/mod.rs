@@ -34,7 +34,7 @@ const PORT_LOW: u32 = 15_000;
 const PORT_SPAN: u32 = 17_000;
 static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let start = (std::process::id() % 97) * 170;
     for _ in 0..PORT_SPAN {
         let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);

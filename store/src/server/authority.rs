@@ -34,12 +34,13 @@ const MAX_HEADER_BLOCK: usize = 1 << 20;
 const OUT_FRAME: usize = 16_384;
 const PIPE_BYTES: usize = 64 * 1024;
 
-/// A client connection as the HTTP/2 server sees it.
-pub struct ClientIo {
+/// A client connection as the HTTP/2 server sees it: the two halves of a TCP socket, or of
+/// a TLS stream over one.
+pub struct ClientIo<R = OwnedReadHalf, W = OwnedWriteHalf> {
     pipe: Option<DuplexStream>,
-    handback: Option<oneshot::Receiver<OwnedReadHalf>>,
-    direct: Option<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    handback: Option<oneshot::Receiver<R>>,
+    direct: Option<R>,
+    writer: W,
     info: TcpConnectInfo,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -51,6 +52,22 @@ impl ClientIo {
             remote_addr: stream.peer_addr().ok(),
         };
         let (reader, writer) = stream.into_split();
+        ClientIo::from_halves(reader, writer, info, permit)
+    }
+}
+
+impl<R, W> ClientIo<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    /// A connection from its read and write halves (`tokio::io::split` of a TLS stream).
+    pub fn from_halves(
+        reader: R,
+        writer: W,
+        info: TcpConnectInfo,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> ClientIo<R, W> {
         let (pipe_in, pipe_out) = tokio::io::duplex(PIPE_BYTES);
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
@@ -69,14 +86,14 @@ impl ClientIo {
     }
 }
 
-impl Connected for ClientIo {
+impl<R, W> Connected for ClientIo<R, W> {
     type ConnectInfo = TcpConnectInfo;
     fn connect_info(&self) -> TcpConnectInfo {
         self.info.clone()
     }
 }
 
-impl AsyncRead for ClientIo {
+impl<R: AsyncRead + Unpin, W: Unpin> AsyncRead for ClientIo<R, W> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -115,7 +132,7 @@ impl AsyncRead for ClientIo {
 
 use std::future::Future;
 
-impl AsyncWrite for ClientIo {
+impl<R: Unpin, W: AsyncWrite + Unpin> AsyncWrite for ClientIo<R, W> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -164,7 +181,7 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-async fn read_frame(r: &mut OwnedReadHalf) -> io::Result<Frame> {
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Frame> {
     let mut head = [0u8; 9];
     r.read_exact(&mut head).await?;
     let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
@@ -201,8 +218,8 @@ fn fragment(f: &Frame) -> io::Result<&[u8]> {
 }
 
 /// Reads one whole header block: a HEADERS frame and its CONTINUATION frames.
-async fn read_header_block(
-    r: &mut OwnedReadHalf,
+async fn read_header_block<R: AsyncRead + Unpin>(
+    r: &mut R,
     first: Frame,
 ) -> io::Result<(Vec<Frame>, Vec<u8>)> {
     let mut block = fragment(&first)?.to_vec();
@@ -279,10 +296,10 @@ fn rewritten_block(stream: u32, end_stream: bool, headers: &[(Vec<u8>, Vec<u8>)]
     out
 }
 
-async fn pump(
-    mut reader: OwnedReadHalf,
+async fn pump<R: AsyncRead + Unpin>(
+    mut reader: R,
     mut pipe: DuplexStream,
-    handback: oneshot::Sender<OwnedReadHalf>,
+    handback: oneshot::Sender<R>,
 ) -> io::Result<()> {
     let mut preface = [0u8; 24];
     let mut got = 0;
@@ -335,10 +352,10 @@ async fn pump(
     }
 }
 
-async fn hand_back(
+async fn hand_back<R>(
     mut pipe: DuplexStream,
-    reader: OwnedReadHalf,
-    handback: oneshot::Sender<OwnedReadHalf>,
+    reader: R,
+    handback: oneshot::Sender<R>,
 ) -> io::Result<()> {
     pipe.flush().await?;
     drop(pipe);

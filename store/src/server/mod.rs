@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod kv;
 pub mod lease;
 pub mod peer;
+pub mod tls;
 pub mod validate;
 pub mod watch;
 
@@ -17,6 +18,7 @@ use flotilla_proto::etcdserverpb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use flotilla_proto::flotillapb::peer_server::PeerServer;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 
 use crate::member::Member;
@@ -30,10 +32,11 @@ const MAX_CONCURRENT_STREAMS: u32 = 1024;
 pub async fn serve_clients(
     member: Arc<Member>,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let max = member.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .add_service(
@@ -65,9 +68,67 @@ pub async fn serve_clients(
                 member: member.clone(),
             })
             .max_decoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(client_connections(listener), shutdown)
-        .await
+        );
+    match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(client_connections(listener), shutdown)
+                .await
+        }
+        Some(acceptor) => {
+            router
+                .serve_with_incoming_shutdown(tls_client_connections(listener, acceptor), shutdown)
+                .await
+        }
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+type TlsClientIo =
+    authority::ClientIo<tokio::io::ReadHalf<TlsStream>, tokio::io::WriteHalf<TlsStream>>;
+
+/// TLS connections, each through its handshake on its own task (a slow or failing client
+/// holds up nobody), then through the authority shim.
+fn tls_client_connections(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> impl futures::Stream<Item = std::io::Result<TlsClientIo>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<TlsClientIo>(128);
+    tokio::spawn(async move {
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_CONNECTIONS));
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = tokio::select! {
+                s = accept(&listener) => s,
+                _ = tx.closed() => return,
+            };
+            let info = tonic::transport::server::TcpConnectInfo {
+                local_addr: stream.local_addr().ok(),
+                remote_addr: stream.peer_addr().ok(),
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let (r, w) = tokio::io::split(tls);
+                        let _ = tx
+                            .send(authority::ClientIo::from_halves(r, w, info, permit))
+                            .await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = ?info.remote_addr, error = %e, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(peer = ?info.remote_addr, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }
 
 /// Client connections served at once; further clients wait in the listen backlog.
@@ -141,10 +202,10 @@ fn peer_connections(
 pub fn listen_addr(url: &str) -> Result<SocketAddr, String> {
     let rest = if let Some(r) = url.strip_prefix("http://") {
         r
-    } else if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(format!("{url}: TLS listeners are not supported yet"));
+    } else if let Some(r) = url.strip_prefix("https://") {
+        r
     } else {
-        return Err(format!("{url}: URL scheme must be http"));
+        return Err(format!("{url}: URL scheme must be http or https"));
     };
     let host_port = rest.trim_end_matches('/');
     use std::net::ToSocketAddrs;
