@@ -186,23 +186,24 @@ impl Mvcc {
             .clone()
     }
 
-    /// Whether a NOSPACE alarm is raised anywhere in the cluster: writes that add data are
-    /// refused until it is disarmed.
-    pub fn nospace(&self) -> bool {
+    /// Whether an alarm of this type is raised for any member.
+    fn alarm_raised(&self, alarm: i32) -> bool {
         self.alarms
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|(_, a)| *a == ALARM_NOSPACE)
+            .any(|(_, a)| *a == alarm)
+    }
+
+    /// Whether a NOSPACE alarm is raised anywhere in the cluster: writes that add data are
+    /// refused until it is disarmed.
+    pub fn nospace(&self) -> bool {
+        self.alarm_raised(ALARM_NOSPACE)
     }
 
     /// Whether a CORRUPT alarm is raised: the cluster refuses writes until it is disarmed.
     pub fn corrupt(&self) -> bool {
-        self.alarms
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|(_, a)| *a == ALARM_CORRUPT)
+        self.alarm_raised(ALARM_CORRUPT)
     }
 
     /// Measures the on-disk size of the data (SST files and memtables of `kv` and `rev`) and
