@@ -234,7 +234,10 @@ async fn member_list(cluster: &Cluster, except: usize) -> Option<Vec<pb::Member>
         let Some(mut c) = cluster_client(j).await else {
             continue;
         };
-        if let Ok(r) = c.member_list(pb::MemberListRequest::default()).await {
+        if let Ok(r) = c
+            .member_list(pb::MemberListRequest { linearizable: true })
+            .await
+        {
             return Some(r.into_inner().members);
         }
     }
@@ -268,14 +271,12 @@ async fn remove_member(cluster: &mut Cluster, v: usize) -> bool {
             }
         }
     }
-    // The answer may have been lost (removing the leader, say): the removal happened if the
-    // cluster no longer lists the node, or the node stopped by itself, within a while.
-    let deadline = tokio::time::Instant::now() + MEMBER_TIMEOUT;
+    // The answer may have been lost (removing the leader, say). Only the node itself
+    // stopping counts as proof (a member list may come from a lagging member): a removed
+    // member stops once its removal has lasted its settle time.
+    let deadline = tokio::time::Instant::now() + 2 * MEMBER_TIMEOUT;
     while tokio::time::Instant::now() < deadline {
         if cluster.has_exited(v) {
-            return true;
-        }
-        if matches!(member_list(cluster, v).await, Some(l) if member_of(&l, v).is_none()) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -328,11 +329,15 @@ async fn add_member_back(net: &Net, cluster: &mut Cluster, v: usize) -> anyhow::
 pub async fn stop(net: &Net, cluster: &mut Cluster) -> anyhow::Result<()> {
     net.heal()?;
     cluster.recover(net)?;
-    // A removal that timed out may still have taken effect once the faults healed: any node
-    // the cluster no longer lists is treated as removed, and added back like the others.
+    // A removal that timed out may still have taken effect once the faults healed: a node
+    // that stopped by itself and that the cluster no longer lists is treated as removed, and
+    // added back like the others. (Never wipe a node on a member list alone.)
     if let Some(list) = member_list(cluster, 0).await {
         for j in 1..=cluster.nodes() {
-            if !cluster.removed_nodes().contains(&j) && member_of(&list, j).is_none() {
+            if !cluster.removed_nodes().contains(&j)
+                && cluster.has_exited(j)
+                && member_of(&list, j).is_none()
+            {
                 tracing::info!(node = j, "found removed by an earlier membership fault");
                 cluster.removed(j, Duration::from_secs(1)).await;
             }

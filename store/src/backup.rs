@@ -29,7 +29,10 @@ use rocksdb::{WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::mvcc::keys::{META_APPLIED, META_APPLIED_PARTIAL, META_MEMBERSHIP, META_MEMBER_PREFIX};
+use crate::mvcc::keys::{
+    META_APPLIED, META_APPLIED_PARTIAL, META_COMPACT, META_MEMBERSHIP, META_MEMBER_PREFIX,
+    META_REVISION,
+};
 use crate::mvcc::{CF_KV, CF_META, CF_REV};
 
 pub const MAGIC: &[u8; 8] = b"FLOTSNAP";
@@ -53,19 +56,34 @@ pub struct Header {
 }
 
 /// Writes a backup of `db` (from one snapshot of it) to `out`, in `CHUNK`-sized writes.
-/// Runs on a blocking thread; returns the bytes written.
+/// The header's revision and compaction revision are the snapshot's own. Runs on a blocking
+/// thread; returns the bytes written.
 pub fn write(db: &DB, header: &Header, out: &mut impl Write) -> anyhow::Result<u64> {
+    let snap = db.snapshot();
+    let meta = db
+        .cf_handle(CF_META)
+        .context("column family meta is missing")?;
+    let counter = |key: &[u8], default: i64| -> anyhow::Result<i64> {
+        Ok(match snap.get_cf(meta, key)? {
+            Some(v) => bincode::deserialize(&v).context("a counter in meta")?,
+            None => default,
+        })
+    };
+    let header = Header {
+        revision: counter(META_REVISION, header.revision)?,
+        compact_revision: counter(META_COMPACT, header.compact_revision)?,
+        ..header.clone()
+    };
     let mut w = HashingWriter {
         inner: out,
         hash: Sha256::new(),
         written: 0,
     };
-    let head = bincode::serialize(header)?;
+    let head = bincode::serialize(&header)?;
     w.write_all(MAGIC)?;
     w.write_all(&FORMAT.to_be_bytes())?;
     w.write_all(&(head.len() as u32).to_be_bytes())?;
     w.write_all(&head)?;
-    let snap = db.snapshot();
     for (tag, name) in FAMILIES.iter().enumerate() {
         let cf = db
             .cf_handle(name)

@@ -83,8 +83,13 @@ pub async fn check_once(member: &Member) -> anyhow::Result<Vec<u64>> {
         let Some(url) = m.client_ur_ls.first() else {
             continue;
         };
-        if let Some((hash, compact)) = ask(url, revision).await {
-            answers.push((m.id, hash, compact));
+        match ask(url, revision).await {
+            Some((hash, compact)) => answers.push((m.id, hash, compact)),
+            None => tracing::warn!(
+                member = format!("{:x}", m.id),
+                url = %url,
+                "corruption check: could not get this member's HashKV; it is not compared"
+            ),
         }
     }
     let corrupt = outliers(own_compact, &answers);

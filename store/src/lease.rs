@@ -14,10 +14,13 @@
 //! writes a clearing checkpoint (remaining 0) and answers only once that is committed; the
 //! member orders the two through one gate (`Member::lease_checkpoint_gate`).
 //!
-//! What gets checkpointed: only leases with less than half their TTL left (clients renew at
-//! a third of the TTL, so healthy keep-alives cost no Raft writes), and each again only after
-//! its remaining TTL dropped by the interval or a tenth of its TTL, whichever is more. A new
-//! leader may so give a lease up to half its TTL more than it had, never less.
+//! What gets checkpointed: leases with less than half their TTL left (clients renew at a
+//! third of the TTL, so healthy keep-alives cost no Raft writes), and leases not renewed at
+//! all under the current leader; each again only after its remaining TTL dropped by the
+//! interval or a tenth of its TTL, whichever is more. A new leader may so give a lease up to
+//! half its TTL more than it had, never less, and a lease nobody renews still runs out when
+//! leaders change often. A leader starts its deadlines (`promote`) only once the entries of
+//! earlier terms are applied, so it starts from the latest checkpoints; renewals wait for it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -47,12 +50,17 @@ struct Deadline {
     /// yet known to be cleared, with a number that tells proposals apart; Some means a
     /// renewal must clear it.
     proposed: Option<(i64, u64)>,
+    /// Leader only: renewed since this member became leader.
+    renewed: bool,
 }
 
 #[derive(Default)]
 pub struct LeaseKeeper {
     deadlines: Mutex<HashMap<i64, Deadline>>,
     proposals: std::sync::atomic::AtomicU64,
+    /// True while this member leads and has started its deadlines (`promote`); renewals wait
+    /// for it, as etcd's lessor answers only once it is primary.
+    primary: tokio::sync::watch::Sender<bool>,
 }
 
 fn seconds(ttl: i64) -> Duration {
@@ -90,6 +98,7 @@ impl LeaseKeeper {
                 revoke_proposed: None,
                 checkpoint: None,
                 proposed: None,
+                renewed: false,
             },
         );
     }
@@ -130,12 +139,14 @@ impl LeaseKeeper {
                     revoke_proposed: None,
                     checkpoint,
                     proposed: checkpoint.map(|c| (c, 0)),
+                    renewed: false,
                 },
             );
         }
     }
 
-    /// On becoming leader: every lease lives on from its checkpointed remaining TTL, or
+    /// On becoming leader, once every entry of earlier terms is applied (so the checkpoints
+    /// here are the latest): every lease lives on from its checkpointed remaining TTL, or
     /// gets its full TTL from now when it has none.
     pub fn promote(&self) {
         let now = Instant::now();
@@ -144,7 +155,27 @@ impl LeaseKeeper {
             d.expires = now + seconds(left);
             d.revoke_proposed = None;
             d.proposed = d.checkpoint.map(|c| (c, 0));
+            d.renewed = false;
         }
+        self.primary.send_replace(true);
+    }
+
+    /// On losing leadership.
+    pub fn demote(&self) {
+        self.primary.send_replace(false);
+    }
+
+    pub fn is_primary(&self) -> bool {
+        *self.primary.borrow()
+    }
+
+    /// Waits (at most `timeout`) until this member is the primary lessor.
+    pub async fn wait_primary(&self, timeout: Duration) -> bool {
+        let mut rx = self.primary.subscribe();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|p| *p))
+            .await
+            .map(|r| r.is_ok());
+        waited.unwrap_or(false)
     }
 
     /// Renews a lease; None when no such lease exists.
@@ -153,9 +184,12 @@ impl LeaseKeeper {
         let mut table = self.lock();
         let d = table.get_mut(&id)?;
         d.expires = now + seconds(d.ttl);
+        d.renewed = true;
+        // A checkpoint proposed by this leader, or one in the applied state: clear it.
+        let pending = d.proposed.or(d.checkpoint.map(|c| (c, 0)));
         Some(Renewed {
             ttl: d.ttl,
-            clear_checkpoint: d.proposed.map(|(_, n)| n),
+            clear_checkpoint: pending.map(|(_, n)| n),
         })
     }
 
@@ -180,7 +214,9 @@ impl LeaseKeeper {
             }
             let step = (interval.as_secs().max(1) as i64).max(d.ttl / 10);
             let left = seconds_left(d.expires, now);
-            let stale = 2 * left <= d.ttl && left + step <= d.ttl;
+            // Past half its TTL; or not renewed under this leader at all (so that leaders
+            // changing faster than TTL/2 cannot keep an abandoned lease alive for ever).
+            let stale = (2 * left <= d.ttl || !d.renewed) && left + step <= d.ttl;
             let moved = d.proposed.is_none_or(|(p, _)| p - left >= step);
             if left > 0 && stale && moved {
                 let n = self
@@ -256,6 +292,9 @@ mod tests {
             k.granted(1, 10);
             k.granted(2, 10);
         }
+        leader.promote();
+        leader.keep_alive(1);
+        leader.keep_alive(2);
         let interval = Duration::from_secs(2);
         tokio::time::advance(Duration::from_millis(4500)).await;
         assert!(
@@ -277,6 +316,7 @@ mod tests {
 
         // The follower takes over: lease 1 keeps its 3 s, lease 2 gets its full TTL.
         follower.promote();
+        assert!(follower.wait_primary(Duration::from_millis(1)).await);
         assert_eq!(follower.time_to_live(1), Some((10, 3)));
         assert_eq!(follower.time_to_live(2), Some((10, 10)));
         // A renewal of a checkpointed lease must clear the checkpoint, and every renewal

@@ -289,6 +289,9 @@ pub async fn run(
     };
     let mut tasks = tokio::task::JoinSet::new();
     for url in &config.listen_peer_urls {
+        if url.starts_with("https://") {
+            bail!("{url}: peer TLS is not supported yet; use http:// peer URLs");
+        }
         let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
         let listener = TcpListener::bind(addr)
             .await
@@ -411,10 +414,23 @@ async fn lease_expiry_loop(
         }
         let leader = metrics.borrow().state == ServerState::Leader;
         if leader && !was_leader {
-            member.leases.promote();
+            // Deadlines start from the latest checkpoints: first apply every entry of the
+            // earlier terms (what a linearizable read waits for).
+            let m = member.clone();
+            tokio::spawn(async move {
+                match m.raft.ensure_linearizable().await {
+                    Ok(_) if m.is_leader() => m.leases.promote(),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "lease promotion"),
+                }
+            });
+        }
+        if !leader && was_leader {
+            member.leases.demote();
         }
         was_leader = leader;
-        if !leader {
+        // Deadlines count only once promoted: before, they are a follower's stale copies.
+        if !leader || !member.leases.is_primary() {
             continue;
         }
         if let Some(interval) = checkpoint_interval {
@@ -452,13 +468,15 @@ async fn lease_expiry_loop(
 /// from its own log, or from a leader that refused its vote request (a leader stops
 /// replicating to a member it removes, so the last entry may never arrive).
 ///
-/// A member that rejoins after a removal replays the old removal from the log on its way to
-/// the entry that added it back; only a removal that lasts `REMOVAL_SETTLE` counts.
+/// Either is only a sign until it has lasted `REMOVAL_SETTLE`: a member that rejoins after a
+/// removal replays the old removal from the log on its way to the entry that added it back,
+/// and a stale leader may not know of a newer membership. A member in the membership that
+/// hears from a leader is not removed, whatever it was told.
 async fn exit_when_removed(
     member: Arc<Member>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    const REMOVAL_SETTLE: Duration = Duration::from_secs(5);
+    const REMOVAL_SETTLE: Duration = Duration::from_secs(15);
     let mut metrics = member.raft.metrics();
     let mut was_member = false;
     let mut out_since: Option<tokio::time::Instant> = None;
@@ -476,13 +494,19 @@ async fn exit_when_removed(
         let told = member
             .peers
             .removed
-            .load(std::sync::atomic::Ordering::Acquire);
-        out_since = if was_member && !is_member {
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        let led = metrics
+            .borrow()
+            .current_leader
+            .is_some_and(|l| l != member.id);
+        out_since = if (was_member && !is_member) || told {
             Some(out_since.unwrap_or_else(tokio::time::Instant::now))
-        } else {
+        } else if is_member && led {
             None
+        } else {
+            out_since
         };
-        if told || out_since.is_some_and(|t| t.elapsed() >= REMOVAL_SETTLE) {
+        if out_since.is_some_and(|t| t.elapsed() >= REMOVAL_SETTLE) {
             anyhow::bail!("the member has been permanently removed from the cluster");
         }
         tokio::select! {

@@ -451,6 +451,9 @@ impl Member {
         &self,
         req: &LeaseKeepAliveRequest,
     ) -> Result<LeaseKeepAliveResponse, EtcdError> {
+        if !self.leases.wait_primary(REQUEST_TIMEOUT).await {
+            return Err(EtcdError::Timeout);
+        }
         let renewed = self.leases.keep_alive(req.id);
         if let Some(proposal) = renewed.and_then(|r| r.clear_checkpoint) {
             let command = Command {
