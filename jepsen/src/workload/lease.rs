@@ -291,6 +291,14 @@ pub fn check(
             .filter(|c| c.invoke.f == "grant" || c.invoke.f == "keepalive")
             .map(|c| c.invoke.time_ns)
             .max();
+        // Nothing expires while the cluster has no leader: the lateness clock also restarts
+        // at the last read this cycle's client saw fail (its evidence of unavailability).
+        let last_unavailable = ops
+            .iter()
+            .filter(|c| c.invoke.f == "read" && c.kind() != OpKind::Ok)
+            .filter_map(|c| c.complete.map(|o| o.time_ns))
+            .max();
+        let late_from = last_renewal_sent.max(last_unavailable);
         let expiry_slack_ns = EXPIRY_SLACK_SECS * 1_000_000_000;
         // Renewals known to have happened: the lease lives at least TTL past each invocation.
         let renewals: Vec<(u64, u64)> = ops
@@ -326,11 +334,11 @@ pub fn check(
                     "explanation": "read after the revoke was acknowledged still saw the lease's keys",
                 }));
             }
-            if present && last_renewal_sent.is_some_and(|t| start > t + ttl_ns + expiry_slack_ns) {
+            if present && late_from.is_some_and(|t| start > t + ttl_ns + expiry_slack_ns) {
                 anomalies.push(json!({
                     "type": "lease-outlived-ttl", "key": key, "ops": [describe(c)],
                     "explanation": format!(
-                        "keys still there more than TTL + {EXPIRY_SLACK_SECS} s after the last renewal was sent"
+                        "keys still there more than TTL + {EXPIRY_SLACK_SECS} s after the last renewal was sent and the cluster was last seen unavailable"
                     ),
                 }));
             }
@@ -438,5 +446,15 @@ mod tests {
             op(5, OpKind::Ok, "read", json!(["a", "b"]), 20_010),
         ]);
         assert_eq!(run(&outlived), ["lease-outlived-ttl"]);
+
+        // The same, but the cluster was unavailable until 15 s: nothing could expire it.
+        let mut unavailable = base();
+        unavailable.extend([
+            op(4, OpKind::Invoke, "read", json!(null), 14_000),
+            op(5, OpKind::Fail, "read", json!(null), 15_000),
+            op(6, OpKind::Invoke, "read", json!(null), 20_000),
+            op(7, OpKind::Ok, "read", json!(["a", "b"]), 20_010),
+        ]);
+        assert!(run(&unavailable).is_empty(), "{:?}", run(&unavailable));
     }
 }
