@@ -228,12 +228,24 @@ async fn cluster_client(i: usize) -> Option<ClusterClient<tonic::transport::Chan
     Some(ClusterClient::new(ep.connect().await.ok()?))
 }
 
+/// Clients of the running nodes other than `except`, in node order, skipping any that
+/// cannot be reached.
+async fn clients_except(
+    cluster: &Cluster,
+    except: usize,
+) -> Vec<(usize, ClusterClient<tonic::transport::Channel>)> {
+    let mut out = Vec::new();
+    for j in (1..=cluster.nodes()).filter(|&j| j != except && cluster.is_running(j)) {
+        if let Some(c) = cluster_client(j).await {
+            out.push((j, c));
+        }
+    }
+    out
+}
+
 /// The member list as some running node other than `except` reports it.
 async fn member_list(cluster: &Cluster, except: usize) -> Option<Vec<pb::Member>> {
-    for j in (1..=cluster.nodes()).filter(|&j| j != except && cluster.is_running(j)) {
-        let Some(mut c) = cluster_client(j).await else {
-            continue;
-        };
+    for (_, mut c) in clients_except(cluster, except).await {
         if let Ok(r) = c
             .member_list(pb::MemberListRequest { linearizable: true })
             .await
@@ -259,15 +271,11 @@ async fn remove_member(cluster: &mut Cluster, v: usize) -> bool {
     let Some(id) = member_of(&list, v) else {
         return false;
     };
-    for j in (1..=cluster.nodes()).filter(|&j| j != v && cluster.is_running(j)) {
-        let Some(mut c) = cluster_client(j).await else {
-            continue;
-        };
+    if let Some((j, mut c)) = clients_except(cluster, v).await.into_iter().next() {
         match c.member_remove(pb::MemberRemoveRequest { id }).await {
             Ok(_) => return true,
             Err(e) => {
-                tracing::info!(node = v, via = j, error = %e.message(), "member remove failed");
-                break;
+                tracing::info!(node = v, via = j, error = %e.message(), "member remove failed")
             }
         }
     }
@@ -306,10 +314,7 @@ async fn add_member_back(net: &Net, cluster: &mut Cluster, v: usize) -> anyhow::
                     .collect();
                 return cluster.rejoin(net, v, initial_cluster.join(","));
             }
-            for j in (1..=cluster.nodes()).filter(|&j| j != v && cluster.is_running(j)) {
-                let Some(mut c) = cluster_client(j).await else {
-                    continue;
-                };
+            if let Some((j, mut c)) = clients_except(cluster, v).await.into_iter().next() {
                 let add = pb::MemberAddRequest {
                     peer_ur_ls: vec![Cluster::peer_url(v)],
                     is_learner: false,
@@ -317,7 +322,6 @@ async fn add_member_back(net: &Net, cluster: &mut Cluster, v: usize) -> anyhow::
                 if let Err(e) = c.member_add(add).await {
                     tracing::info!(node = v, via = j, error = %e.message(), "member add failed");
                 }
-                break;
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

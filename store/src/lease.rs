@@ -171,6 +171,10 @@ impl LeaseKeeper {
 
     /// Waits (at most `timeout`) until this member is the primary lessor.
     pub async fn wait_primary(&self, timeout: Duration) -> bool {
+        // Every renewal asks: answer the usual case without a subscription.
+        if self.is_primary() {
+            return true;
+        }
         let mut rx = self.primary.subscribe();
         let waited = tokio::time::timeout(timeout, rx.wait_for(|p| *p))
             .await
