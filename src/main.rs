@@ -119,6 +119,12 @@ struct StoreArgs {
     /// no quota).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     quota_backend_bytes: i64,
+    /// Seconds a token from Authenticate stays valid (auth changes void older tokens sooner).
+    #[arg(long, default_value_t = flotilla_store::auth::DEFAULT_TOKEN_TTL_SECS)]
+    auth_token_ttl: u64,
+    /// Work factor of the bcrypt hashes stored for passwords (4 to 31).
+    #[arg(long, default_value_t = flotilla_store::auth::DEFAULT_BCRYPT_COST)]
+    bcrypt_cost: u32,
     /// Test-only fault injection: serve linearizable reads without a read index.
     #[arg(long, hide = true)]
     experimental_unsafe_stale_reads: bool,
@@ -193,6 +199,8 @@ fn main() -> anyhow::Result<()> {
                 election_timeout_ms: a.election_timeout,
                 progress_notify_interval: a.watch_progress_notify_interval,
                 quota_backend_bytes: a.quota_backend_bytes,
+                auth_token_ttl: Duration::from_secs(a.auth_token_ttl),
+                bcrypt_cost: a.bcrypt_cost,
                 client_tls: match (a.cert_file, a.key_file) {
                     (Some(cert_file), Some(key_file)) => {
                         Some(flotilla_store::server::tls::TlsFiles {

@@ -104,6 +104,7 @@ pub async fn check_once(member: &Member) -> anyhow::Result<Vec<u64>> {
             "found data inconsistency with peers (HashKV differs); raising the CORRUPT alarm"
         );
         let command = Command {
+            auth: None,
             request: Some(command::Request::Alarm(AlarmRequest {
                 action: alarm_request::AlarmAction::Activate as i32,
                 member_id: id,

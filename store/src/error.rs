@@ -62,6 +62,40 @@ pub enum EtcdError {
     NoSpace,
     #[error("etcdserver: corrupt cluster")]
     Corrupt,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
     /// A failure inside this member (disk, encoding) that the client cannot fix.
     #[error("etcdserver: {0}")]
     Internal(String),
@@ -82,6 +116,14 @@ impl EtcdError {
             NotCapable => Code::Unavailable,
             NoSpace => Code::ResourceExhausted,
             Corrupt => Code::DataLoss,
+            RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
+            | RoleAlreadyExist | RoleNotFound | RoleNotGranted | PermissionNotGranted
+            | AuthNotEnabled | InvalidAuthMgmt => Code::FailedPrecondition,
+            UserEmpty | RoleEmpty | AuthFailed | PermissionNotGiven | AuthOldRevision => {
+                Code::InvalidArgument
+            }
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
             Internal(_) => Code::Internal,
         }
     }
@@ -129,6 +171,23 @@ const ALL_KNOWN: &[EtcdError] = &[
     EtcdError::NotCapable,
     EtcdError::NoSpace,
     EtcdError::Corrupt,
+    EtcdError::RootUserNotExist,
+    EtcdError::RootRoleNotExist,
+    EtcdError::UserAlreadyExist,
+    EtcdError::UserEmpty,
+    EtcdError::UserNotFound,
+    EtcdError::RoleAlreadyExist,
+    EtcdError::RoleNotFound,
+    EtcdError::RoleEmpty,
+    EtcdError::AuthFailed,
+    EtcdError::PermissionNotGiven,
+    EtcdError::PermissionDenied,
+    EtcdError::RoleNotGranted,
+    EtcdError::PermissionNotGranted,
+    EtcdError::AuthNotEnabled,
+    EtcdError::InvalidAuthToken,
+    EtcdError::InvalidAuthMgmt,
+    EtcdError::AuthOldRevision,
 ];
 
 impl From<EtcdError> for Status {

@@ -2,6 +2,7 @@
 //!
 //! [`run`] starts one member from etcd-style configuration and serves until shut down.
 
+pub mod auth;
 pub mod backup;
 pub mod corruption;
 pub mod error;
@@ -61,6 +62,10 @@ pub struct Config {
     pub client_tls: Option<server::tls::TlsFiles>,
     /// `--quota-backend-bytes`: 0 for the default (2 GiB, as etcd), negative for none.
     pub quota_backend_bytes: i64,
+    /// `--auth-token-ttl`: how long tokens from Authenticate are good for.
+    pub auth_token_ttl: Duration,
+    /// `--bcrypt-cost`: work factor of password hashes (4 to 31).
+    pub bcrypt_cost: u32,
     /// Test-only fault: serve linearizable reads from local state without a read index, so
     /// a partitioned member answers stale reads. The chaos suite uses it to prove that its
     /// checker catches the anomaly. Never set in production.
@@ -87,6 +92,8 @@ impl Default for Config {
             progress_notify_interval: Duration::from_secs(600),
             lease_checkpoint_interval: Some(Duration::from_secs(1)),
             quota_backend_bytes: 0,
+            auth_token_ttl: Duration::from_secs(auth::DEFAULT_TOKEN_TTL_SECS),
+            bcrypt_cost: auth::DEFAULT_BCRYPT_COST,
             client_tls: None,
             corrupt_check_interval: Some(Duration::from_secs(300)),
             unsafe_stale_reads: false,
@@ -254,7 +261,15 @@ pub async fn run(
             q => Some(q as u64),
         },
         unsafe_stale_reads: config.unsafe_stale_reads,
+        auth_token_ttl: config.auth_token_ttl,
+        bcrypt_cost: config.bcrypt_cost,
     };
+    if !(4..=31).contains(&config.bcrypt_cost) {
+        bail!(
+            "--bcrypt-cost must be between 4 and 31, not {}",
+            config.bcrypt_cost
+        );
+    }
     if config.unsafe_stale_reads {
         tracing::warn!(
             "UNSAFE: linearizable reads are served without a read index (test-only fault)"
@@ -453,6 +468,7 @@ async fn lease_expiry_loop(
             tokio::spawn(async move {
                 let revoke = flotilla_proto::etcdserverpb::LeaseRevokeRequest { id };
                 let command = Command {
+                    auth: None,
                     request: Some(command::Request::LeaseRevoke(revoke)),
                 };
                 if let Err(e) = m.propose(command).await {
@@ -534,6 +550,7 @@ async fn publish_attributes(
             return Ok(());
         }
         let command = Command {
+            auth: None,
             request: Some(command::Request::MemberAttributes(attrs.clone())),
         };
         match member.propose(command).await {

@@ -9,7 +9,7 @@ use flotilla_proto::etcdserverpb::{
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
 };
 use flotilla_proto::flotillapb::{
-    command, command_result, forward_request, forward_response, Command, CommandBatch,
+    command, command_result, forward_request, forward_response, AuthInfo, Command, CommandBatch,
     ForwardRequest, ReadIndexRequest,
 };
 use openraft::error::{ClientWriteError, RaftError};
@@ -39,6 +39,10 @@ pub struct Limits {
     pub unsafe_stale_reads: bool,
     /// `--quota-backend-bytes`: past this on-disk size, writes that add data raise NOSPACE.
     pub quota_bytes: Option<u64>,
+    /// `--auth-token-ttl`: how long a token from Authenticate is good for.
+    pub auth_token_ttl: Duration,
+    /// `--bcrypt-cost`: work factor of stored password hashes.
+    pub bcrypt_cost: u32,
 }
 
 /// What etcd's quota counts for a put beyond its key and value (`kvOverhead`).
@@ -310,6 +314,7 @@ impl Member {
                     .map(|&(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl })
                     .collect();
                 let command = Command {
+                    auth: None,
                     request: Some(command::Request::LeaseCheckpoint(LeaseCheckpointRequest {
                         checkpoints,
                     })),
@@ -457,6 +462,7 @@ impl Member {
         let renewed = self.leases.keep_alive(req.id);
         if let Some(proposal) = renewed.and_then(|r| r.clear_checkpoint) {
             let command = Command {
+                auth: None,
                 request: Some(command::Request::LeaseCheckpoint(LeaseCheckpointRequest {
                     checkpoints: vec![LeaseCheckpoint {
                         id: req.id,
@@ -551,6 +557,7 @@ impl Member {
                 "database space exceeded; raising the NOSPACE alarm"
             );
             let command = Command {
+                auth: None,
                 request: Some(command::Request::Alarm(
                     flotilla_proto::etcdserverpb::AlarmRequest {
                         action: flotilla_proto::etcdserverpb::alarm_request::AlarmAction::Activate
@@ -565,6 +572,45 @@ impl Member {
             }
         }
         Err(EtcdError::NoSpace)
+    }
+
+    /// Who a client request speaks for: the user its `token` metadata names (etcd's key; the
+    /// newer `authorization` is read too), or an empty user when it gave none. While auth is
+    /// off a token means nothing. A token issued at a newer auth revision than this member
+    /// has applied (a lagging follower) waits for this member to catch up before it is judged.
+    pub async fn auth_info(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<AuthInfo, EtcdError> {
+        let token = metadata
+            .get("token")
+            .or_else(|| metadata.get("authorization"))
+            .map(|v| v.to_str().map_err(|_| EtcdError::InvalidAuthToken));
+        let Some(token) = token else {
+            return Ok(AuthInfo::default());
+        };
+        let token = token?;
+        let mut state = self.mvcc.auth();
+        if crate::auth::parse_token(token).is_some_and(|t| t.revision > state.revision()) {
+            self.linearizable_barrier().await?;
+            state = self.mvcc.auth();
+        }
+        if !state.enabled() {
+            return Ok(AuthInfo::default());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        state.verify_token(token, now)
+    }
+
+    /// A command on behalf of a client: it carries the client's identity, checked when applied.
+    pub fn client_command(request: command::Request, auth: AuthInfo) -> Command {
+        Command {
+            request: Some(request),
+            auth: Some(auth),
+        }
     }
 
     /// Size of a request as it would travel through Raft.

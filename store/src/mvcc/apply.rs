@@ -30,6 +30,8 @@ pub struct Outcome {
     pub compaction: Option<i64>,
     /// The raised alarms after this command, if it changed them.
     pub alarms: Option<Vec<(u64, i32)>>,
+    /// The auth state after this command, if it changed it.
+    pub auth: Option<std::sync::Arc<crate::auth::AuthState>>,
 }
 
 type Version = (i64, KvRecord);
@@ -44,6 +46,7 @@ pub struct Applier<'a> {
     events: Vec<Event>,
     compaction: Option<i64>,
     alarms: Option<Vec<(u64, i32)>>,
+    auth: Option<std::sync::Arc<crate::auth::AuthState>>,
 }
 
 impl<'a> Applier<'a> {
@@ -57,6 +60,7 @@ impl<'a> Applier<'a> {
             events: Vec::new(),
             compaction: None,
             alarms: None,
+            auth: None,
         }
     }
 
@@ -81,6 +85,7 @@ impl<'a> Applier<'a> {
                 events: self.events,
                 compaction: self.compaction,
                 alarms: self.alarms,
+                auth: self.auth,
             },
         )
     }
@@ -517,6 +522,13 @@ impl<'a> Applier<'a> {
             self.alarms = Some(alarms);
         }
         Ok(response)
+    }
+
+    /// Replaces the auth state.
+    pub fn set_auth(&mut self, stored: crate::auth::Stored) {
+        self.batch
+            .put_cf(self.mvcc.cf(CF_META), META_AUTH, encode(&stored));
+        self.auth = Some(std::sync::Arc::new(crate::auth::AuthState::new(stored)));
     }
 
     /// Writes raw metadata in the command's batch (member attributes and the like).

@@ -136,6 +136,8 @@ pub const META_LEASE_KEY_PREFIX: &[u8] = b"lkey/";
 pub const META_MEMBER_PREFIX: &[u8] = b"member/";
 /// `alarm/<member id u64 BE><alarm type i32 BE>` → empty: a raised alarm.
 pub const META_ALARM_PREFIX: &[u8] = b"alarm/";
+/// The auth state (users, roles, permissions, whether auth is on).
+pub const META_AUTH: &[u8] = b"auth";
 /// `lckp/<id>` → remaining TTL (i64 BE) checkpointed by a leader; absent: full TTL.
 pub const META_LEASE_CHECKPOINT_PREFIX: &[u8] = b"lckp/";
 

@@ -21,6 +21,7 @@ use flotilla_proto::mvccpb::{event::EventType, Event, KeyValue};
 use rocksdb::{ColumnFamily, WriteBatch, DB};
 use tokio::sync::{broadcast, watch};
 
+use crate::auth::AuthState;
 use crate::error::{EtcdError, StorageError};
 use keys::*;
 
@@ -51,6 +52,8 @@ pub struct Mvcc {
     compact_done: watch::Sender<i64>,
     /// Raised alarms (member id, alarm type), as the applied state holds them.
     alarms: std::sync::RwLock<Vec<(u64, i32)>>,
+    /// Users, roles and permissions, as the applied state holds them.
+    auth: std::sync::RwLock<Arc<AuthState>>,
     /// On-disk size (bytes) as last measured by `refresh_size`.
     size: AtomicI64,
     in_use: AtomicI64,
@@ -138,10 +141,12 @@ impl Mvcc {
             compact_target: watch::Sender::new(compacted),
             compact_done: watch::Sender::new(compact_done),
             alarms: std::sync::RwLock::new(Vec::new()),
+            auth: std::sync::RwLock::new(Arc::new(AuthState::initial())),
             size: AtomicI64::new(0),
             in_use: AtomicI64::new(0),
         });
         mvcc.load_alarms()?;
+        mvcc.load_auth()?;
         mvcc.refresh_size();
         Ok(mvcc)
     }
@@ -172,6 +177,24 @@ impl Mvcc {
         it.status()?;
         self.set_alarms(out);
         Ok(())
+    }
+
+    fn load_auth(&self) -> Result<(), StorageError> {
+        let state = match self.meta_get(META_AUTH)? {
+            Some(v) => AuthState::new(decode("auth", &v)?),
+            None => AuthState::initial(),
+        };
+        self.set_auth(Arc::new(state));
+        Ok(())
+    }
+
+    fn set_auth(&self, state: Arc<AuthState>) {
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+
+    /// The auth state as of the last applied command.
+    pub fn auth(&self) -> Arc<AuthState> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn set_alarms(&self, alarms: Vec<(u64, i32)>) {
@@ -606,6 +629,9 @@ impl Mvcc {
         if let Some(alarms) = outcome.alarms {
             self.set_alarms(alarms);
         }
+        if let Some(auth) = outcome.auth {
+            self.set_auth(auth);
+        }
         Ok(())
     }
 
@@ -624,6 +650,7 @@ impl Mvcc {
         self.compacted.store(compacted, Ordering::Release);
         self.compact_target.send_replace(compacted);
         self.load_alarms()?;
+        self.load_auth()?;
         Ok(())
     }
 

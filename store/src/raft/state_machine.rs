@@ -106,6 +106,9 @@ impl StateMachine {
                 return Err(EtcdError::NoSpace);
             }
         }
+        self.mvcc
+            .auth()
+            .check_command(command, |lease| Ok(self.mvcc.lease_keys(lease)?))?;
         Ok(match &command.request {
             Some(Request::Put(r)) => R::Put(applier.put(r)?),
             Some(Request::DeleteRange(r)) => R::DeleteRange(applier.delete_range(r)?),
@@ -115,6 +118,16 @@ impl StateMachine {
             Some(Request::LeaseRevoke(r)) => R::LeaseRevoke(applier.lease_revoke(r)?),
             Some(Request::LeaseCheckpoint(r)) => R::LeaseCheckpoint(applier.lease_checkpoint(r)?),
             Some(Request::Alarm(r)) => R::Alarm(applier.alarm(r)?),
+            Some(Request::AuthChange(c)) => {
+                let change = c
+                    .change
+                    .as_ref()
+                    .ok_or_else(|| EtcdError::Internal("empty auth change".into()))?;
+                if let Some(next) = self.mvcc.auth().apply(change)? {
+                    applier.set_auth(next);
+                }
+                R::AuthChange(Empty {})
+            }
             Some(Request::MemberAttributes(a)) => {
                 let attrs = MemberAttributes {
                     name: a.name.clone(),

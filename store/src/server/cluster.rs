@@ -6,9 +6,7 @@ use std::sync::Arc;
 use flotilla_proto::etcdserverpb::cluster_server::Cluster;
 use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
 use flotilla_proto::etcdserverpb::*;
-use flotilla_proto::flotillapb::{
-    command, command_result, forward_request, forward_response, Command,
-};
+use flotilla_proto::flotillapb::{command, command_result, forward_request, forward_response};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -28,12 +26,22 @@ fn not_yet(what: &str) -> Status {
 }
 
 impl ClusterService {
+    /// Membership changes are for the root role only when auth is on.
     async fn change(
         &self,
+        metadata: &tonic::metadata::MetadataMap,
         request: forward_request::Request,
     ) -> Result<forward_response::Response, Status> {
+        admin(&self.member, metadata).await?;
         Ok(self.member.change_membership(request).await?)
     }
+}
+
+/// Refuses a request unless auth is off or its token is a root-role user's.
+async fn admin(member: &Member, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+    let auth = member.auth_info(metadata).await?;
+    member.mvcc.auth().check_admin(Some(&auth))?;
+    Ok(())
 }
 
 fn stamp(member: &Member, header: &mut Option<ResponseHeader>) {
@@ -47,7 +55,10 @@ impl Cluster for ClusterService {
         r: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
         match self
-            .change(forward_request::Request::MemberAdd(r.into_inner()))
+            .change(
+                r.metadata(),
+                forward_request::Request::MemberAdd(r.get_ref().clone()),
+            )
             .await?
         {
             forward_response::Response::MemberAdd(mut resp) => {
@@ -62,7 +73,10 @@ impl Cluster for ClusterService {
         r: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         match self
-            .change(forward_request::Request::MemberRemove(r.into_inner()))
+            .change(
+                r.metadata(),
+                forward_request::Request::MemberRemove(r.get_ref().clone()),
+            )
             .await?
         {
             forward_response::Response::MemberRemove(mut resp) => {
@@ -77,7 +91,10 @@ impl Cluster for ClusterService {
         r: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
         match self
-            .change(forward_request::Request::MemberUpdate(r.into_inner()))
+            .change(
+                r.metadata(),
+                forward_request::Request::MemberUpdate(r.get_ref().clone()),
+            )
             .await?
         {
             forward_response::Response::MemberUpdate(mut resp) => {
@@ -92,7 +109,10 @@ impl Cluster for ClusterService {
         r: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         match self
-            .change(forward_request::Request::MemberPromote(r.into_inner()))
+            .change(
+                r.metadata(),
+                forward_request::Request::MemberPromote(r.get_ref().clone()),
+            )
             .await?
         {
             forward_response::Response::MemberPromote(mut resp) => {
@@ -183,6 +203,7 @@ impl Maintenance for MaintenanceService {
     /// GET lists the raised alarms; ACTIVATE and DEACTIVATE go through Raft, so every member
     /// agrees on them (`etcdctl alarm disarm` deactivates each listed alarm).
     async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let auth = self.member.auth_info(r.metadata()).await?;
         let req = r.into_inner();
         if req.action == alarm_request::AlarmAction::Get as i32 {
             let alarms = self
@@ -198,9 +219,8 @@ impl Maintenance for MaintenanceService {
                 alarms,
             }));
         }
-        let command = Command {
-            request: Some(command::Request::Alarm(req)),
-        };
+        self.member.mvcc.auth().check_admin(Some(&auth))?;
+        let command = Member::client_command(command::Request::Alarm(req), auth);
         match self.member.propose(command).await? {
             command_result::Result::Alarm(mut r) => {
                 stamp(&self.member, &mut r.header);
@@ -238,8 +258,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _r: Request<DefragmentRequest>,
+        r: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        admin(&self.member, r.metadata()).await?;
         // A full manual compaction of every family: it rewrites the data without the
         // versions and tombstones an MVCC compaction left, and gives the space back. RocksDB
         // runs it beside normal writes (they go on to new memtables and files), so writes
@@ -256,7 +277,8 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        admin(&self.member, r.metadata()).await?;
         let revision = self.member.mvcc.current_revision();
         let (hash, _) = self.hash_at(revision).await?;
         Ok(Response::new(HashResponse {
@@ -266,6 +288,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash_kv(&self, r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        admin(&self.member, r.metadata()).await?;
         let current = self.member.mvcc.current_revision();
         let requested = r.into_inner().revision;
         let revision = if requested <= 0 {
@@ -288,8 +311,9 @@ impl Maintenance for MaintenanceService {
     /// 64 KiB messages; the last carries the SHA-256 trailer and `remaining_bytes` 0.
     async fn snapshot(
         &self,
-        _r: Request<SnapshotRequest>,
+        r: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        admin(&self.member, r.metadata()).await?;
         let member = &self.member;
         let header = backup::Header {
             revision: member.mvcc.current_revision(),

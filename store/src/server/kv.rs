@@ -7,10 +7,11 @@ use flotilla_proto::etcdserverpb::{
     response_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
     PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
-use flotilla_proto::flotillapb::{command, command_result, Command};
+use flotilla_proto::flotillapb::{command, command_result};
 use tonic::{Request, Response, Status};
 
 use super::validate;
+use crate::auth::Access;
 use crate::error::EtcdError;
 use crate::member::{Member, QUOTA_PUT_OVERHEAD};
 use crate::mvcc::apply::txn_has_put;
@@ -50,6 +51,7 @@ impl Kv for KvService {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
         let req = request.into_inner();
         validate::range(&req)?;
         if self
@@ -63,6 +65,11 @@ impl Kv for KvService {
         if !req.serializable {
             self.member.linearizable_barrier().await?;
         }
+        // After the barrier: a linearizable read sees the permissions as of its start.
+        self.member
+            .mvcc
+            .auth()
+            .check_range(Some(&auth), &req.key, &req.range_end, Access::Read)?;
         let revision = self.member.mvcc.resolve_revision(req.revision)?;
         // A single key or a short page is read inline; a range that may be large is read on
         // the blocking pool so it does not hold up other requests on this worker.
@@ -80,17 +87,21 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
         let req = request.into_inner();
         validate::put(&req)?;
         self.member.check_size(&req)?;
+        let state = self.member.mvcc.auth();
+        state.check_range(Some(&auth), &req.key, &[], Access::Write)?;
+        if req.prev_kv {
+            state.check_range(Some(&auth), &req.key, &[], Access::Read)?;
+        }
         self.member
             .quota_check((req.key.len() + req.value.len()) as u64 + QUOTA_PUT_OVERHEAD)
             .await?;
         match self
             .member
-            .propose(Command {
-                request: Some(command::Request::Put(req)),
-            })
+            .propose(Member::client_command(command::Request::Put(req), auth))
             .await?
         {
             command_result::Result::Put(mut r) => {
@@ -105,14 +116,21 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
         let req = request.into_inner();
         validate::delete_range(&req)?;
         self.member.check_size(&req)?;
+        let state = self.member.mvcc.auth();
+        state.check_range(Some(&auth), &req.key, &req.range_end, Access::Write)?;
+        if req.prev_kv {
+            state.check_range(Some(&auth), &req.key, &req.range_end, Access::Read)?;
+        }
         match self
             .member
-            .propose(Command {
-                request: Some(command::Request::DeleteRange(req)),
-            })
+            .propose(Member::client_command(
+                command::Request::DeleteRange(req),
+                auth,
+            ))
             .await?
         {
             command_result::Result::DeleteRange(mut r) => {
@@ -124,9 +142,11 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
         let req = request.into_inner();
         validate::txn(&req, self.member.limits.max_txn_ops)?;
         self.member.check_size(&req)?;
+        self.member.mvcc.auth().check_txn(Some(&auth), &req)?;
         if txn_has_put(&req) {
             self.member
                 .quota_check(req.encoded_len() as u64 + QUOTA_PUT_OVERHEAD)
@@ -134,9 +154,7 @@ impl Kv for KvService {
         }
         match self
             .member
-            .propose(Command {
-                request: Some(command::Request::Txn(req)),
-            })
+            .propose(Member::client_command(command::Request::Txn(req), auth))
             .await?
         {
             command_result::Result::Txn(mut r) => {
@@ -151,14 +169,17 @@ impl Kv for KvService {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
+        self.member.mvcc.auth().check_user(Some(&auth))?;
         let req = request.into_inner();
         let physical = req.physical;
         let revision = req.revision;
         let mut resp = match self
             .member
-            .propose(Command {
-                request: Some(command::Request::Compaction(req)),
-            })
+            .propose(Member::client_command(
+                command::Request::Compaction(req),
+                auth,
+            ))
             .await?
         {
             command_result::Result::Compaction(r) => r,

@@ -9,7 +9,7 @@ use flotilla_proto::etcdserverpb::{
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
-use flotilla_proto::flotillapb::{command, command_result, Command};
+use flotilla_proto::flotillapb::{command, command_result};
 use futures::Stream;
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -35,6 +35,8 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
+        self.member.mvcc.auth().check_user(Some(&auth))?;
         let mut req = request.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(EtcdError::LeaseTtlTooLarge.into());
@@ -49,9 +51,8 @@ impl Lease for LeaseService {
                 // Positive and non-zero, like the IDs etcd hands out.
                 req.id = rand::thread_rng().gen_range(1..i64::MAX);
             }
-            let command = Command {
-                request: Some(command::Request::LeaseGrant(req.clone())),
-            };
+            let command =
+                Member::client_command(command::Request::LeaseGrant(req.clone()), auth.clone());
             match self.member.propose(command).await {
                 Ok(command_result::Result::LeaseGrant(mut r)) => {
                     self.member.stamp(&mut r.header);
@@ -74,12 +75,15 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
+        self.member.mvcc.auth().check_user(Some(&auth))?;
         let req = request.into_inner();
         match self
             .member
-            .propose(Command {
-                request: Some(command::Request::LeaseRevoke(req)),
-            })
+            .propose(Member::client_command(
+                command::Request::LeaseRevoke(req),
+                auth,
+            ))
             .await?
         {
             command_result::Result::LeaseRevoke(mut r) => {
@@ -121,6 +125,8 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
+        self.member.mvcc.auth().check_user(Some(&auth))?;
         Ok(Response::new(
             self.member.lease_time_to_live(request.into_inner()).await?,
         ))
@@ -128,9 +134,11 @@ impl Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _request: Request<LeaseLeasesRequest>,
+        request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let auth = self.member.auth_info(request.metadata()).await?;
         self.member.linearizable_barrier().await?;
+        self.member.mvcc.auth().check_user(Some(&auth))?;
         let leases = self.member.mvcc.leases().map_err(EtcdError::from)?;
         Ok(Response::new(LeaseLeasesResponse {
             header: Some(self.member.header(self.member.mvcc.current_revision())),

@@ -1,6 +1,7 @@
 //! gRPC front ends: the etcd v3 services on the client URLs and the peer service on the peer
 //! URLs. Only this module and `error` know about tonic statuses.
 
+pub mod auth;
 mod authority;
 pub mod cluster;
 pub mod kv;
@@ -14,8 +15,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use flotilla_proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use flotilla_proto::flotillapb::peer_server::PeerServer;
 use futures::StreamExt;
@@ -65,6 +66,12 @@ pub async fn serve_clients(
         )
         .add_service(
             MaintenanceServer::new(cluster::MaintenanceService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            AuthServer::new(auth::AuthService {
                 member: member.clone(),
             })
             .max_decoding_message_size(max),

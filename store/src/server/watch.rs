@@ -21,9 +21,11 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::Access;
 use crate::error::EtcdError;
 use crate::member::Member;
 use crate::mvcc::{RangeEnd, RevisionEvents};
+use flotilla_proto::flotillapb::AuthInfo;
 
 /// Responses queued for a client before the stream task waits for it.
 const STREAM_BUFFER: usize = 128;
@@ -46,10 +48,13 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        // A bad token fails each watch the stream creates, not the stream (as etcd).
+        let auth = self.member.auth_info(request.metadata()).await;
         let incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = WatchStreamTask {
             member: self.member.clone(),
+            auth,
             fanout: self.member.mvcc.subscribe(),
             out: tx,
             watchers: BTreeMap::new(),
@@ -98,6 +103,8 @@ impl Watcher {
 
 struct WatchStreamTask {
     member: Arc<Member>,
+    /// Who opened the stream (from its token).
+    auth: Result<AuthInfo, EtcdError>,
     fanout: broadcast::Receiver<Arc<RevisionEvents>>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
@@ -180,12 +187,21 @@ impl WatchStreamTask {
             }
             self.next_auto_id
         };
+        let permitted = self.auth.clone().and_then(|auth| {
+            self.member
+                .mvcc
+                .auth()
+                .check_range(Some(&auth), &c.key, &c.range_end, Access::Read)
+        });
         if self.watchers.contains_key(&id)
             || self.watchers.len() >= MAX_WATCHERS_PER_STREAM
             || c.key.is_empty()
+            || permitted.is_err()
         {
             let reason = if c.key.is_empty() {
                 EtcdError::EmptyKey.to_string()
+            } else if let Err(e) = permitted {
+                e.to_string()
             } else if self.watchers.contains_key(&id) {
                 "mvcc: duplicate watch ID provided on the WatchStream".to_string()
             } else {
