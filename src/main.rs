@@ -115,6 +115,20 @@ struct StoreArgs {
     /// --trusted-ca-file).
     #[arg(long)]
     client_cert_auth: bool,
+    /// Path to the peer server TLS certificate (for https:// peer URLs); also presented to
+    /// the other members when dialling them.
+    #[arg(long)]
+    peer_cert_file: Option<PathBuf>,
+    /// Path to the peer server TLS key.
+    #[arg(long)]
+    peer_key_file: Option<PathBuf>,
+    /// Path to the peer TLS trusted CA certificate (verifies the other members).
+    #[arg(long)]
+    peer_trusted_ca_file: Option<PathBuf>,
+    /// Enable peer client cert authentication (members must present a certificate signed by
+    /// --peer-trusted-ca-file).
+    #[arg(long)]
+    peer_client_cert_auth: bool,
     /// Raise the NOSPACE alarm when the data grows past this many bytes (0: 2 GiB; negative:
     /// no quota).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -212,6 +226,18 @@ fn main() -> anyhow::Result<()> {
                     }
                     (None, None) => None,
                     _ => anyhow::bail!("--cert-file and --key-file go together"),
+                },
+                peer_tls: match (a.peer_cert_file, a.peer_key_file) {
+                    (Some(cert_file), Some(key_file)) => {
+                        Some(flotilla_store::server::tls::TlsFiles {
+                            cert_file,
+                            key_file,
+                            trusted_ca_file: a.peer_trusted_ca_file,
+                            client_cert_auth: a.peer_client_cert_auth,
+                        })
+                    }
+                    (None, None) => None,
+                    _ => anyhow::bail!("--peer-cert-file and --peer-key-file go together"),
                 },
                 corrupt_check_interval: (!a.corrupt_check_time.is_zero())
                     .then_some(a.corrupt_check_time),

@@ -164,3 +164,85 @@ fn etcdctl_over_tls_with_client_certificates() {
     );
     assert!(!plain.status.success(), "{}", describe(&plain));
 }
+
+#[test]
+fn members_replicate_over_peer_tls_and_the_peer_port_wants_a_certificate() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let d = certs.path();
+    make_certs(d);
+    let path = |f: &str| d.join(f).display().to_string();
+    let (ca, cert, key) = (path("ca.crt"), path("member.crt"), path("member.key"));
+    let mut c = Cluster::start_peers_with(
+        3,
+        "https",
+        &[
+            "--peer-cert-file",
+            &cert,
+            "--peer-key-file",
+            &key,
+            "--peer-trusted-ca-file",
+            &ca,
+            "--peer-client-cert-auth",
+        ],
+    );
+    assert!(c.members[0].peer_url().starts_with("https://"));
+    // Writes through every member: followers forward to the leader over peer TLS, and the
+    // leader replicates over it.
+    for i in 0..3 {
+        let key = format!("k{i}");
+        stdout_ok(&c.etcdctl_at(i, &["put", &key, "v"]), &["put"]);
+    }
+    let all_have = |c: &Cluster, members: std::ops::Range<usize>| {
+        members.clone().all(|i| {
+            let out = c.etcdctl_at(
+                i,
+                &["get", "k", "--prefix", "--keys-only", "--consistency=s"],
+            );
+            stdout(&out).lines().filter(|l| !l.is_empty()).count() == 3
+        })
+    };
+    assert!(
+        poll(POLL_TIMEOUT, || all_have(&c, 0..3).then_some(())).is_some(),
+        "not every member got the writes over peer TLS"
+    );
+
+    // A new member joins over TLS as well.
+    let i = c.new_member();
+    let (name, peer) = (c.members[i].name.clone(), c.members[i].peer_url());
+    c.ok(&["member", "add", &name, &format!("--peer-urls={peer}")]);
+    let initial_cluster = format!("{},{name}={peer}", c.initial_cluster());
+    c.start_joining(i, &initial_cluster);
+    assert!(
+        poll(READY_TIMEOUT, || all_have(&c, i..i + 1).then_some(())).is_some(),
+        "the new member did not catch up over peer TLS:\n{}",
+        c.log_tails()
+    );
+
+    // The peer port: no certificate, or no TLS at all, gets nowhere.
+    let peer_url = c.members[0].peer_url();
+    let short = "--dial-timeout=2s";
+    let no_cert = etcdctl(&peer_url, &["--cacert", &ca, short, "get", "k0"], None);
+    assert!(!no_cert.status.success(), "{}", describe(&no_cert));
+    assert!(
+        !stderr(&no_cert).contains("Unimplemented"),
+        "the handshake should fail, not the call: {}",
+        describe(&no_cert)
+    );
+    let plain = format!("http://127.0.0.1:{}", c.members[0].peer_port);
+    let out = etcdctl(&plain, &[short, "get", "k0"], None);
+    assert!(!out.status.success(), "{}", describe(&out));
+    // With the certificate the handshake passes (and the peer port serves no KV).
+    let with_cert = etcdctl(
+        &peer_url,
+        &[
+            "--cacert", &ca, "--cert", &cert, "--key", &key, short, "get", "k0",
+        ],
+        None,
+    );
+    assert!(
+        stderr(&with_cert).contains("Unimplemented")
+            || stderr(&with_cert).contains("unknown service"),
+        "{}",
+        describe(&with_cert)
+    );
+}

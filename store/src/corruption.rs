@@ -1,7 +1,7 @@
 //! The periodic corruption check (etcd's `--experimental-corrupt-check-time`).
 //!
 //! Every interval the leader asks each member for its HashKV at the leader's current
-//! revision (through the members' own client URLs, the etcd Maintenance API) and compares
+//! revision (over the peer connection, so with peer TLS and whatever auth the client URLs ask) and compares
 //! the answers of members at the same compaction revision. A member whose hash differs from
 //! the one a majority of the answers agree on gets a CORRUPT alarm, raised through Raft. With
 //! a CORRUPT alarm raised the cluster refuses writes, and the corrupt member refuses reads
@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use flotilla_proto::etcdserverpb::{alarm_request, AlarmRequest, HashKvRequest};
 use flotilla_proto::flotillapb::{command, Command};
 
@@ -22,15 +21,13 @@ use crate::mvcc::ALARM_CORRUPT;
 const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A member's (hash, compaction revision) at a revision, if it answered.
-async fn ask(url: &str, revision: i64) -> Option<(u32, i64)> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .ok()?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(ASK_TIMEOUT);
-    let mut client = MaintenanceClient::new(endpoint.connect().await.ok()?);
+async fn ask(member: &Member, url: &str, revision: i64) -> Option<(u32, i64)> {
+    let mut client = member.peers.client(url).ok()?;
     // A follower may not have applied the revision yet: give it a moment.
     for _ in 0..10 {
-        match client.hash_kv(HashKvRequest { revision }).await {
+        let mut request = tonic::Request::new(HashKvRequest { revision });
+        request.set_timeout(ASK_TIMEOUT);
+        match client.hash_kv(request).await {
             Ok(r) => {
                 let r = r.into_inner();
                 return Some((r.hash, r.compact_revision));
@@ -80,10 +77,10 @@ pub async fn check_once(member: &Member) -> anyhow::Result<Vec<u64>> {
         if m.id == member.id || m.is_learner {
             continue;
         }
-        let Some(url) = m.client_ur_ls.first() else {
+        let Some(url) = m.peer_ur_ls.first() else {
             continue;
         };
-        match ask(url, revision).await {
+        match ask(member, url, revision).await {
             Some((hash, compact)) => answers.push((m.id, hash, compact)),
             None => tracing::warn!(
                 member = format!("{:x}", m.id),

@@ -60,6 +60,8 @@ pub struct Config {
     pub corrupt_check_interval: Option<Duration>,
     /// TLS for `https://` client URLs (`--cert-file`, `--key-file`, ...).
     pub client_tls: Option<server::tls::TlsFiles>,
+    /// TLS for `https://` peer URLs, served and dialled (`--peer-cert-file`, ...).
+    pub peer_tls: Option<server::tls::TlsFiles>,
     /// `--quota-backend-bytes`: 0 for the default (2 GiB, as etcd), negative for none.
     pub quota_backend_bytes: i64,
     /// `--auth-token-ttl`: how long tokens from Authenticate are good for.
@@ -95,6 +97,7 @@ impl Default for Config {
             auth_token_ttl: Duration::from_secs(auth::DEFAULT_TOKEN_TTL_SECS),
             bcrypt_cost: auth::DEFAULT_BCRYPT_COST,
             client_tls: None,
+            peer_tls: None,
             corrupt_check_interval: Some(Duration::from_secs(300)),
             unsafe_stale_reads: false,
         }
@@ -203,7 +206,15 @@ pub async fn run(
     let state_machine =
         StateMachine::new(mvcc.clone(), leases.clone(), config.data_dir.join("snap"))?;
     let log = LogStore::new(db.clone());
-    let peers = Arc::new(PeerClients::default());
+    let peer_client_tls = match &config.peer_tls {
+        Some(files) => Some(server::tls::peer_client_config(files).context("peer TLS")?),
+        None => None,
+    };
+    let peer_acceptor = match &config.peer_tls {
+        Some(files) => Some(server::tls::acceptor(files).context("peer TLS")?),
+        None => None,
+    };
+    let peers = Arc::new(PeerClients::new(peer_client_tls));
 
     let raft_config = openraft::Config {
         cluster_name: config.initial_cluster_token.clone(),
@@ -304,9 +315,14 @@ pub async fn run(
     };
     let mut tasks = tokio::task::JoinSet::new();
     for url in &config.listen_peer_urls {
-        if url.starts_with("https://") {
-            bail!("{url}: peer TLS is not supported yet; use http:// peer URLs");
-        }
+        let tls = if url.starts_with("https://") {
+            let Some(acceptor) = peer_acceptor.clone() else {
+                bail!("{url}: an https peer URL needs --peer-cert-file, --peer-key-file and --peer-trusted-ca-file");
+            };
+            Some(acceptor)
+        } else {
+            None
+        };
         let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
         let listener = TcpListener::bind(addr)
             .await
@@ -314,7 +330,7 @@ pub async fn run(
         let m = member.clone();
         let s = stopped(stop_rx.clone());
         tasks.spawn(async move {
-            server::serve_peers(m, listener, s)
+            server::serve_peers(m, listener, tls, s)
                 .await
                 .map_err(anyhow::Error::from)
         });

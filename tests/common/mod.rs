@@ -68,6 +68,8 @@ pub struct Member {
     pub peer_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// `http` or `https` for the peer URL.
+    pub peer_scheme: &'static str,
     child: Option<Child>,
     /// For a member that joins a running cluster: the `--initial-cluster` it starts with
     /// (and `--initial-cluster-state existing`).
@@ -79,7 +81,7 @@ impl Member {
         format!("http://127.0.0.1:{}", self.client_port)
     }
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer_port)
     }
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.client_port)
@@ -123,6 +125,12 @@ impl Cluster {
 
     /// Chooses ports and data dirs for `n` members of a new cluster without starting them.
     pub fn prepare(n: usize) -> Cluster {
+        Cluster::prepare_peers(n, "http")
+    }
+
+    /// As `prepare`, with `https` peer URLs when `peer_scheme` says so (the TLS flags then
+    /// go in `extra_args`).
+    pub fn prepare_peers(n: usize, peer_scheme: &'static str) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-test-")
             .tempdir()
@@ -141,6 +149,7 @@ impl Cluster {
                     data_dir: dir.path().join(format!("{name}.data")),
                     log: dir.path().join(format!("{name}.log")),
                     name,
+                    peer_scheme,
                     child: None,
                     joins: None,
                 }
@@ -162,7 +171,12 @@ impl Cluster {
 
     /// Starts `n` members with extra flags (e.g. `--quota-backend-bytes`).
     pub fn start_with(n: usize, extra_args: &[&str]) -> Cluster {
-        let mut cluster = Cluster::prepare(n);
+        Cluster::start_peers_with(n, "http", extra_args)
+    }
+
+    /// Starts `n` members with the given peer URL scheme and extra flags.
+    pub fn start_peers_with(n: usize, peer_scheme: &'static str, extra_args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::prepare_peers(n, peer_scheme);
         cluster.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
         cluster.start_all();
         cluster
@@ -306,6 +320,7 @@ impl Cluster {
             data_dir: self.dir.path().join(format!("{name}.data")),
             log: self.dir.path().join(format!("{name}.log")),
             name,
+            peer_scheme: self.members.first().map_or("http", |m| m.peer_scheme),
             child: None,
             joins: None,
         });

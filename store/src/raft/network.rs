@@ -29,22 +29,31 @@ pub const REMOVED_MEMBER: &str = "the member has been permanently removed from t
 #[derive(Default)]
 pub struct PeerClients {
     channels: Mutex<HashMap<String, Channel>>,
+    /// For `https://` peer URLs (`--peer-cert-file` and friends).
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// Set when a leader told this member it was removed (it may have missed the log entry
     /// that removed it: a leader stops replicating to a member it removes).
     pub removed: std::sync::atomic::AtomicBool,
 }
 
+/// How long a TLS handshake with a peer may take.
+const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl PeerClients {
-    pub fn client(&self, url: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+    pub fn new(tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>) -> PeerClients {
+        PeerClients {
+            tls,
+            ..Default::default()
+        }
+    }
+
+    pub fn client(&self, url: &str) -> Result<PeerClient<Channel>, PeerUrlError> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match map.get(url) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(url.to_string())?
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .connect_lazy();
+                let c = self.channel(url)?;
                 map.insert(url.to_string(), c.clone());
                 c
             }
@@ -52,6 +61,69 @@ impl PeerClients {
         Ok(PeerClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
+    }
+}
+
+/// Why no channel to a peer URL could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerUrlError {
+    #[error("peer URL: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error(
+        "{0}: an https peer URL needs --peer-cert-file, --peer-key-file and --peer-trusted-ca-file"
+    )]
+    NoTls(String),
+    #[error("{0}: {1}")]
+    Bad(String, String),
+}
+
+impl PeerClients {
+    fn channel(&self, url: &str) -> Result<Channel, PeerUrlError> {
+        let Some(rest) = url.strip_prefix("https://") else {
+            return Ok(Endpoint::from_shared(url.to_string())?
+                .connect_timeout(PEER_CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .connect_lazy());
+        };
+        let Some(config) = self.tls.clone() else {
+            return Err(PeerUrlError::NoTls(url.to_string()));
+        };
+        let authority = rest.trim_end_matches('/').to_string();
+        let host = match authority.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            None => authority.clone(),
+        };
+        let server_name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)
+            .map_err(|e| PeerUrlError::Bad(url.to_string(), e.to_string()))?;
+        // The gRPC layer speaks plain HTTP/2 to what the connector hands it: a TLS stream.
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))?
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let (config, server_name, authority) =
+                (config.clone(), server_name.clone(), authority.clone());
+            async move {
+                let tcp = tokio::time::timeout(
+                    PEER_CONNECT_TIMEOUT,
+                    tokio::net::TcpStream::connect(authority.as_str()),
+                )
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
+                tcp.set_nodelay(true)?;
+                let tls = tokio::time::timeout(
+                    PEER_HANDSHAKE_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(config).connect(server_name, tcp),
+                )
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        Ok(endpoint.connect_with_connector_lazy(connector))
     }
 }
 

@@ -103,9 +103,35 @@ fn tls_client_connections(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
 ) -> impl futures::Stream<Item = std::io::Result<TlsClientIo>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<TlsClientIo>(128);
+    tls_connections(
+        listener,
+        acceptor,
+        MAX_CLIENT_CONNECTIONS,
+        |tls, info, permit| {
+            let (r, w) = tokio::io::split(tls);
+            authority::ClientIo::from_halves(r, w, info, permit)
+        },
+    )
+}
+
+/// Accepted connections through their TLS handshakes, each on its own task, at most `max`
+/// open at once; `wrap` makes what the server reads from a finished handshake.
+fn tls_connections<T: Send + 'static>(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    max: usize,
+    wrap: impl Fn(
+            TlsStream,
+            tonic::transport::server::TcpConnectInfo,
+            tokio::sync::OwnedSemaphorePermit,
+        ) -> T
+        + Clone
+        + Send
+        + 'static,
+) -> impl futures::Stream<Item = std::io::Result<T>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<T>(128);
     tokio::spawn(async move {
-        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_CONNECTIONS));
+        let permits = Arc::new(tokio::sync::Semaphore::new(max));
         loop {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
@@ -118,14 +144,11 @@ fn tls_client_connections(
                 local_addr: stream.local_addr().ok(),
                 remote_addr: stream.peer_addr().ok(),
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, wrap) = (acceptor.clone(), tx.clone(), wrap.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let (r, w) = tokio::io::split(tls);
-                        let _ = tx
-                            .send(authority::ClientIo::from_halves(r, w, info, permit))
-                            .await;
+                        let _ = tx.send(wrap(tls, info, permit)).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(peer = ?info.remote_addr, error = %e, "TLS handshake failed")
@@ -181,18 +204,38 @@ fn client_connections(
 pub async fn serve_peers(
     member: Arc<Member>,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
             PeerServer::new(peer::PeerService { member })
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(peer_connections(listener), shutdown)
-        .await
+        );
+    match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(peer_connections(listener), shutdown)
+                .await
+        }
+        Some(acceptor) => {
+            let incoming = tls_connections(
+                listener,
+                acceptor,
+                MAX_PEER_CONNECTIONS,
+                |tls, info, permit| tls::PeerTlsIo::new(tls, info, permit),
+            );
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
 }
+
+/// Peer connections served at once over TLS.
+const MAX_PEER_CONNECTIONS: usize = 1024;
 
 /// Accepted peer connections. Nagle's algorithm is off (in `accept`): Raft messages are
 /// small and a delayed acknowledgement would stall replication for tens of milliseconds.

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use flotilla_proto::etcdserverpb::{HashKvRequest, HashKvResponse};
 use flotilla_proto::flotillapb::peer_server::Peer;
 use flotilla_proto::flotillapb::{
     forward_request, forward_response, CommandResult, ForwardRequest, ForwardResponse, RaftPayload,
@@ -106,6 +107,27 @@ impl Peer for PeerService {
         };
         Ok(Response::new(ForwardResponse {
             response: Some(response),
+        }))
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let revision = self
+            .member
+            .mvcc
+            .resolve_revision(request.into_inner().revision)?;
+        let mvcc = self.member.mvcc.clone();
+        let (hash, compact_revision) = tokio::task::spawn_blocking(move || mvcc.hash_kv(revision))
+            .await
+            .map_err(|e| EtcdError::Internal(e.to_string()))?
+            .map_err(EtcdError::from)?;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.member.header(self.member.mvcc.current_revision())),
+            hash,
+            compact_revision,
+            hash_revision: revision,
         }))
     }
 }

@@ -66,3 +66,103 @@ pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
+
+/// The client side of peer TLS: trusts `trusted_ca_file` and presents this member's
+/// certificate, so peers that ask for one (`--peer-client-cert-auth`) accept it.
+pub fn peer_client_config(files: &TlsFiles) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let Some(ca) = &files.trusted_ca_file else {
+        bail!("https peer URLs need --peer-trusted-ca-file to verify the other members");
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut open(ca)?) {
+        let cert = cert.with_context(|| format!("reading {}", ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
+    }
+    let certs = rustls_pemfile::certs(&mut open(&files.cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading certificates from {}", files.cert_file.display()))?;
+    let key = rustls_pemfile::private_key(&mut open(&files.key_file)?)
+        .with_context(|| format!("reading the key from {}", files.key_file.display()))?
+        .with_context(|| format!("{} holds no PEM private key", files.key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .context("the peer certificate and key do not form a usable pair")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A peer connection after its TLS handshake, as the gRPC server reads it.
+pub struct PeerTlsIo {
+    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    info: tonic::transport::server::TcpConnectInfo,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl PeerTlsIo {
+    pub fn new(
+        stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        info: tonic::transport::server::TcpConnectInfo,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> PeerTlsIo {
+        PeerTlsIo {
+            stream,
+            info,
+            _permit: permit,
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for PeerTlsIo {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for PeerTlsIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerTlsIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
