@@ -31,6 +31,19 @@ pub struct SaveArgs {
     /// Give up if no data arrives for this long.
     #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
     command_timeout: Duration,
+    /// username[:password] when auth is on (a root-role user; asks for the password on
+    /// the terminal if it is not given).
+    #[arg(long)]
+    user: Option<String>,
+    /// CA certificate that verifies an https endpoint.
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Client certificate, for an endpoint that asks for one.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Client key.
+    #[arg(long)]
+    key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -61,6 +74,60 @@ pub struct RestoreArgs {
     initial_advertise_peer_urls: String,
 }
 
+/// A channel to one client URL: plain for http://, rustls for https:// (with `--cacert`,
+/// and `--cert`/`--key` when the endpoint asks for a client certificate).
+async fn connect(endpoint: &str, a: &SaveArgs) -> anyhow::Result<tonic::transport::Channel> {
+    let channel = if endpoint.starts_with("https://") {
+        let Some(ca) = &a.cacert else {
+            bail!("{endpoint}: an https endpoint needs --cacert");
+        };
+        let identity = match (&a.cert, &a.key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => bail!("--cert and --key go together"),
+        };
+        let config = flotilla_store::server::tls::client_config(ca, identity)?;
+        flotilla_store::server::tls::https_channel(endpoint, config)
+            .map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?
+    } else {
+        tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .with_context(|| format!("{endpoint:?} is not a URL"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {endpoint}"))?
+    };
+    Ok(channel)
+}
+
+/// Logs in as `user` (`name:password`, or `name` and a password typed on the terminal).
+async fn authenticate(
+    channel: tonic::transport::Channel,
+    endpoint: &str,
+    user: &str,
+) -> anyhow::Result<String> {
+    let (name, password) = match user.split_once(':') {
+        Some((n, p)) => (n.to_string(), p.to_string()),
+        None => {
+            eprint!("Password: ");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password")?;
+            (
+                user.to_string(),
+                line.trim_end_matches(['\r', '\n']).to_string(),
+            )
+        }
+    };
+    let mut auth = flotilla_proto::etcdserverpb::auth_client::AuthClient::new(channel);
+    let resp = auth
+        .authenticate(flotilla_proto::etcdserverpb::AuthenticateRequest { name, password })
+        .await
+        .map_err(|s| anyhow::anyhow!("{endpoint}: {}", s.message()))?;
+    Ok(resp.into_inner().token)
+}
+
 pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
         SnapshotCommand::Save(a) => save(a).await,
@@ -77,15 +144,20 @@ async fn save(a: SaveArgs) -> anyhow::Result<()> {
             a.endpoints
         );
     }
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .with_context(|| format!("{endpoint:?} is not a URL"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {endpoint}"))?;
+    let channel = connect(endpoint, &a).await?;
+    let mut request = tonic::Request::new(SnapshotRequest {});
+    if let Some(user) = &a.user {
+        let token = authenticate(channel.clone(), endpoint, user).await?;
+        request.metadata_mut().insert(
+            "token",
+            token
+                .parse()
+                .context("the endpoint answered an unusable token")?,
+        );
+    }
     let mut client = MaintenanceClient::new(channel).max_decoding_message_size(16 << 20);
     let mut stream = client
-        .snapshot(SnapshotRequest {})
+        .snapshot(request)
         .await
         .map_err(|s| anyhow::anyhow!("{endpoint}: {}", s.message()))?
         .into_inner();

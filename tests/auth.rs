@@ -112,13 +112,40 @@ fn auth_refuses_unauthenticated_and_unauthorised_requests_on_every_member() {
     assert_fails_with(&as_user(&c, ALICE, &["user", "get", "root"]), DENIED);
     // A watch on keys it may not read is cancelled with etcd's reason.
     let mut w = Watch::spawn(&c.endpoints(), &["--user", ALICE, "other"]);
-    let (_, stderr) = w
+    let (_, watch_err) = w
         .wait_exit(Duration::from_secs(20))
         .expect("a forbidden watch is cancelled");
     assert!(
-        stderr.iter().any(|l| l.contains(DENIED)),
-        "watch stderr: {stderr:?}"
+        watch_err.iter().any(|l| l.contains(DENIED)),
+        "watch stderr: {watch_err:?}"
     );
+    // Backups are for root: `flotilla store snapshot save --user` as etcdctl's.
+    let backup = c.dir().join("auth.backup");
+    let backup_s = backup.display().to_string();
+    let ep = format!("http://{}", c.endpoint(0));
+    let save = |user: Option<&str>| {
+        let mut args = vec!["store", "snapshot", "save", &backup_s, "--endpoints", &ep];
+        if let Some(u) = user {
+            args.extend(["--user", u]);
+        }
+        flotilla(&args)
+    };
+    let out = save(None);
+    assert!(
+        !out.status.success() && stderr(&out).contains(NO_USER),
+        "{}",
+        describe(&out)
+    );
+    let out = save(Some(ALICE));
+    assert!(
+        !out.status.success() && stderr(&out).contains(DENIED),
+        "{}",
+        describe(&out)
+    );
+    let out = save(Some(ROOT));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(backup.exists());
+
     // Locking oneself out is refused.
     assert_fails_with(
         &as_user(&c, ROOT, &["user", "delete", "root"]),

@@ -5,17 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use common::*;
 use serde_json::Value;
-
-fn flotilla(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(args)
-        .output()
-        .expect("running flotilla")
-}
 
 fn flotilla_ok(args: &[&str]) -> String {
     let out = flotilla(args);

@@ -149,6 +149,29 @@ fn etcdctl_over_tls_with_client_certificates() {
     );
     assert!(status.contains(&client_url), "{status}");
 
+    // A backup over TLS with our own tool, as etcdctl's flags.
+    let backup = d.join("tls.backup").display().to_string();
+    let save = |extra: &[&str]| {
+        let mut args = vec![
+            "store",
+            "snapshot",
+            "save",
+            &backup,
+            "--endpoints",
+            &client_url,
+        ];
+        args.extend_from_slice(extra);
+        flotilla(&args)
+    };
+    let out = save(&["--cacert", &ca, "--cert", &cert, "--key", &key]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = save(&[]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("--cacert"),
+        "{}",
+        describe(&out)
+    );
+
     // Without trusting the CA, or without a client certificate: refused.
     let short = Duration::from_secs(2);
     let timeout = format!("--dial-timeout={}s", short.as_secs());

@@ -470,6 +470,15 @@ fn etcdctl_command(endpoints: &str, args: &[&str]) -> Command {
     c
 }
 
+/// Runs the `flotilla` binary under test with `args`.
+pub fn flotilla(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running flotilla")
+}
+
 /// Runs etcdctl with `args` against `endpoints`, optionally feeding `stdin`.
 pub fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut c = etcdctl_command(endpoints, args);

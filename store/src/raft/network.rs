@@ -36,8 +36,6 @@ pub struct PeerClients {
     pub removed: std::sync::atomic::AtomicBool,
 }
 
-/// How long a TLS handshake with a peer may take.
-const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl PeerClients {
@@ -79,51 +77,18 @@ pub enum PeerUrlError {
 
 impl PeerClients {
     fn channel(&self, url: &str) -> Result<Channel, PeerUrlError> {
-        let Some(rest) = url.strip_prefix("https://") else {
+        if !url.starts_with("https://") {
             return Ok(Endpoint::from_shared(url.to_string())?
                 .connect_timeout(PEER_CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .connect_lazy());
-        };
+        }
         let Some(config) = self.tls.clone() else {
             return Err(PeerUrlError::NoTls(url.to_string()));
         };
-        let authority = rest.trim_end_matches('/').to_string();
-        let host = match authority.rsplit_once(':') {
-            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
-            None => authority.clone(),
-        };
-        let server_name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)
-            .map_err(|e| PeerUrlError::Bad(url.to_string(), e.to_string()))?;
-        // The gRPC layer speaks plain HTTP/2 to what the connector hands it: a TLS stream.
-        let endpoint = Endpoint::from_shared(format!("http://{authority}"))?
-            .http2_keep_alive_interval(Duration::from_secs(10));
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let (config, server_name, authority) =
-                (config.clone(), server_name.clone(), authority.clone());
-            async move {
-                let tcp = tokio::time::timeout(
-                    PEER_CONNECT_TIMEOUT,
-                    tokio::net::TcpStream::connect(authority.as_str()),
-                )
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })??;
-                tcp.set_nodelay(true)?;
-                let tls = tokio::time::timeout(
-                    PEER_HANDSHAKE_TIMEOUT,
-                    tokio_rustls::TlsConnector::from(config).connect(server_name, tcp),
-                )
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-                })??;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        });
-        Ok(endpoint.connect_with_connector_lazy(connector))
+        crate::server::tls::https_channel(url, config)
+            .map_err(|e| PeerUrlError::Bad(url.to_string(), e))
     }
 }
 

@@ -73,6 +73,15 @@ pub fn peer_client_config(files: &TlsFiles) -> anyhow::Result<Arc<rustls::Client
     let Some(ca) = &files.trusted_ca_file else {
         bail!("https peer URLs need --peer-trusted-ca-file to verify the other members");
     };
+    client_config(ca, Some((&files.cert_file, &files.key_file)))
+}
+
+/// A TLS client configuration trusting the CA certificates in `ca`, presenting `identity`
+/// (certificate and key files) when given.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut open(ca)?) {
         let cert = cert.with_context(|| format!("reading {}", ca.display()))?;
@@ -80,21 +89,73 @@ pub fn peer_client_config(files: &TlsFiles) -> anyhow::Result<Arc<rustls::Client
             .add(cert)
             .with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
     }
-    let certs = rustls_pemfile::certs(&mut open(&files.cert_file)?)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading certificates from {}", files.cert_file.display()))?;
-    let key = rustls_pemfile::private_key(&mut open(&files.key_file)?)
-        .with_context(|| format!("reading the key from {}", files.key_file.display()))?
-        .with_context(|| format!("{} holds no PEM private key", files.key_file.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .context("the peer certificate and key do not form a usable pair")?;
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let certs = rustls_pemfile::certs(&mut open(cert_file)?)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("reading certificates from {}", cert_file.display()))?;
+            let key = rustls_pemfile::private_key(&mut open(key_file)?)
+                .with_context(|| format!("reading the key from {}", key_file.display()))?
+                .with_context(|| format!("{} holds no PEM private key", key_file.display()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .context("the certificate and key do not form a usable pair")?
+        }
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// How long connecting to an https URL may take, and then its TLS handshake.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A lazily connected gRPC channel to an `https://host:port` URL over rustls.
+pub fn https_channel(
+    url: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, String> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err("not an https:// URL".into());
+    };
+    let authority = rest.trim_end_matches('/').to_string();
+    let host = match authority.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => authority.clone(),
+    };
+    let server_name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+    // The gRPC layer speaks plain HTTP/2 to what the connector hands it: a TLS stream.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| e.to_string())?
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10));
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let (config, server_name, authority) =
+            (config.clone(), server_name.clone(), authority.clone());
+        async move {
+            let timed_out = |what: &str| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
+            let tcp = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect(authority.as_str()),
+            )
+            .await
+            .map_err(|_| timed_out("connect timed out"))??;
+            tcp.set_nodelay(true)?;
+            let tls = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tokio_rustls::TlsConnector::from(config).connect(server_name, tcp),
+            )
+            .await
+            .map_err(|_| timed_out("TLS handshake timed out"))??;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
 /// A peer connection after its TLS handshake, as the gRPC server reads it.
