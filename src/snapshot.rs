@@ -105,7 +105,7 @@ async fn authenticate(
     channel: tonic::transport::Channel,
     endpoint: &str,
     user: &str,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Option<String>> {
     let (name, password) = match user.split_once(':') {
         Some((n, p)) => (n.to_string(), p.to_string()),
         None => {
@@ -121,11 +121,14 @@ async fn authenticate(
         }
     };
     let mut auth = flotilla_proto::etcdserverpb::auth_client::AuthClient::new(channel);
-    let resp = auth
+    match auth
         .authenticate(flotilla_proto::etcdserverpb::AuthenticateRequest { name, password })
         .await
-        .map_err(|s| anyhow::anyhow!("{endpoint}: {}", s.message()))?;
-    Ok(resp.into_inner().token)
+    {
+        Ok(resp) => Ok(Some(resp.into_inner().token)),
+        Err(s) if s.message() == "etcdserver: authentication is not enabled" => Ok(None),
+        Err(s) => bail!("{endpoint}: {}", s.message()),
+    }
 }
 
 pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
@@ -147,13 +150,15 @@ async fn save(a: SaveArgs) -> anyhow::Result<()> {
     let channel = connect(endpoint, &a).await?;
     let mut request = tonic::Request::new(SnapshotRequest {});
     if let Some(user) = &a.user {
-        let token = authenticate(channel.clone(), endpoint, user).await?;
-        request.metadata_mut().insert(
-            "token",
-            token
-                .parse()
-                .context("the endpoint answered an unusable token")?,
-        );
+        // As etcdctl: with auth off there is no token, and the request goes without one.
+        if let Some(token) = authenticate(channel.clone(), endpoint, user).await? {
+            request.metadata_mut().insert(
+                "token",
+                token
+                    .parse()
+                    .context("the endpoint answered an unusable token")?,
+            );
+        }
     }
     let mut client = MaintenanceClient::new(channel).max_decoding_message_size(16 << 20);
     let mut stream = client

@@ -93,6 +93,44 @@ fn auth_refuses_unauthenticated_and_unauthorised_requests_on_every_member() {
     ] {
         assert_fails_with(&as_user(&c, ALICE, args), DENIED);
     }
+    // Keys on someone else's lease: alice may neither attach to it nor list its keys.
+    let granted = ok_as(&c, ROOT, &["lease", "grant", "600"]);
+    let lease = granted
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("lease grant printed {granted:?}"))
+        .to_string();
+    ok_as(
+        &c,
+        ROOT,
+        &["put", "secret", "s", &format!("--lease={lease}")],
+    );
+    assert_fails_with(
+        &as_user(
+            &c,
+            ALICE,
+            &["put", "app/l", "v", &format!("--lease={lease}")],
+        ),
+        DENIED,
+    );
+    assert_fails_with(
+        &as_user(&c, ALICE, &["lease", "timetolive", &lease, "--keys"]),
+        DENIED,
+    );
+    assert_fails_with(&as_user(&c, ALICE, &["lease", "revoke", &lease]), DENIED);
+    // Her own lease is hers to use.
+    let own = ok_as(&c, ALICE, &["lease", "grant", "600"]);
+    let own = own
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        ok_as(&c, ALICE, &["put", "app/l", "v", &format!("--lease={own}")]),
+        "OK\n"
+    );
+    ok_as(&c, ALICE, &["lease", "timetolive", &own, "--keys"]);
+
     // A Txn needs every operation in both branches permitted.
     let txn = c.etcdctl_stdin(
         &["--user", ALICE, "txn"],
@@ -145,6 +183,41 @@ fn auth_refuses_unauthenticated_and_unauthorised_requests_on_every_member() {
     let out = save(Some(ROOT));
     assert!(out.status.success(), "{}", describe(&out));
     assert!(backup.exists());
+
+    // Restored, the users and permissions come along; the token key does not (a backup
+    // holder must not be able to sign tokens), and the new cluster chooses its own.
+    let mut restored = Cluster::prepare(1);
+    let m = &restored.members[0];
+    let out = flotilla(&[
+        "store",
+        "snapshot",
+        "restore",
+        &backup_s,
+        "--data-dir",
+        &m.data_dir.display().to_string(),
+        "--name",
+        &m.name,
+        "--initial-cluster",
+        restored.initial_cluster(),
+        "--initial-cluster-token",
+        restored.token(),
+        "--initial-advertise-peer-urls",
+        &m.peer_url(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    restored.restart(0);
+    let up = poll(READY_TIMEOUT, || {
+        as_user(&restored, ALICE, &["get", "cfg", "--print-value-only"])
+            .status
+            .success()
+            .then_some(())
+    });
+    if up.is_none() {
+        restored.fail("alice could not log in to the restored cluster");
+    }
+    assert_fails_with(&as_user(&restored, ALICE, &["put", "other", "1"]), DENIED);
+    assert_fails_with(&restored.etcdctl(&["get", "cfg"]), NO_USER);
+    drop(restored);
 
     // Locking oneself out is refused.
     assert_fails_with(

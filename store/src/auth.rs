@@ -291,13 +291,40 @@ impl AuthState {
         }
     }
 
+    /// Attaching a key to a lease, or revoking it, touches every key already on the lease:
+    /// the user must be allowed to write each (etcd's `checkLeasePuts`).
+    pub fn check_lease_keys(
+        &self,
+        info: Option<&AuthInfo>,
+        lease: i64,
+        lease_keys: &dyn Fn(i64) -> Result<Vec<Vec<u8>>, EtcdError>,
+    ) -> Result<(), EtcdError> {
+        if !self.enabled() || lease == 0 || self.user(info)?.admin {
+            return self.check_user(info);
+        }
+        for key in lease_keys(lease)? {
+            self.check_range(info, &key, &[], Access::Write)?;
+        }
+        Ok(())
+    }
+
+    /// The leases a Txn's puts attach keys to (both branches, any depth).
+    pub fn txn_put_leases(txn: &TxnRequest, out: &mut Vec<i64>) {
+        for op in txn.success.iter().chain(&txn.failure) {
+            match &op.request {
+                Some(request_op::Request::RequestPut(p)) if p.lease != 0 => out.push(p.lease),
+                Some(request_op::Request::RequestTxn(t)) => Self::txn_put_leases(t, out),
+                _ => {}
+            }
+        }
+    }
+
     /// The check a command passes when applied. `lease_keys` lists the keys attached to a
-    /// lease (revoking it deletes them, which needs write permission on each). The members'
-    /// own commands (no `auth`) always pass.
+    /// lease. The members' own commands (no `auth`) always pass.
     pub fn check_command(
         &self,
         command: &Command,
-        lease_keys: impl FnOnce(i64) -> Result<Vec<Vec<u8>>, EtcdError>,
+        lease_keys: &dyn Fn(i64) -> Result<Vec<Vec<u8>>, EtcdError>,
     ) -> Result<(), EtcdError> {
         use command::Request;
         if !self.enabled() {
@@ -313,7 +340,7 @@ impl AuthState {
                 if r.prev_kv {
                     self.check_range(info, &r.key, &[], Access::Read)?;
                 }
-                Ok(())
+                self.check_lease_keys(info, r.lease, lease_keys)
             }
             Some(Request::DeleteRange(r)) => {
                 self.check_range(info, &r.key, &r.range_end, Access::Write)?;
@@ -322,17 +349,16 @@ impl AuthState {
                 }
                 Ok(())
             }
-            Some(Request::Txn(t)) => self.check_txn(info, t),
-            Some(Request::LeaseRevoke(r)) => {
-                self.check_user(info)?;
-                if self.user(info)?.admin {
-                    return Ok(());
-                }
-                for key in lease_keys(r.id)? {
-                    self.check_range(info, &key, &[], Access::Write)?;
+            Some(Request::Txn(t)) => {
+                self.check_txn(info, t)?;
+                let mut leases = Vec::new();
+                Self::txn_put_leases(t, &mut leases);
+                for lease in leases {
+                    self.check_lease_keys(info, lease, lease_keys)?;
                 }
                 Ok(())
             }
+            Some(Request::LeaseRevoke(r)) => self.check_lease_keys(info, r.id, lease_keys),
             Some(Request::Compaction(_)) | Some(Request::LeaseGrant(_)) => self.check_user(info),
             Some(Request::AuthChange(_))
             | Some(Request::Alarm(_))
@@ -348,8 +374,14 @@ impl AuthState {
         let mut next = self.stored.clone();
         match change {
             Change::Enable(e) => {
-                if next.enabled {
+                if next.enabled && !next.token_key.is_empty() {
                     return Ok(None);
+                }
+                if next.enabled {
+                    // A restored backup leaves the key out: the leader gives it a new one.
+                    next.token_key = e.token_key.clone();
+                    next.revision += 1;
+                    return Ok(Some(next));
                 }
                 let root = next.users.get(ROOT).ok_or(EtcdError::RootUserNotExist)?;
                 if !root.roles.contains(ROOT) {
@@ -525,15 +557,32 @@ impl AuthState {
         mac
     }
 
-    /// The identity a token proves, if this state's key signed it and it has not expired.
-    pub fn verify_token(&self, token: &str, now: u64) -> Result<AuthInfo, EtcdError> {
-        let parsed = parse_token(token).ok_or(EtcdError::InvalidAuthToken)?;
+    /// Whether auth is on but tokens cannot be signed yet (a restored backup, until the
+    /// leader has chosen a new key).
+    pub fn needs_token_key(&self) -> bool {
+        self.stored.enabled && self.stored.token_key.is_empty()
+    }
+
+    /// Whether this state's key signed the token (expiry and revision aside).
+    pub fn signed(&self, token: &str) -> bool {
+        let Some(parsed) = parse_token(token) else {
+            return false;
+        };
         let body_len = token.len() - parsed.mac_hex.len() - 1;
-        let mac = unhex(parsed.mac_hex).ok_or(EtcdError::InvalidAuthToken)?;
-        self.mac(&token[..body_len])
-            .verify_slice(&mac)
-            .map_err(|_| EtcdError::InvalidAuthToken)?;
-        if parsed.expiry <= now {
+        let Some(mac) = unhex(parsed.mac_hex) else {
+            return false;
+        };
+        !self.stored.token_key.is_empty() && self.mac(&token[..body_len]).verify_slice(&mac).is_ok()
+    }
+
+    /// The identity a token proves: this state's key signed it, it has not expired, and it
+    /// was issued at a revision this state has reached (no token from the future).
+    pub fn verify_token(&self, token: &str, now: u64) -> Result<AuthInfo, EtcdError> {
+        if !self.signed(token) {
+            return Err(EtcdError::InvalidAuthToken);
+        }
+        let parsed = parse_token(token).ok_or(EtcdError::InvalidAuthToken)?;
+        if parsed.expiry <= now || parsed.revision > self.stored.revision {
             return Err(EtcdError::InvalidAuthToken);
         }
         Ok(AuthInfo {
@@ -541,6 +590,14 @@ impl AuthState {
             revision: parsed.revision,
         })
     }
+}
+
+/// The auth record as a backup carries it: without the token key, so that nobody holding a
+/// backup can sign tokens the cluster accepts.
+pub fn strip_token_key(record: &[u8]) -> Result<Vec<u8>, crate::error::StorageError> {
+    let mut stored: Stored = crate::mvcc::decode("auth", record)?;
+    stored.token_key.clear();
+    Ok(crate::mvcc::encode(&stored))
 }
 
 /// A token's fields, not yet verified.
@@ -769,7 +826,7 @@ mod tests {
             })),
             auth,
         };
-        let no_leases = |_| Ok(Vec::new());
+        let no_leases: &dyn Fn(i64) -> Result<Vec<Vec<u8>>, EtcdError> = &|_| Ok(Vec::new());
         assert!(s
             .check_command(&put(Some(alice.clone())), no_leases)
             .is_ok());
@@ -801,6 +858,43 @@ mod tests {
         );
         // The members' own commands carry no identity and always pass.
         assert!(s.check_command(&put(None), no_leases).is_ok());
+    }
+
+    #[test]
+    fn a_backup_leaves_the_token_key_out_and_the_restored_cluster_chooses_a_new_one() {
+        let s = setup();
+        let token = s.sign_token("root", u64::MAX);
+        let record = crate::mvcc::encode(s.stored());
+        let restored = AuthState::new(
+            crate::mvcc::decode("auth", &strip_token_key(&record).unwrap()).unwrap(),
+        );
+        assert!(restored.needs_token_key());
+        assert_eq!(
+            restored.verify_token(&token, 0),
+            Err(EtcdError::InvalidAuthToken)
+        );
+        let rekeyed = apply(
+            restored,
+            auth_change::Change::Enable(AuthEnable {
+                token_key: b"new".to_vec(),
+            }),
+        )
+        .unwrap();
+        assert!(!rekeyed.needs_token_key());
+        assert_eq!(rekeyed.revision(), s.revision() + 1);
+        assert_eq!(
+            rekeyed.verify_token(&token, 0),
+            Err(EtcdError::InvalidAuthToken)
+        );
+        let fresh = rekeyed.sign_token("root", u64::MAX);
+        assert_eq!(rekeyed.verify_token(&fresh, 0).unwrap().user, "root");
+        // Enabling again changes nothing.
+        assert!(rekeyed
+            .apply(&auth_change::Change::Enable(AuthEnable {
+                token_key: b"other".to_vec()
+            }))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::mvcc::keys::{
-    META_APPLIED, META_APPLIED_PARTIAL, META_COMPACT, META_MEMBERSHIP, META_MEMBER_PREFIX,
-    META_REVISION,
+    META_APPLIED, META_APPLIED_PARTIAL, META_AUTH, META_COMPACT, META_MEMBERSHIP,
+    META_MEMBER_PREFIX, META_REVISION,
 };
 use crate::mvcc::{CF_KV, CF_META, CF_REV};
 
@@ -91,6 +91,13 @@ pub fn write(db: &DB, header: &Header, out: &mut impl Write) -> anyhow::Result<u
         let mut it = snap.raw_iterator_cf(cf);
         it.seek_to_first();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let stripped;
+            let v = if *name == CF_META && k == META_AUTH {
+                stripped = crate::auth::strip_token_key(v)?;
+                &stripped[..]
+            } else {
+                v
+            };
             w.write_all(&[tag as u8])?;
             w.write_all(&(k.len() as u32).to_be_bytes())?;
             w.write_all(k)?;

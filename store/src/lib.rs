@@ -382,6 +382,7 @@ pub async fn run(
         stop_rx.clone(),
     ));
     tasks.spawn(exit_when_removed(member.clone(), stop_rx.clone()));
+    tasks.spawn(auth_key_loop(member.clone(), stop_rx.clone()));
     tasks.spawn(publish_attributes(
         member.clone(),
         config.advertise_client_urls.clone(),
@@ -491,6 +492,43 @@ async fn lease_expiry_loop(
                     tracing::debug!(lease = id, error = %e, "revoking expired lease");
                 }
             });
+        }
+    }
+}
+
+/// On the leader: gives auth a new token key when it is on without one (a cluster restored
+/// from a backup, which leaves the key out). Every member then signs and checks with it.
+async fn auth_key_loop(
+    member: Arc<Member>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use rand::RngCore;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        if !member.is_leader() || !member.mvcc.auth().needs_token_key() {
+            continue;
+        }
+        let mut token_key = vec![0u8; 32];
+        rand::thread_rng().fill_bytes(&mut token_key);
+        let command = Command {
+            auth: None,
+            request: Some(command::Request::AuthChange(
+                flotilla_proto::flotillapb::AuthChange {
+                    change: Some(flotilla_proto::flotillapb::auth_change::Change::Enable(
+                        flotilla_proto::flotillapb::AuthEnable { token_key },
+                    )),
+                },
+            )),
+        };
+        match member.propose(command).await {
+            Ok(_) => {
+                tracing::info!("auth is on without a token key (restored backup): chose a new one")
+            }
+            Err(e) => tracing::debug!(error = %e, "choosing an auth token key"),
         }
     }
 }

@@ -45,6 +45,14 @@ pub struct Limits {
     pub bcrypt_cost: u32,
 }
 
+/// Seconds since the Unix epoch, by this machine's clock (token expiry).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
 /// What etcd's quota counts for a put beyond its key and value (`kvOverhead`).
 pub const QUOTA_PUT_OVERHEAD: u64 = 256;
 /// And for a lease grant (`leaseOverhead`).
@@ -591,18 +599,18 @@ impl Member {
         };
         let token = token?;
         let mut state = self.mvcc.auth();
-        if crate::auth::parse_token(token).is_some_and(|t| t.revision > state.revision()) {
+        // A token this member cannot judge yet: issued at an auth revision it has not applied
+        // (perhaps under a key it does not have yet). Catch up first; after that a token from
+        // the future is refused. (The wait costs what a linearizable read costs.)
+        let ahead = crate::auth::parse_token(token).is_some_and(|t| t.revision > state.revision());
+        if ahead {
             self.linearizable_barrier().await?;
             state = self.mvcc.auth();
         }
         if !state.enabled() {
             return Ok(AuthInfo::default());
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        state.verify_token(token, now)
+        state.verify_token(token, unix_now())
     }
 
     /// A command on behalf of a client: it carries the client's identity, checked when applied.

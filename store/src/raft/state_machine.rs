@@ -108,7 +108,7 @@ impl StateMachine {
         }
         self.mvcc
             .auth()
-            .check_command(command, |lease| Ok(self.mvcc.lease_keys(lease)?))?;
+            .check_command(command, &|lease| Ok(self.mvcc.lease_keys(lease)?))?;
         Ok(match &command.request {
             Some(Request::Put(r)) => R::Put(applier.put(r)?),
             Some(Request::DeleteRange(r)) => R::DeleteRange(applier.delete_range(r)?),

@@ -24,11 +24,33 @@ pub struct AuthService {
     pub member: Arc<Member>,
 }
 
+/// Runs bcrypt work on the blocking pool, at most `MAX_CONCURRENT_BCRYPT` at once. The slot
+/// is held until the work ends, even if the client gave up meanwhile; a request that cannot
+/// get a slot within the request timeout is refused.
 async fn bcrypt<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    let _permit = BCRYPT.acquire().await.map_err(|_| EtcdError::Stopped)?;
-    tokio::task::spawn_blocking(work)
+    let permit = tokio::time::timeout(crate::member::REQUEST_TIMEOUT, BCRYPT.acquire())
         .await
-        .map_err(|e| Status::from(EtcdError::Internal(e.to_string())))
+        .map_err(|_| EtcdError::Timeout)?
+        .map_err(|_| EtcdError::Stopped)?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|e| Status::from(EtcdError::Internal(e.to_string())))
+}
+
+/// A hash of nothing anyone knows, checked for unknown users so that a login costs the same
+/// whether the user exists or not.
+fn dummy_hash(cost: u32) -> String {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY
+        .get_or_init(|| {
+            let mut secret = [0u8; 16];
+            rand::thread_rng().fill_bytes(&mut secret);
+            hash_password(&format!("{secret:?}"), cost).unwrap_or_default()
+        })
+        .clone()
 }
 
 impl AuthService {
@@ -137,15 +159,31 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthenticateResponse>, Status> {
         let req = r.into_inner();
         self.member.linearizable_barrier().await?;
-        let state = self.member.mvcc.auth();
+        let mut state = self.member.mvcc.auth();
         if !state.enabled() {
             return Err(EtcdError::AuthNotEnabled.into());
         }
-        let Some(hash) = state.password_hash(&req.name).map(str::to_string) else {
-            return Err(EtcdError::AuthFailed.into());
-        };
+        // A restored cluster gets a new token key from its leader within a second or so.
+        let deadline = tokio::time::Instant::now() + crate::member::REQUEST_TIMEOUT;
+        while state.needs_token_key() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EtcdError::Timeout.into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            state = self.member.mvcc.auth();
+        }
+        let known = state.password_hash(&req.name).map(str::to_string);
+        let cost = self.member.limits.bcrypt_cost;
         let password = req.password;
-        if !bcrypt(move || password_matches(&password, &hash)).await? {
+        let matched = bcrypt(move || match known {
+            Some(hash) => password_matches(&password, &hash),
+            None => {
+                let _ = password_matches(&password, &dummy_hash(cost));
+                false
+            }
+        })
+        .await?;
+        if !matched {
             return Err(EtcdError::AuthFailed.into());
         }
         let expiry = std::time::SystemTime::now()

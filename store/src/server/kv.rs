@@ -96,6 +96,8 @@ impl Kv for KvService {
         if req.prev_kv {
             state.check_range(Some(&auth), &req.key, &[], Access::Read)?;
         }
+        let mvcc = &self.member.mvcc;
+        state.check_lease_keys(Some(&auth), req.lease, &|l| Ok(mvcc.lease_keys(l)?))?;
         self.member
             .quota_check((req.key.len() + req.value.len()) as u64 + QUOTA_PUT_OVERHEAD)
             .await?;
@@ -146,7 +148,14 @@ impl Kv for KvService {
         let req = request.into_inner();
         validate::txn(&req, self.member.limits.max_txn_ops)?;
         self.member.check_size(&req)?;
-        self.member.mvcc.auth().check_txn(Some(&auth), &req)?;
+        let state = self.member.mvcc.auth();
+        state.check_txn(Some(&auth), &req)?;
+        let mut leases = Vec::new();
+        crate::auth::AuthState::txn_put_leases(&req, &mut leases);
+        let mvcc = &self.member.mvcc;
+        for lease in leases {
+            state.check_lease_keys(Some(&auth), lease, &|l| Ok(mvcc.lease_keys(l)?))?;
+        }
         if txn_has_put(&req) {
             self.member
                 .quota_check(req.encoded_len() as u64 + QUOTA_PUT_OVERHEAD)

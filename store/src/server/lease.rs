@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::Access;
 use crate::error::EtcdError;
 use crate::lease::MAX_LEASE_TTL;
 use crate::member::Member;
@@ -76,7 +77,11 @@ impl Lease for LeaseService {
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let auth = self.member.auth_info(request.metadata()).await?;
-        self.member.mvcc.auth().check_user(Some(&auth))?;
+        let mvcc = &self.member.mvcc;
+        mvcc.auth()
+            .check_lease_keys(Some(&auth), request.get_ref().id, &|l| {
+                Ok(mvcc.lease_keys(l)?)
+            })?;
         let req = request.into_inner();
         match self
             .member
@@ -127,9 +132,13 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let auth = self.member.auth_info(request.metadata()).await?;
         self.member.mvcc.auth().check_user(Some(&auth))?;
-        Ok(Response::new(
-            self.member.lease_time_to_live(request.into_inner()).await?,
-        ))
+        let resp = self.member.lease_time_to_live(request.into_inner()).await?;
+        // The attached keys are shown only to a user who may read every one of them.
+        let state = self.member.mvcc.auth();
+        for key in &resp.keys {
+            state.check_range(Some(&auth), key, &[], Access::Read)?;
+        }
+        Ok(Response::new(resp))
     }
 
     async fn lease_leases(

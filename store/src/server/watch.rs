@@ -48,13 +48,21 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        // A bad token fails each watch the stream creates, not the stream (as etcd).
+        // A bad token fails each watch the stream creates, not the stream (as etcd). The
+        // token is judged again at each create: it may expire while the stream lives.
         let auth = self.member.auth_info(request.metadata()).await;
+        let token = request
+            .metadata()
+            .get("token")
+            .or_else(|| request.metadata().get("authorization"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = WatchStreamTask {
             member: self.member.clone(),
             auth,
+            token,
             fanout: self.member.mvcc.subscribe(),
             out: tx,
             watchers: BTreeMap::new(),
@@ -105,6 +113,7 @@ struct WatchStreamTask {
     member: Arc<Member>,
     /// Who opened the stream (from its token).
     auth: Result<AuthInfo, EtcdError>,
+    token: Option<String>,
     fanout: broadcast::Receiver<Arc<RevisionEvents>>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
@@ -187,11 +196,12 @@ impl WatchStreamTask {
             }
             self.next_auto_id
         };
-        let permitted = self.auth.clone().and_then(|auth| {
-            self.member
-                .mvcc
-                .auth()
-                .check_range(Some(&auth), &c.key, &c.range_end, Access::Read)
+        let state = self.member.mvcc.auth();
+        let permitted = self.auth.clone().and_then(|mut auth| {
+            if let (Some(token), true) = (&self.token, state.enabled()) {
+                auth = state.verify_token(token, crate::member::unix_now())?;
+            }
+            state.check_range(Some(&auth), &c.key, &c.range_end, Access::Read)
         });
         if self.watchers.contains_key(&id)
             || self.watchers.len() >= MAX_WATCHERS_PER_STREAM
