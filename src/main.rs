@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod cluster;
 mod snapshot;
 
 #[derive(Parser)]
@@ -25,9 +26,13 @@ enum Command {
     Store(StoreArgs),
     /// Drive load against any etcd v3 endpoint and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Run a Kubernetes API server over a store (kube-apiserver's flags).
+    Apiserver(cluster::ApiserverArgs),
+    /// Run a single-machine cluster (store + apiserver) and write an admin kubeconfig.
+    Up(cluster::UpArgs),
 }
 
-fn urls(s: &str) -> Vec<String> {
+pub(crate) fn urls(s: &str) -> Vec<String> {
     s.split(',')
         .map(|u| u.trim().to_string())
         .filter(|u| !u.is_empty())
@@ -170,7 +175,7 @@ fn init_tracing(level: &str) {
         .init();
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
     tokio::select! {
@@ -249,5 +254,13 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(flotilla_store::run(config, shutdown_signal()))
         }
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Apiserver(args) => {
+            init_tracing("info");
+            runtime.block_on(cluster::apiserver(args, shutdown_signal()))
+        }
+        Command::Up(args) => {
+            init_tracing("warn");
+            runtime.block_on(cluster::up(args))
+        }
     }
 }

@@ -1,0 +1,238 @@
+//! The store as the apiserver uses it: only the etcd v3 API (Range, Txn, Watch), so any
+//! etcd v3 server works underneath, ours or etcd itself.
+
+use flotilla_proto::etcdserverpb::kv_client::KvClient;
+use flotilla_proto::etcdserverpb::watch_client::WatchClient;
+use flotilla_proto::etcdserverpb::{
+    compare, request_op, response_op, watch_request, Compare, DeleteRangeRequest, PutRequest,
+    RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use flotilla_proto::mvccpb::KeyValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::status::ApiError;
+
+/// Largest message the store may send back (a page of a list).
+const MAX_STORE_MESSAGE: usize = 64 << 20;
+
+#[derive(Clone)]
+pub struct Store {
+    kv: KvClient<Channel>,
+    watch: WatchClient<Channel>,
+}
+
+/// What a conditional write found when its condition failed.
+pub enum Written {
+    Done {
+        revision: i64,
+    },
+    /// The key's current state (None: it does not exist).
+    Conflict(Option<KeyValue>),
+}
+
+fn store_error(s: tonic::Status) -> ApiError {
+    if s.message().contains("required revision has been compacted") {
+        return ApiError::gone(format!("too old resource version: {}", s.message()));
+    }
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+            ApiError::unavailable(format!("the store is unavailable: {}", s.message()))
+        }
+        _ => ApiError::internal(format!("store: {}", s.message())),
+    }
+}
+
+/// The first key after every key with this prefix.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Store {
+    /// Connects (lazily) to the store, spreading requests over `servers`.
+    pub fn connect(servers: &[String]) -> anyhow::Result<Store> {
+        let mut endpoints = Vec::new();
+        for s in servers {
+            let url = if s.contains("://") {
+                s.clone()
+            } else {
+                format!("http://{s}")
+            };
+            endpoints.push(
+                Endpoint::from_shared(url.clone())
+                    .map_err(|e| anyhow::anyhow!("--etcd-servers: {url}: {e}"))?
+                    .connect_timeout(std::time::Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(std::time::Duration::from_secs(10)),
+            );
+        }
+        if endpoints.is_empty() {
+            anyhow::bail!("--etcd-servers is empty");
+        }
+        let channel = Channel::balance_list(endpoints.into_iter());
+        Ok(Store {
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_STORE_MESSAGE),
+            watch: WatchClient::new(channel).max_decoding_message_size(MAX_STORE_MESSAGE),
+        })
+    }
+
+    /// One key, linearizably (or at `revision`); with the store's current revision.
+    pub async fn get(&self, key: &str) -> Result<(Option<KeyValue>, i64), ApiError> {
+        let resp = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map_err(store_error)?
+            .into_inner();
+        let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+        Ok((resp.kvs.into_iter().next(), revision))
+    }
+
+    /// Up to `limit` keys (0: all) from `start` to the end of `prefix`, at `revision` (0:
+    /// now). Returns the keys, whether more follow, and the revision read at.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        start: &[u8],
+        limit: i64,
+        revision: i64,
+    ) -> Result<(Vec<KeyValue>, bool, i64), ApiError> {
+        let key = if start.is_empty() {
+            prefix.as_bytes().to_vec()
+        } else {
+            start.to_vec()
+        };
+        let resp = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key,
+                range_end: prefix_end(prefix.as_bytes()),
+                limit,
+                revision,
+                ..Default::default()
+            })
+            .await
+            .map_err(store_error)?
+            .into_inner();
+        let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+        Ok((resp.kvs, resp.more, revision))
+    }
+
+    /// Writes `value` if the key's mod_revision is `expected` (0: the key must not exist).
+    pub async fn put_if(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: i64,
+    ) -> Result<Written, ApiError> {
+        self.txn_if(
+            key,
+            expected,
+            request_op::Request::RequestPut(PutRequest {
+                key: key.as_bytes().to_vec(),
+                value,
+                ..Default::default()
+            }),
+        )
+        .await
+    }
+
+    /// Deletes the key if its mod_revision is `expected`.
+    pub async fn delete_if(&self, key: &str, expected: i64) -> Result<Written, ApiError> {
+        self.txn_if(
+            key,
+            expected,
+            request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+        )
+        .await
+    }
+
+    async fn txn_if(
+        &self,
+        key: &str,
+        expected: i64,
+        then: request_op::Request,
+    ) -> Result<Written, ApiError> {
+        let resp = self
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare: vec![Compare {
+                    result: compare::CompareResult::Equal as i32,
+                    target: compare::CompareTarget::Mod as i32,
+                    key: key.as_bytes().to_vec(),
+                    range_end: Vec::new(),
+                    target_union: Some(compare::TargetUnion::ModRevision(expected)),
+                }],
+                success: vec![RequestOp {
+                    request: Some(then),
+                }],
+                failure: vec![RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: key.as_bytes().to_vec(),
+                        ..Default::default()
+                    })),
+                }],
+            })
+            .await
+            .map_err(store_error)?
+            .into_inner();
+        if resp.succeeded {
+            return Ok(Written::Done {
+                revision: resp.header.map(|h| h.revision).unwrap_or(0),
+            });
+        }
+        let current = resp.responses.into_iter().find_map(|r| match r.response {
+            Some(response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
+            _ => None,
+        });
+        Ok(Written::Conflict(current))
+    }
+
+    /// Every change under `prefix` from `start_revision` on, with previous values.
+    pub async fn watch(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+    ) -> Result<tonic::Streaming<WatchResponse>, ApiError> {
+        let create = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: prefix.as_bytes().to_vec(),
+                    range_end: prefix_end(prefix.as_bytes()),
+                    start_revision,
+                    prev_kv: true,
+                    progress_notify: true,
+                    ..Default::default()
+                },
+            )),
+        };
+        // The request stream stays open for as long as the watch lives.
+        let requests =
+            futures::stream::once(async move { create }).chain(futures::stream::pending());
+        let stream = self
+            .watch
+            .clone()
+            .watch(requests)
+            .await
+            .map_err(store_error)?
+            .into_inner();
+        Ok(stream)
+    }
+}
+
+use futures::StreamExt;

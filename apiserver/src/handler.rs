@@ -1,0 +1,1221 @@
+//! Request routing and the REST verbs: discovery, get, list (pages, selectors), watch,
+//! create, update, patch (JSON merge), delete.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use flotilla_proto::mvccpb::{event::EventType, KeyValue};
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{json, Map, Value};
+
+use crate::etcd::{Store, Written};
+use crate::resources::{self, Resource};
+use crate::status::ApiError;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Largest request body (kube-apiserver's limit).
+pub const MAX_BODY_BYTES: usize = 3 << 20;
+/// Requests served at once, watches aside (kube-apiserver's --max-requests-inflight).
+pub const MAX_INFLIGHT: usize = 400;
+/// Longest page of a list.
+const MAX_PAGE: i64 = 10_000;
+/// A watch without timeoutSeconds ends after this long (clients re-watch).
+const MAX_WATCH: Duration = Duration::from_secs(1800);
+/// Events a slow watcher may have waiting before it is cut off.
+const WATCH_BUFFER: usize = 1024;
+
+pub const KUBERNETES_VERSION: (&str, &str) = ("1", "32");
+
+/// A client's identity from its credentials.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+pub struct State {
+    pub store: Store,
+    /// Bearer tokens (`--token-auth-file`).
+    pub tokens: HashMap<String, User>,
+    pub inflight: tokio::sync::Semaphore,
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)).boxed());
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn text_response(body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = json_response(code, &e.to_status());
+    if e.code == 429 {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// Serves one request; every failure becomes a Status.
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = std::time::Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = match route(&state, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed = ?started.elapsed(), "request");
+    Ok(resp)
+}
+
+fn authenticate(state: &State, req: &Request<Incoming>) -> Option<User> {
+    let auth = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = auth.strip_prefix("Bearer ")?.trim();
+    state.tokens.get(token).cloned()
+}
+
+async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // Health checks answer anyone (load balancers probe them without credentials).
+    match segments.as_slice() {
+        ["healthz"] | ["livez"] => return Ok(text_response("ok")),
+        ["readyz"] => {
+            state.store.get("/registry/health").await?;
+            return Ok(text_response("ok"));
+        }
+        _ => {}
+    }
+    let Some(_user) = authenticate(state, &req) else {
+        return Err(ApiError::unauthorized());
+    };
+    let query = parse_query(req.uri().query().unwrap_or(""));
+    let watching = is_true(query.get("watch"));
+    // Watches are long-running and do not count against the in-flight limit.
+    let _permit = if watching {
+        None
+    } else {
+        Some(
+            state
+                .inflight
+                .try_acquire()
+                .map_err(|_| ApiError::too_many_requests())?,
+        )
+    };
+    match segments.as_slice() {
+        ["version"] => Ok(json_response(StatusCode::OK, &version())),
+        ["api"] => Ok(json_response(
+            StatusCode::OK,
+            &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+        )),
+        ["apis"] => Ok(json_response(StatusCode::OK, &api_groups())),
+        ["api", "v1"] => Ok(json_response(StatusCode::OK, &resource_list("", "v1"))),
+        ["apis", group, version] if served(group, version) => Ok(json_response(
+            StatusCode::OK,
+            &resource_list(group, version),
+        )),
+        ["api", "v1", rest @ ..] => resource_request(state, "", "v1", rest, query, req).await,
+        ["apis", group, version, rest @ ..] => {
+            let (group, version) = (group.to_string(), version.to_string());
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+            resource_request(state, &group, &version, &rest, query, req).await
+        }
+        _ => Err(ApiError::not_found_path()),
+    }
+}
+
+fn served(group: &str, version: &str) -> bool {
+    resources::group_versions().contains(&(group, version))
+}
+
+fn version() -> Value {
+    let (major, minor) = KUBERNETES_VERSION;
+    json!({
+        "major": major,
+        "minor": minor,
+        "gitVersion": format!("v{major}.{minor}.0-flotilla.{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "",
+        "goVersion": "",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+    })
+}
+
+fn api_groups() -> Value {
+    let groups: Vec<Value> = resources::group_versions()
+        .into_iter()
+        .filter(|(g, _)| !g.is_empty())
+        .map(|(g, v)| {
+            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+fn resource_list(group: &str, version: &str) -> Value {
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    let list: Vec<Value> = resources::RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .map(Resource::discovery)
+        .collect();
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})
+}
+
+fn parse_query(q: &str) -> HashMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 3 <= bytes.len() => {
+                match u8::from_str_radix(s.get(i + 1..i + 3).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_true(v: Option<&String>) -> bool {
+    matches!(v.map(String::as_str), Some("true") | Some("1"))
+}
+
+/// Where a request points: a resource, maybe a namespace, maybe one object.
+struct Target {
+    resource: &'static Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+fn target(group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
+    let find =
+        |plural: &str| resources::find(group, version, plural).ok_or_else(ApiError::not_found_path);
+    match rest {
+        [plural] => Ok(Target {
+            resource: find(plural)?,
+            namespace: None,
+            name: None,
+        }),
+        [plural, name] => {
+            let resource = find(plural)?;
+            if resource.namespaced {
+                return Err(ApiError::not_found_path());
+            }
+            Ok(Target {
+                resource,
+                namespace: None,
+                name: Some(name.to_string()),
+            })
+        }
+        ["namespaces", ns, plural] | ["namespaces", ns, plural, ..] => {
+            let resource = find(plural)?;
+            if !resource.namespaced {
+                return Err(ApiError::not_found_path());
+            }
+            let name = match rest {
+                [_, _, _] => None,
+                [_, _, _, name] => Some(name.to_string()),
+                _ => return Err(ApiError::not_found_path()),
+            };
+            Ok(Target {
+                resource,
+                namespace: Some(ns.to_string()),
+                name,
+            })
+        }
+        _ => Err(ApiError::not_found_path()),
+    }
+}
+
+async fn resource_request(
+    state: &Arc<State>,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+    query: HashMap<String, String>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let t = target(group, version, rest)?;
+    let method = req.method().clone();
+    match (&method, &t.name) {
+        (&Method::GET, Some(name)) => get(state, &t, name).await,
+        (&Method::GET, None) if is_true(query.get("watch")) => watch(state, &t, &query).await,
+        (&Method::GET, None) => list(state, &t, &query).await,
+        (&Method::POST, None) => {
+            let body = read_json(req).await?;
+            create(state, &t, body, &query).await
+        }
+        (&Method::PUT, Some(name)) => {
+            let body = read_json(req).await?;
+            update(state, &t, name, body, &query).await
+        }
+        (&Method::PATCH, Some(name)) => {
+            let content_type = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let patch = read_body(req).await?;
+            patch_object(state, &t, name, &content_type, &patch, &query).await
+        }
+        (&Method::DELETE, Some(name)) => delete(state, &t, name, &query).await,
+        _ => Err(ApiError::method_not_allowed(method.as_str())),
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let limited = Limited::new(req.into_body(), MAX_BODY_BYTES);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::too_large(MAX_BODY_BYTES))
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "reading the request body: {e}"
+        ))),
+    }
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    if !content_type.starts_with("application/json") && !content_type.is_empty() {
+        return Err(ApiError::unsupported_media_type(&content_type));
+    }
+    let body = read_body(req).await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the object provided is unrecognized (must be of type JSON): {e}"
+        ))
+    })
+}
+
+/// The stored object as clients see it: resourceVersion is the key's mod_revision.
+fn decode(kv: &KeyValue) -> Result<Value, ApiError> {
+    let mut obj: Value = serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::internal(format!("a stored object is not JSON: {e}")))?;
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "resourceVersion".into(),
+            Value::String(kv.mod_revision.to_string()),
+        );
+    }
+    Ok(obj)
+}
+
+fn stored_form(obj: &Value) -> Vec<u8> {
+    let mut obj = obj.clone();
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.remove("selfLink");
+    }
+    serde_json::to_vec(&obj).unwrap_or_default()
+}
+
+fn with_revision(mut obj: Value, revision: i64) -> Value {
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "resourceVersion".into(),
+            Value::String(revision.to_string()),
+        );
+    }
+    obj
+}
+
+async fn get(state: &State, t: &Target, name: &str) -> Result<Response<Body>, ApiError> {
+    let key = t.resource.key(t.namespace.as_deref(), name);
+    match state.store.get(&key).await?.0 {
+        Some(kv) => Ok(json_response(StatusCode::OK, &decode(&kv)?)),
+        None => Err(ApiError::not_found(
+            t.resource.plural,
+            t.resource.group,
+            name,
+        )),
+    }
+}
+
+/// Label selector terms: `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)`, `k notin (a,b)`.
+#[derive(Debug)]
+enum Term {
+    Eq(String, String),
+    Ne(String, String),
+    Exists(String),
+    Absent(String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+}
+
+fn split_terms(s: &str) -> Vec<String> {
+    let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0);
+    for c in s.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn parse_label_selector(s: &str) -> Result<Vec<Term>, ApiError> {
+    let mut terms = Vec::new();
+    for raw in split_terms(s) {
+        let t = raw.trim();
+        let set = |rest: &str| -> Result<Vec<String>, ApiError> {
+            let inner = rest
+                .trim()
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("unable to parse requirement: {t}"))
+                })?;
+            Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+        };
+        let term = if let Some(k) = t.strip_prefix('!') {
+            Term::Absent(k.trim().to_string())
+        } else if let Some((k, v)) = t.split_once("!=") {
+            Term::Ne(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = t.split_once("==") {
+            Term::Eq(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = t.split_once('=') {
+            Term::Eq(k.trim().into(), v.trim().into())
+        } else if let Some((k, rest)) = t.split_once(" notin ") {
+            Term::NotIn(k.trim().into(), set(rest)?)
+        } else if let Some((k, rest)) = t.split_once(" in ") {
+            Term::In(k.trim().into(), set(rest)?)
+        } else if !t.is_empty() && !t.contains(' ') {
+            Term::Exists(t.to_string())
+        } else {
+            return Err(ApiError::bad_request(format!(
+                "unable to parse requirement: {t}"
+            )));
+        };
+        terms.push(term);
+    }
+    Ok(terms)
+}
+
+fn labels_match(terms: &[Term], obj: &Value) -> bool {
+    let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
+    let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+    terms.iter().all(|t| match t {
+        Term::Eq(k, v) => get(k) == Some(v.as_str()),
+        Term::Ne(k, v) => get(k) != Some(v.as_str()),
+        Term::Exists(k) => get(k).is_some(),
+        Term::Absent(k) => get(k).is_none(),
+        Term::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+        Term::NotIn(k, vs) => get(k).map_or(true, |x| !vs.iter().any(|v| v == x)),
+    })
+}
+
+/// Field selectors: `metadata.name` and `metadata.namespace` with `=`, `==` or `!=`.
+fn parse_field_selector(s: &str) -> Result<Vec<(String, bool, String)>, ApiError> {
+    let mut out = Vec::new();
+    for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (field, eq, value) = if let Some((f, v)) = t.split_once("!=") {
+            (f, false, v)
+        } else if let Some((f, v)) = t.split_once("==") {
+            (f, true, v)
+        } else if let Some((f, v)) = t.split_once('=') {
+            (f, true, v)
+        } else {
+            return Err(ApiError::bad_request(format!(
+                "invalid selector: '{t}'; can't understand '{t}'"
+            )));
+        };
+        let field = field.trim();
+        if field != "metadata.name" && field != "metadata.namespace" {
+            return Err(ApiError::bad_request(format!(
+                "field label not supported: {field}"
+            )));
+        }
+        out.push((field.to_string(), eq, value.trim().to_string()));
+    }
+    Ok(out)
+}
+
+fn fields_match(sel: &[(String, bool, String)], obj: &Value) -> bool {
+    sel.iter().all(|(field, eq, value)| {
+        let pointer = format!("/{}", field.replace('.', "/"));
+        let have = obj.pointer(&pointer).and_then(Value::as_str).unwrap_or("");
+        (have == value) == *eq
+    })
+}
+
+struct Filter {
+    labels: Vec<Term>,
+    fields: Vec<(String, bool, String)>,
+}
+
+impl Filter {
+    fn from_query(q: &HashMap<String, String>) -> Result<Filter, ApiError> {
+        Ok(Filter {
+            labels: parse_label_selector(q.get("labelSelector").map_or("", String::as_str))?,
+            fields: parse_field_selector(q.get("fieldSelector").map_or("", String::as_str))?,
+        })
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        labels_match(&self.labels, obj) && fields_match(&self.fields, obj)
+    }
+}
+
+/// A continue token: where the next page starts and the revision the list reads at.
+fn encode_continue(revision: i64, next_key: &[u8]) -> String {
+    let token = json!({"v": 1, "rv": revision, "start": base64::engine::general_purpose::STANDARD.encode(next_key)});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+fn decode_continue(token: &str) -> Result<(i64, Vec<u8>), ApiError> {
+    let bad = || ApiError::bad_request("continue key is not valid: the token could not be decoded");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let rv = v["rv"].as_i64().ok_or_else(bad)?;
+    let start = base64::engine::general_purpose::STANDARD
+        .decode(v["start"].as_str().ok_or_else(bad)?)
+        .map_err(|_| bad())?;
+    Ok((rv, start))
+}
+
+async fn list(
+    state: &State,
+    t: &Target,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let filter = Filter::from_query(q)?;
+    let prefix = t.resource.prefix(t.namespace.as_deref());
+    let limit: i64 = match q.get("limit").map(|l| l.parse::<i64>()) {
+        None => 0,
+        Some(Ok(l)) if l >= 0 => l.min(MAX_PAGE),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "limit must be a non-negative integer",
+            ))
+        }
+    };
+    let (revision, start) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => decode_continue(token)?,
+        None => (0, Vec::new()),
+    };
+    let (kvs, more, read_at) =
+        match state.store.list(&prefix, &start, limit, revision).await {
+            Err(e) if e.code == 410 && revision > 0 => return Err(ApiError::gone(
+                "The provided continue parameter is too old to display a consistent list result. \
+                 You can start a new list without the continue parameter.",
+            )),
+            other => other?,
+        };
+    let read_at = if revision > 0 { revision } else { read_at };
+    let mut items = Vec::with_capacity(kvs.len());
+    for kv in &kvs {
+        let obj = decode(kv)?;
+        if filter.matches(&obj) {
+            items.push(obj);
+        }
+    }
+    let mut meta = json!({"resourceVersion": read_at.to_string()});
+    if more {
+        if let Some(last) = kvs.last() {
+            let mut next = last.key.clone();
+            next.push(0);
+            meta["continue"] = Value::String(encode_continue(read_at, &next));
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "kind": format!("{}List", t.resource.kind),
+            "apiVersion": t.resource.api_version(),
+            "metadata": meta,
+            "items": items,
+        }),
+    ))
+}
+
+fn watch_event(kind: &str, object: Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+async fn watch(
+    state: &State,
+    t: &Target,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let filter = Filter::from_query(q)?;
+    let prefix = t.resource.prefix(t.namespace.as_deref());
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(MAX_WATCH)
+        .min(MAX_WATCH);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WATCH_BUFFER);
+    // Without a resourceVersion (or "0"), a watch starts with the current objects as ADDED.
+    let from = match q.get("resourceVersion").map(String::as_str) {
+        None | Some("") | Some("0") => {
+            let (kvs, _, revision) = state.store.list(&prefix, &[], 0, 0).await?;
+            for kv in &kvs {
+                let obj = decode(kv)?;
+                if filter.matches(&obj) && tx.try_send(watch_event("ADDED", obj)).is_err() {
+                    return Err(ApiError::internal("too many objects to start a watch"));
+                }
+            }
+            revision + 1
+        }
+        Some(rv) => {
+            rv.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?
+                + 1
+        }
+    };
+    let mut events = state.store.watch(&prefix, from).await?;
+    let bookmarks = is_true(q.get("allowWatchBookmarks"));
+    let (kind, api_version) = (t.resource.kind, t.resource.api_version());
+    tokio::spawn(async move {
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            let msg = tokio::select! {
+                m = events.message() => m,
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    let err = ApiError::internal(format!("watch: {}", e.message()));
+                    let _ = tx.send(watch_event("ERROR", err.to_status())).await;
+                    return;
+                }
+            };
+            if resp.canceled {
+                let err = if resp.compact_revision > 0 {
+                    ApiError::gone(format!(
+                        "too old resource version: {} ({})",
+                        from - 1,
+                        resp.compact_revision
+                    ))
+                } else {
+                    ApiError::internal(format!("watch cancelled: {}", resp.cancel_reason))
+                };
+                let _ = tx.send(watch_event("ERROR", err.to_status())).await;
+                return;
+            }
+            if resp.events.is_empty() {
+                if bookmarks && !resp.created {
+                    if let Some(h) = &resp.header {
+                        let mark = json!({
+                            "kind": kind,
+                            "apiVersion": api_version,
+                            "metadata": {"resourceVersion": h.revision.to_string()},
+                        });
+                        if tx.send(watch_event("BOOKMARK", mark)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
+            for ev in resp.events {
+                let (kind, obj) = if ev.r#type == EventType::Delete as i32 {
+                    let Some(prev) = ev.prev_kv.as_ref() else {
+                        continue;
+                    };
+                    let Some(kv) = ev.kv.as_ref() else { continue };
+                    let Ok(obj) = decode(prev) else { continue };
+                    ("DELETED", with_revision(obj, kv.mod_revision))
+                } else {
+                    let Some(kv) = ev.kv.as_ref() else { continue };
+                    let Ok(obj) = decode(kv) else { continue };
+                    let kind = if kv.create_revision == kv.mod_revision {
+                        "ADDED"
+                    } else {
+                        "MODIFIED"
+                    };
+                    (kind, obj)
+                };
+                if !filter.matches(&obj) {
+                    continue;
+                }
+                // A watcher that does not keep up is cut off; it re-watches from its last
+                // resourceVersion.
+                if tx.try_send(watch_event(kind, obj)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+use futures::StreamExt;
+
+fn random_suffix(n: usize) -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+fn new_uid() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Checks what any write of an object needs: it is an object of this resource's kind and
+/// apiVersion, in the request's namespace.
+fn check_object(t: &Target, obj: &mut Value) -> Result<(), ApiError> {
+    let r = t.resource;
+    let Some(map) = obj.as_object_mut() else {
+        return Err(ApiError::bad_request(
+            "the object provided is not a JSON object",
+        ));
+    };
+    match map.get("kind").and_then(Value::as_str) {
+        None | Some("") => {
+            return Err(ApiError::bad_request(
+                "Object 'Kind' is missing in the request body",
+            ))
+        }
+        Some(k) if k != r.kind => {
+            return Err(ApiError::bad_request(format!(
+                "the kind {k:?} of the object does not match the resource {} ({})",
+                r.plural, r.kind
+            )))
+        }
+        _ => {}
+    }
+    match map.get("apiVersion").and_then(Value::as_str) {
+        Some(v) if v == r.api_version() => {}
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "the API version {:?} of the object does not match the request's {}",
+                other.unwrap_or(""),
+                r.api_version()
+            )))
+        }
+    }
+    let meta = map
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let Some(meta) = meta.as_object_mut() else {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    };
+    if r.namespaced {
+        let ns = t.namespace.clone().unwrap_or_default();
+        match meta.get("namespace").and_then(Value::as_str) {
+            None | Some("") => {
+                meta.insert("namespace".into(), Value::String(ns));
+            }
+            Some(have) if have != ns => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ))
+            }
+            _ => {}
+        }
+    } else {
+        meta.remove("namespace");
+    }
+    Ok(())
+}
+
+/// What the server sets on write, per resource (secrets' stringData, namespaces' phase).
+fn normalize(t: &Target, obj: &mut Value) -> Result<(), ApiError> {
+    match t.resource.plural {
+        "secrets" => {
+            if let Some(Value::Object(string_data)) =
+                obj.as_object_mut().and_then(|m| m.remove("stringData"))
+            {
+                let data = obj
+                    .as_object_mut()
+                    .map(|m| m.entry("data").or_insert_with(|| Value::Object(Map::new())));
+                if let Some(Value::Object(data)) = data {
+                    for (k, v) in string_data {
+                        let s = v.as_str().unwrap_or_default();
+                        data.insert(
+                            k,
+                            Value::String(base64::engine::general_purpose::STANDARD.encode(s)),
+                        );
+                    }
+                }
+            }
+            if obj.get("type").is_none() {
+                obj["type"] = Value::String("Opaque".into());
+            }
+        }
+        "namespaces" => {
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+            obj["status"] = json!({"phase": "Active"});
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn name_of(obj: &Value) -> Option<String> {
+    obj.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+fn check_name(t: &Target, name: &str) -> Result<(), ApiError> {
+    t.resource.check_name(name).map_err(|msg| {
+        ApiError::invalid(
+            t.resource.kind,
+            t.resource.group,
+            name,
+            vec![(
+                "metadata.name".into(),
+                format!("Invalid value: \"{name}\": {msg}"),
+            )],
+        )
+    })
+}
+
+async fn namespace_exists(state: &State, t: &Target) -> Result<(), ApiError> {
+    let Some(ns) = &t.namespace else {
+        return Ok(());
+    };
+    let key = resources::find("", "v1", "namespaces")
+        .map(|r| r.key(None, ns))
+        .unwrap_or_default();
+    if state.store.get(&key).await?.0.is_none() {
+        return Err(ApiError::not_found("namespaces", "", ns));
+    }
+    Ok(())
+}
+
+fn dry_run(q: &HashMap<String, String>) -> bool {
+    q.get("dryRun").is_some_and(|v| v == "All")
+}
+
+async fn create(
+    state: &State,
+    t: &Target,
+    mut obj: Value,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    check_object(t, &mut obj)?;
+    let name = match name_of(&obj) {
+        Some(n) => n,
+        None => match obj
+            .pointer("/metadata/generateName")
+            .and_then(Value::as_str)
+        {
+            Some(base) if !base.is_empty() => {
+                let name = format!("{base}{}", random_suffix(5));
+                obj["metadata"]["name"] = Value::String(name.clone());
+                name
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    t.resource.kind,
+                    t.resource.group,
+                    "",
+                    vec![(
+                        "metadata.name".into(),
+                        "Required value: name or generateName is required".into(),
+                    )],
+                ))
+            }
+        },
+    };
+    check_name(t, &name)?;
+    namespace_exists(state, t).await?;
+    normalize(t, &mut obj)?;
+    let meta = &mut obj["metadata"];
+    meta["uid"] = Value::String(new_uid());
+    meta["creationTimestamp"] = Value::String(now_rfc3339());
+    if let Some(m) = meta.as_object_mut() {
+        m.remove("resourceVersion");
+        m.remove("deletionTimestamp");
+    }
+    let key = t.resource.key(t.namespace.as_deref(), &name);
+    if dry_run(q) {
+        if state.store.get(&key).await?.0.is_some() {
+            return Err(ApiError::already_exists(
+                t.resource.plural,
+                t.resource.group,
+                &name,
+            ));
+        }
+        return Ok(json_response(StatusCode::CREATED, &obj));
+    }
+    match state.store.put_if(&key, stored_form(&obj), 0).await? {
+        Written::Done { revision } => Ok(json_response(
+            StatusCode::CREATED,
+            &with_revision(obj, revision),
+        )),
+        Written::Conflict(_) => Err(ApiError::already_exists(
+            t.resource.plural,
+            t.resource.group,
+            &name,
+        )),
+    }
+}
+
+/// Replaces an object. A resourceVersion in the body must match the stored one (409
+/// otherwise); without one the write is unconditional (still atomic against the read).
+async fn update(
+    state: &State,
+    t: &Target,
+    name: &str,
+    mut obj: Value,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    check_object(t, &mut obj)?;
+    if name_of(&obj).as_deref() != Some(name) {
+        return Err(ApiError::bad_request(
+            "the name of the object does not match the name on the URL",
+        ));
+    }
+    let key = t.resource.key(t.namespace.as_deref(), name);
+    let (current, _) = state.store.get(&key).await?;
+    let Some(current) = current else {
+        return Err(ApiError::not_found(
+            t.resource.plural,
+            t.resource.group,
+            name,
+        ));
+    };
+    let expected = match obj
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        Some(rv) if !rv.is_empty() => rv
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
+        _ => current.mod_revision,
+    };
+    let old = decode(&current)?;
+    write_back(state, t, name, &key, old, obj, expected, q).await
+}
+
+/// Writes `obj` over `old` (whose mod_revision must still be `expected`), keeping what
+/// clients may not change: uid, creationTimestamp.
+#[allow(clippy::too_many_arguments)]
+async fn write_back(
+    state: &State,
+    t: &Target,
+    name: &str,
+    key: &str,
+    old: Value,
+    mut obj: Value,
+    expected: i64,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    normalize(t, &mut obj)?;
+    for field in ["uid", "creationTimestamp"] {
+        if let Some(v) = old.pointer(&format!("/metadata/{field}")) {
+            obj["metadata"][field] = v.clone();
+        }
+    }
+    if dry_run(q) {
+        return Ok(json_response(StatusCode::OK, &obj));
+    }
+    match state.store.put_if(key, stored_form(&obj), expected).await? {
+        Written::Done { revision } => {
+            Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
+        }
+        Written::Conflict(None) => Err(ApiError::not_found(
+            t.resource.plural,
+            t.resource.group,
+            name,
+        )),
+        Written::Conflict(Some(_)) => Err(ApiError::conflict(
+            t.resource.plural,
+            t.resource.group,
+            name,
+        )),
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            if let Some(t) = target.as_object_mut() {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+async fn patch_object(
+    state: &State,
+    t: &Target,
+    name: &str,
+    content_type: &str,
+    patch: &[u8],
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    // Strategic merge patch is JSON merge patch for the resources served so far: none of
+    // them has a list with a merge key.
+    if media != "application/merge-patch+json" && media != "application/strategic-merge-patch+json"
+    {
+        return Err(ApiError::unsupported_media_type(content_type));
+    }
+    let patch: Value = serde_json::from_slice(patch)
+        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    let key = t.resource.key(t.namespace.as_deref(), name);
+    // Retried on a concurrent change: the patch applies to whatever is current.
+    for _ in 0..5 {
+        let (current, _) = state.store.get(&key).await?;
+        let Some(current) = current else {
+            return Err(ApiError::not_found(
+                t.resource.plural,
+                t.resource.group,
+                name,
+            ));
+        };
+        let old = decode(&current)?;
+        let mut obj = old.clone();
+        merge_patch(&mut obj, &patch);
+        check_object(t, &mut obj)?;
+        if name_of(&obj).as_deref() != Some(name) {
+            return Err(ApiError::bad_request(
+                "a patch may not change the object's name",
+            ));
+        }
+        let expected = match patch
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+        {
+            Some(rv) => rv
+                .parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
+            None => current.mod_revision,
+        };
+        match write_back(state, t, name, &key, old, obj, expected, q).await {
+            Err(e)
+                if e.reason == "Conflict"
+                    && expected == current.mod_revision
+                    && patch.pointer("/metadata/resourceVersion").is_none() =>
+            {
+                continue
+            }
+            other => return other,
+        }
+    }
+    Err(ApiError::conflict(
+        t.resource.plural,
+        t.resource.group,
+        name,
+    ))
+}
+
+async fn delete(
+    state: &State,
+    t: &Target,
+    name: &str,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let key = t.resource.key(t.namespace.as_deref(), name);
+    for _ in 0..5 {
+        let (current, _) = state.store.get(&key).await?;
+        let Some(current) = current else {
+            return Err(ApiError::not_found(
+                t.resource.plural,
+                t.resource.group,
+                name,
+            ));
+        };
+        let obj = decode(&current)?;
+        if dry_run(q) {
+            return Ok(json_response(StatusCode::OK, &obj));
+        }
+        match state.store.delete_if(&key, current.mod_revision).await? {
+            Written::Done { .. } => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Success",
+                        "details": {
+                            "name": name,
+                            "group": t.resource.group,
+                            "kind": t.resource.plural,
+                            "uid": obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null),
+                        },
+                    }),
+                ))
+            }
+            Written::Conflict(_) => continue,
+        }
+    }
+    Err(ApiError::conflict(
+        t.resource.plural,
+        t.resource.group,
+        name,
+    ))
+}
+
+/// Creates the namespace if it does not exist (the system namespaces every cluster has).
+pub async fn ensure_namespace(store: &Store, name: &str) -> Result<(), ApiError> {
+    let Some(r) = resources::find("", "v1", "namespaces") else {
+        return Ok(());
+    };
+    let obj = json!({
+        "kind": "Namespace",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "uid": new_uid(), "creationTimestamp": now_rfc3339()},
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    });
+    store
+        .put_if(&r.key(None, name), stored_form(&obj), 0)
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_selectors_match_as_kubernetes_does() {
+        let obj = json!({"metadata": {"labels": {"app": "web", "tier": "front"}}});
+        let m = |s: &str| labels_match(&parse_label_selector(s).unwrap(), &obj);
+        assert!(m("app=web"));
+        assert!(m("app==web,tier"));
+        assert!(!m("app!=web"));
+        assert!(m("app in (web, db)"));
+        assert!(!m("tier notin (front)"));
+        assert!(m("!missing"));
+        assert!(m(""));
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc_7386() {
+        let mut t = json!({"a": {"b": 1, "c": 2}, "d": [1]});
+        merge_patch(&mut t, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
+        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
+    }
+
+    #[test]
+    fn continue_tokens_round_trip() {
+        let token = encode_continue(42, b"/registry/configmaps/default/x\0");
+        assert_eq!(
+            decode_continue(&token).unwrap(),
+            (42, b"/registry/configmaps/default/x\0".to_vec())
+        );
+        assert!(decode_continue("garbage!").is_err());
+    }
+
+    #[test]
+    fn query_strings_are_percent_decoded() {
+        let q = parse_query("labelSelector=app%3Dweb%2Ctier&limit=2");
+        assert_eq!(q["labelSelector"], "app=web,tier");
+        assert_eq!(q["limit"], "2");
+    }
+}

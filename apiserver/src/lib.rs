@@ -1,0 +1,175 @@
+//! Flotilla's Kubernetes API server: stateless and multi-master, over any store that speaks
+//! the etcd v3 API. [`run`] serves HTTPS until shut down.
+//!
+//! Objects are JSON under `/registry/<resource>/<namespace>/<name>`; `resourceVersion` is the
+//! store's `mod_revision`; every write is a Txn comparing it.
+
+pub mod etcd;
+pub mod handler;
+pub mod pki;
+pub mod resources;
+pub mod status;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_rustls::rustls;
+
+use handler::{State, User};
+
+const SYSTEM_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 8192;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// kube-apiserver's flags, as far as they are supported.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub etcd_servers: Vec<String>,
+    pub bind_address: std::net::IpAddr,
+    pub secure_port: u16,
+    pub tls_cert_file: PathBuf,
+    pub tls_private_key_file: PathBuf,
+    /// `token,user,uid,"group1,group2"` per line.
+    pub token_auth_file: Option<PathBuf>,
+}
+
+/// Reads a `--token-auth-file`.
+pub fn read_tokens(path: &Path) -> anyhow::Result<HashMap<String, User>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.splitn(4, ',');
+        let (Some(token), Some(user)) = (fields.next(), fields.next()) else {
+            bail!(
+                "{}:{}: want token,user,uid[,\"groups\"]",
+                path.display(),
+                n + 1
+            );
+        };
+        let _uid = fields.next();
+        let groups = fields
+            .next()
+            .map(|g| {
+                g.trim_matches('"')
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(
+            token.to_string(),
+            User {
+                name: user.to_string(),
+                groups,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let open = |p: &Path| -> anyhow::Result<std::io::BufReader<std::fs::File>> {
+        Ok(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
+        ))
+    };
+    let certs = rustls_pemfile::certs(&mut open(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut open(key)?)
+        .with_context(|| format!("reading {}", key.display()))?
+        .with_context(|| format!("{} holds no PEM private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the serving certificate and key do not form a usable pair")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the Kubernetes API on `bind_address:secure_port` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let acceptor = tls_acceptor(&config.tls_cert_file, &config.tls_private_key_file)?;
+    let tokens = match &config.token_auth_file {
+        Some(p) => read_tokens(p)?,
+        None => HashMap::new(),
+    };
+    let state = Arc::new(State {
+        store: etcd::Store::connect(&config.etcd_servers)?,
+        tokens,
+        inflight: tokio::sync::Semaphore::new(handler::MAX_INFLIGHT),
+    });
+    // The namespaces every cluster has; retried until the store answers.
+    let bootstrap = state.clone();
+    tokio::spawn(async move {
+        for ns in SYSTEM_NAMESPACES {
+            while let Err(e) = handler::ensure_namespace(&bootstrap.store, ns).await {
+                tracing::debug!(namespace = ns, error = %e, "creating a system namespace; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    let addr = SocketAddr::new(config.bind_address, config.secure_port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(%addr, "apiserver serving");
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => p?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return Ok(()),
+        };
+        let _ = stream.set_nodelay(true);
+        let (acceptor, state) = (acceptor.clone(), state.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let service =
+                hyper::service::service_fn(move |req| handler::handle(state.clone(), req));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
