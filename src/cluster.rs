@@ -29,7 +29,8 @@ pub struct ApiserverArgs {
     /// Serving key (PEM).
     #[arg(long)]
     tls_private_key_file: Option<PathBuf>,
-    /// Bearer tokens: token,user,uid,"group1,group2" per line.
+    /// Bearer tokens: token,user,uid,"group1,group2" per line. Without it (and without
+    /// --tls-cert-file), the admin token made in --cert-dir is accepted.
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
 }
@@ -38,6 +39,7 @@ pub async fn apiserver(
     a: ApiserverArgs,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let mut token_auth_file = a.token_auth_file;
     let (cert, key) = match (a.tls_cert_file, a.tls_private_key_file) {
         (Some(c), Some(k)) => (c, k),
         (None, None) => {
@@ -50,6 +52,9 @@ pub async fn apiserver(
                 tracing::info!(dir = %a.cert_dir.display(), "made a self-signed serving certificate");
             }
             let f = pki::Files::under(&a.cert_dir);
+            if token_auth_file.is_none() {
+                token_auth_file = Some(f.tokens);
+            }
             (f.serving_cert, f.serving_key)
         }
         _ => anyhow::bail!("--tls-cert-file and --tls-private-key-file go together"),
@@ -60,7 +65,7 @@ pub async fn apiserver(
         secure_port: a.secure_port,
         tls_cert_file: cert,
         tls_private_key_file: key,
-        token_auth_file: a.token_auth_file,
+        token_auth_file,
     };
     flotilla_apiserver::run(config, shutdown).await
 }

@@ -15,10 +15,19 @@ use crate::status::ApiError;
 /// Largest message the store may send back (a page of a list).
 const MAX_STORE_MESSAGE: usize = 64 << 20;
 
+/// Clients of every store endpoint; requests go to the current one and move on to the next
+/// when it cannot be reached.
 #[derive(Clone)]
 pub struct Store {
-    kv: KvClient<Channel>,
-    watch: WatchClient<Channel>,
+    endpoints: std::sync::Arc<Vec<(String, KvClient<Channel>, WatchClient<Channel>)>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Whether a failed call never reached the store (so trying another endpoint is safe even
+/// for a write).
+fn not_sent(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        && (s.message().contains("connect") || s.message().contains("Connection refused"))
 }
 
 /// What a conditional write found when its condition failed.
@@ -57,39 +66,78 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 impl Store {
     /// Connects (lazily) to the store, spreading requests over `servers`.
     pub fn connect(servers: &[String]) -> anyhow::Result<Store> {
-        let mut endpoints = Vec::new();
+        let mut clients = Vec::new();
         for s in servers {
             let url = if s.contains("://") {
                 s.clone()
             } else {
                 format!("http://{s}")
             };
-            endpoints.push(
-                Endpoint::from_shared(url.clone())
-                    .map_err(|e| anyhow::anyhow!("--etcd-servers: {url}: {e}"))?
-                    .connect_timeout(std::time::Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(std::time::Duration::from_secs(10)),
-            );
+            let channel = Endpoint::from_shared(url.clone())
+                .map_err(|e| anyhow::anyhow!("--etcd-servers: {url}: {e}"))?
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+                .keep_alive_timeout(std::time::Duration::from_secs(5))
+                .connect_lazy();
+            clients.push((
+                url,
+                KvClient::new(channel.clone()).max_decoding_message_size(MAX_STORE_MESSAGE),
+                WatchClient::new(channel).max_decoding_message_size(MAX_STORE_MESSAGE),
+            ));
         }
-        if endpoints.is_empty() {
+        if clients.is_empty() {
             anyhow::bail!("--etcd-servers is empty");
         }
-        let channel = Channel::balance_list(endpoints.into_iter());
         Ok(Store {
-            kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_STORE_MESSAGE),
-            watch: WatchClient::new(channel).max_decoding_message_size(MAX_STORE_MESSAGE),
+            endpoints: std::sync::Arc::new(clients),
+            current: Default::default(),
         })
+    }
+
+    /// Runs `call` against the current endpoint, moving to the next ones while the current
+    /// cannot be reached (for any call when `idempotent`, else only if it was never sent).
+    async fn call<T, F, Fut>(&self, idempotent: bool, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(KvClient<Channel>, WatchClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        use std::sync::atomic::Ordering;
+        let n = self.endpoints.len();
+        let mut last = None;
+        for attempt in 0..n * 2 {
+            let i = self.current.load(Ordering::Relaxed) % n;
+            let (url, kv, watch) = &self.endpoints[i];
+            match call(kv.clone(), watch.clone()).await {
+                Err(s) if s.code() == tonic::Code::Unavailable && (idempotent || not_sent(&s)) => {
+                    tracing::debug!(store = %url, error = %s.message(), "store endpoint unavailable; trying the next");
+                    let _ = self.current.compare_exchange(
+                        i,
+                        (i + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    if attempt + 1 >= n {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                    last = Some(s);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no store endpoint")))
     }
 
     /// One key, linearizably (or at `revision`); with the store's current revision.
     pub async fn get(&self, key: &str) -> Result<(Option<KeyValue>, i64), ApiError> {
+        let request = RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        };
         let resp = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: key.as_bytes().to_vec(),
-                ..Default::default()
+            .call(true, |mut kv, _| {
+                let request = request.clone();
+                async move { kv.range(request).await }
             })
             .await
             .map_err(store_error)?
@@ -112,15 +160,17 @@ impl Store {
         } else {
             start.to_vec()
         };
+        let request = RangeRequest {
+            key,
+            range_end: prefix_end(prefix.as_bytes()),
+            limit,
+            revision,
+            ..Default::default()
+        };
         let resp = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key,
-                range_end: prefix_end(prefix.as_bytes()),
-                limit,
-                revision,
-                ..Default::default()
+            .call(true, |mut kv, _| {
+                let request = request.clone();
+                async move { kv.range(request).await }
             })
             .await
             .map_err(store_error)?
@@ -167,26 +217,29 @@ impl Store {
         expected: i64,
         then: request_op::Request,
     ) -> Result<Written, ApiError> {
-        let resp = self
-            .kv
-            .clone()
-            .txn(TxnRequest {
-                compare: vec![Compare {
-                    result: compare::CompareResult::Equal as i32,
-                    target: compare::CompareTarget::Mod as i32,
+        let then = RequestOp {
+            request: Some(then),
+        };
+        let request = TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Mod as i32,
+                key: key.as_bytes().to_vec(),
+                range_end: Vec::new(),
+                target_union: Some(compare::TargetUnion::ModRevision(expected)),
+            }],
+            success: vec![then],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
                     key: key.as_bytes().to_vec(),
-                    range_end: Vec::new(),
-                    target_union: Some(compare::TargetUnion::ModRevision(expected)),
-                }],
-                success: vec![RequestOp {
-                    request: Some(then),
-                }],
-                failure: vec![RequestOp {
-                    request: Some(request_op::Request::RequestRange(RangeRequest {
-                        key: key.as_bytes().to_vec(),
-                        ..Default::default()
-                    })),
-                }],
+                    ..Default::default()
+                })),
+            }],
+        };
+        let resp = self
+            .call(false, |mut kv, _| {
+                let request = request.clone();
+                async move { kv.txn(request).await }
             })
             .await
             .map_err(store_error)?
@@ -221,13 +274,16 @@ impl Store {
                 },
             )),
         };
-        // The request stream stays open for as long as the watch lives.
-        let requests =
-            futures::stream::once(async move { create }).chain(futures::stream::pending());
         let stream = self
-            .watch
-            .clone()
-            .watch(requests)
+            .call(true, |_, mut watch| {
+                let create = create.clone();
+                async move {
+                    // The request stream stays open for as long as the watch lives.
+                    let requests = futures::stream::once(async move { create })
+                        .chain(futures::stream::pending());
+                    watch.watch(requests).await
+                }
+            })
             .await
             .map_err(store_error)?
             .into_inner();

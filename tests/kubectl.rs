@@ -1,0 +1,569 @@
+//! The apiserver driven by real kubectl (1.32) with the kubeconfig Flotilla writes:
+//! `flotilla up`; several apiservers on one 3-member store; and the apiserver on Debian's
+//! etcd 3.4 instead of our store.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// A child process killed (and reaped) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs kubectl with `kubeconfig`, its cache under `home`.
+fn kubectl_in(home: &Path, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = Command::new("/usr/bin/kubectl");
+    c.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home)
+        .env("KUBECONFIG", kubeconfig)
+        .arg("--request-timeout=20s")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+    let mut child = c.spawn().expect("running kubectl");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("kubectl stdin");
+        pipe.write_all(input.as_bytes())
+            .expect("writing kubectl stdin");
+    }
+    child.wait_with_output().expect("kubectl output")
+}
+
+/// One kubectl user: a kubeconfig and a home for its caches.
+struct Kubectl {
+    home: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    fn new(kubeconfig: PathBuf) -> Kubectl {
+        Kubectl {
+            home: tempfile::tempdir().expect("kubectl home"),
+            kubeconfig,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        kubectl_in(self.home.path(), &self.kubeconfig, args, None)
+    }
+
+    fn stdin(&self, args: &[&str], input: &str) -> Output {
+        kubectl_in(self.home.path(), &self.kubeconfig, args, Some(input))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "kubectl {args:?}: {}", describe(&out));
+        stdout(&out)
+    }
+
+    fn fails_with(&self, args: &[&str], needle: &str) {
+        let out = self.run(args);
+        assert!(
+            !out.status.success() && stderr(&out).contains(needle),
+            "kubectl {args:?}: expected failure with {needle:?}, got {}",
+            describe(&out)
+        );
+    }
+
+    fn wait_ready(&self) {
+        let ok = poll(READY_TIMEOUT, || {
+            let out = self.run(&["get", "--raw", "/readyz"]);
+            (out.status.success() && self.run(&["get", "ns", "default"]).status.success())
+                .then_some(())
+        });
+        assert!(ok.is_some(), "the apiserver did not become ready");
+    }
+}
+
+fn spawn(args: &[&str], log: &Path) -> Proc {
+    let log = std::fs::File::create(log).expect("log file");
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("starting flotilla"),
+    )
+}
+
+const MANIFEST: &str = "\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: web-config
+  labels:
+    app: web
+data:
+  color: blue
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: web-secret
+  labels:
+    app: web
+stringData:
+  password: hunter2
+";
+
+/// The part of the kubectl session every apiserver setup must pass.
+fn session(k: &Kubectl) {
+    let version = k.ok(&["version"]);
+    assert!(version.contains("Server Version: v1.32"), "{version}");
+    let resources = k.ok(&["api-resources"]);
+    for r in ["configmaps", "namespaces", "secrets"] {
+        assert!(resources.contains(r), "{resources}");
+    }
+    assert_eq!(k.ok(&["get", "--raw", "/readyz"]), "ok");
+    let ns = k.ok(&["get", "namespaces"]);
+    for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(ns.contains(n), "{ns}");
+    }
+
+    // A multi-document manifest into a new namespace.
+    let spaced = k.stdin(
+        &["create", "-f", "-", "--validate=false"],
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
+    );
+    assert!(spaced.status.success(), "{}", describe(&spaced));
+    let created = k.stdin(
+        &["create", "-n", "shop", "-f", "-", "--validate=false"],
+        MANIFEST,
+    );
+    assert_eq!(
+        stdout_ok(&created, &["create"]),
+        "configmap/web-config created\nsecret/web-secret created\n"
+    );
+    assert!(k.ok(&["get", "cm", "-n", "shop"]).contains("web-config"));
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "cm",
+            "web-config",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.data.color}"
+        ]),
+        "blue"
+    );
+    let yaml = k.ok(&["get", "cm", "web-config", "-n", "shop", "-o", "yaml"]);
+    for field in [
+        "resourceVersion:",
+        "uid:",
+        "creationTimestamp:",
+        "namespace: shop",
+    ] {
+        assert!(yaml.contains(field), "{yaml}");
+    }
+    // The secret's value, decoded as a user would.
+    let encoded = k.ok(&[
+        "get",
+        "secret",
+        "web-secret",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.data.password}",
+    ]);
+    assert_eq!(b64decode(&encoded), b"hunter2");
+
+    // Labels, annotations, selectors.
+    k.ok(&["label", "cm", "web-config", "-n", "shop", "tier=front"]);
+    k.ok(&["annotate", "cm", "web-config", "-n", "shop", "owner=ops"]);
+    let labelled = k.ok(&[
+        "get",
+        "cm",
+        "-n",
+        "shop",
+        "--show-labels",
+        "-l",
+        "tier=front",
+    ]);
+    assert!(labelled.contains("app=web,tier=front"), "{labelled}");
+    let none = k.run(&["get", "cm", "-n", "shop", "-l", "tier=back"]);
+    assert!(
+        stderr(&none).contains("No resources found"),
+        "{}",
+        describe(&none)
+    );
+    let by_name = k.ok(&[
+        "get",
+        "secret",
+        "-n",
+        "shop",
+        "--field-selector",
+        "metadata.name=web-secret",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(by_name, "secret/web-secret\n");
+    k.ok(&[
+        "patch",
+        "cm",
+        "web-config",
+        "-n",
+        "shop",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"color":"green"}}"#,
+    ]);
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "cm",
+            "web-config",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.data.color}"
+        ]),
+        "green"
+    );
+
+    // Pages of two over a dozen objects.
+    for i in 0..12 {
+        let name = format!("page-{i:02}");
+        let doc = format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  labels: {{set: pages}}\n");
+        let out = k.stdin(
+            &["create", "-n", "shop", "-f", "-", "--validate=false"],
+            &doc,
+        );
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let paged = k.ok(&[
+        "get",
+        "cm",
+        "-n",
+        "shop",
+        "-l",
+        "set=pages",
+        "--chunk-size",
+        "2",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(paged.lines().count(), 12, "{paged}");
+
+    // Errors as kubectl prints them for Kubernetes.
+    k.fails_with(
+        &["get", "cm", "nope", "-n", "shop"],
+        "Error from server (NotFound): configmaps \"nope\" not found",
+    );
+    let again = k.stdin(
+        &["create", "-n", "shop", "-f", "-", "--validate=false"],
+        MANIFEST,
+    );
+    assert!(
+        stderr(&again).contains("Error from server (AlreadyExists)"),
+        "{}",
+        describe(&again)
+    );
+    let bad = k.stdin(
+        &["create", "-f", "-", "--validate=false"],
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: Bad_Name\n",
+    );
+    // kubectl words Invalid errors its own way: "The <Kind> <name> is invalid: <causes>".
+    assert!(
+        stderr(&bad).contains(
+            "The Namespace \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": \
+             a lowercase RFC 1123 label"
+        ),
+        "{}",
+        describe(&bad)
+    );
+    k.fails_with(
+        &["get", "cm", "x", "-n", "nowhere-ns", "-o", "name"],
+        "NotFound",
+    );
+
+    // A watch sees a change made meanwhile.
+    let mut watch = Command::new("/usr/bin/kubectl")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", k.home.path())
+        .env("KUBECONFIG", &k.kubeconfig)
+        .args([
+            "get",
+            "cm",
+            "web-config",
+            "-n",
+            "shop",
+            "-w",
+            "-o",
+            "jsonpath={.data.color}{\"\\n\"}",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl get -w");
+    let lines = lines_from(watch.stdout.take().expect("watch stdout"));
+    let first = lines
+        .recv_timeout(POLL_TIMEOUT)
+        .expect("the watch's first line");
+    assert_eq!(first, "green");
+    k.ok(&[
+        "patch",
+        "cm",
+        "web-config",
+        "-n",
+        "shop",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"color":"red"}}"#,
+    ]);
+    let next = lines
+        .recv_timeout(POLL_TIMEOUT)
+        .expect("the watch saw the change");
+    assert_eq!(next, "red");
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // Delete, waiting until it is gone.
+    assert_eq!(
+        k.ok(&["delete", "cm", "web-config", "-n", "shop", "--wait"]),
+        "configmap \"web-config\" deleted\n"
+    );
+    k.fails_with(&["get", "cm", "web-config", "-n", "shop"], "NotFound");
+}
+
+fn lines_from(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("cluster");
+    let (api, store, peer) = (free_port(), free_port(), free_port());
+    let args = [
+        "up".to_string(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--secure-port".into(),
+        api.to_string(),
+        "--store-port".into(),
+        store.to_string(),
+        "--store-peer-port".into(),
+        peer.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let up = spawn(&args, &dir.path().join("up.log"));
+    let k = Kubectl::new(data.join("admin.kubeconfig"));
+    k.wait_ready();
+    session(&k);
+
+    // A wrong token: 401.
+    let anonymous = Command::new("/usr/bin/kubectl")
+        .env_clear()
+        .env("HOME", k.home.path())
+        .args([
+            &format!("--server=https://127.0.0.1:{api}"),
+            "--insecure-skip-tls-verify",
+            "--token=not-a-token",
+            "get",
+            "ns",
+        ])
+        .output()
+        .expect("kubectl");
+    assert!(
+        String::from_utf8_lossy(&anonymous.stderr).contains("Unauthorized"),
+        "{}",
+        describe(&anonymous)
+    );
+
+    // Ctrl-C, then the same cluster again.
+    let pid = up.0.id().to_string();
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    let mut up = up;
+    let stopped = poll(Duration::from_secs(20), || up.0.try_wait().ok().flatten());
+    assert!(stopped.is_some(), "flotilla up did not stop on SIGINT");
+    let _again = spawn(&args, &dir.path().join("up2.log"));
+    k.wait_ready();
+    assert_eq!(
+        k.ok(&["get", "secret", "web-secret", "-n", "shop", "-o", "name"]),
+        "secret/web-secret\n"
+    );
+}
+
+/// `flotilla apiserver` with its own serving certificate and kubeconfig under `dir`.
+fn apiserver(dir: &Path, etcd_servers: &str) -> (Proc, Kubectl) {
+    let port = free_port();
+    let certs = dir.display().to_string();
+    let proc = spawn(
+        &[
+            "apiserver",
+            "--etcd-servers",
+            etcd_servers,
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            &port.to_string(),
+            "--cert-dir",
+            &certs,
+        ],
+        &dir.join("apiserver.log"),
+    );
+    // It makes its serving certificate, an admin token and a kubeconfig in --cert-dir.
+    let made = poll(READY_TIMEOUT, || {
+        dir.join("admin.kubeconfig").exists().then_some(())
+    });
+    assert!(made.is_some(), "no kubeconfig made in {}", dir.display());
+    (proc, Kubectl::new(dir.join("admin.kubeconfig")))
+}
+
+#[test]
+fn three_apiservers_on_one_store_serve_one_cluster() {
+    let mut c = Cluster::start(3);
+    let endpoints: Vec<String> = (0..3)
+        .map(|i| format!("http://{}", c.endpoint(i)))
+        .collect();
+    let servers = endpoints.join(",");
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut servers_up: Vec<(Proc, Kubectl)> =
+        dirs.iter().map(|d| apiserver(d.path(), &servers)).collect();
+    for (_, k) in &servers_up {
+        k.wait_ready();
+    }
+    // Writes through the first, a watch through the second sees every change in order.
+    let (a, b) = (&servers_up[0].1, &servers_up[1].1);
+    let ns = a.stdin(
+        &["create", "-f", "-", "--validate=false"],
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: multi\n",
+    );
+    assert!(ns.status.success(), "{}", describe(&ns));
+    let mut watch = Command::new("/usr/bin/kubectl")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", b.home.path())
+        .env("KUBECONFIG", &b.kubeconfig)
+        .args([
+            "get",
+            "cm",
+            "-n",
+            "multi",
+            "-w",
+            "-o",
+            "jsonpath={.metadata.name}={.data.count}{\"\\n\"}",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl get -w");
+    let lines = lines_from(watch.stdout.take().expect("stdout"));
+    let doc =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: counter\ndata:\n  count: \"0\"\n";
+    let out = a.stdin(
+        &["create", "-n", "multi", "-f", "-", "--validate=false"],
+        doc,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    for n in 1..=5 {
+        a.ok(&[
+            "patch",
+            "cm",
+            "counter",
+            "-n",
+            "multi",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"data":{{"count":"{n}"}}}}"#),
+        ]);
+    }
+    let seen: Vec<String> = (0..6)
+        .map(|_| lines.recv_timeout(POLL_TIMEOUT).expect("a watch line"))
+        .collect();
+    let want: Vec<String> = (0..6).map(|n| format!("counter={n}")).collect();
+    assert_eq!(seen, want);
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // Kill one apiserver and one store member: kubectl through another carries on.
+    drop(servers_up.remove(0));
+    let follower = (0..3).find(|&i| Some(i) != c.try_leader()).unwrap_or(0);
+    c.kill(follower);
+    let k = &servers_up[1].1;
+    let out = k.stdin(
+        &["create", "-n", "multi", "-f", "-", "--validate=false"],
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: after\n",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(k
+        .ok(&["get", "cm", "-n", "multi", "-o", "name"])
+        .contains("configmap/after"));
+    assert!(servers_up[0]
+        .1
+        .ok(&["get", "cm", "after", "-n", "multi", "-o", "name"])
+        .contains("after"));
+}
+
+#[test]
+fn the_same_session_on_debian_etcd() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (client, peer) = (free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
+    let _etcd = Proc(
+        Command::new("/usr/bin/etcd")
+            .args([
+                "--name",
+                "e0",
+                "--data-dir",
+                &dir.path().join("etcd").display().to_string(),
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("e0={peer_url}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd"),
+    );
+    let api_dir = dir.path().join("api");
+    std::fs::create_dir_all(&api_dir).expect("api dir");
+    let (_api, k) = apiserver(&api_dir, &client_url);
+    k.wait_ready();
+    session(&k);
+}
