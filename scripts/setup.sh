@@ -12,3 +12,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
+# The apiserver's tests drive real kubectl 1.32, which Debian does not package (its
+# kubernetes-client is 1.20); the build machines have it at /usr/bin/kubectl.
+if ! /usr/bin/kubectl version --client >/dev/null 2>&1; then
+  echo "kubectl 1.32 not found at /usr/bin/kubectl: install it (e.g. from Kubernetes' own packages)" >&2
+  exit 1
+fi
