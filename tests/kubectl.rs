@@ -140,21 +140,86 @@ fn session(k: &Kubectl) {
         assert!(ns.contains(n), "{ns}");
     }
 
-    // A multi-document manifest into a new namespace.
+    // A multi-document manifest into a new namespace, with kubectl's default validation
+    // (which the server does: kubectl finds fieldValidation in its OpenAPI v3 documents).
     let spaced = k.stdin(
-        &["create", "-f", "-", "--validate=false"],
+        &["create", "-f", "-"],
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
     );
     assert!(spaced.status.success(), "{}", describe(&spaced));
-    let created = k.stdin(
-        &["create", "-n", "shop", "-f", "-", "--validate=false"],
-        MANIFEST,
+    let applied = k.stdin(
+        &["apply", "-n", "shop", "-f", "-"],
+        &MANIFEST.replace("blue", "grey"),
     );
     assert_eq!(
-        stdout_ok(&created, &["create"]),
+        stdout_ok(&applied, &["apply"]),
         "configmap/web-config created\nsecret/web-secret created\n"
     );
-    assert!(k.ok(&["get", "cm", "-n", "shop"]).contains("web-config"));
+    // Applied again after an edit: a three-way merge changes what changed. (A Secret
+    // given as stringData is "configured" every time, as with Kubernetes: the server keeps
+    // it as data.)
+    let applied = k.stdin(&["apply", "-n", "shop", "-f", "-"], MANIFEST);
+    assert_eq!(
+        stdout_ok(&applied, &["apply"]),
+        "configmap/web-config configured\nsecret/web-secret configured\n"
+    );
+    let again = k.stdin(&["apply", "-n", "shop", "-f", "-"], MANIFEST);
+    assert!(
+        stdout_ok(&again, &["apply"]).starts_with("configmap/web-config unchanged\n"),
+        "{}",
+        describe(&again)
+    );
+    // Unknown fields: refused under kubectl's default (Strict), a warning when asked for.
+    let unknown = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: odd\nspec:\n  replicas: 1\n";
+    let strict = k.stdin(&["create", "-n", "shop", "-f", "-"], unknown);
+    assert!(
+        stderr(&strict).contains(
+            "Error from server (BadRequest): error when creating \"STDIN\": ConfigMap in version \"v1\" \
+             cannot be handled as a ConfigMap: strict decoding error: unknown field \"spec\""
+        ),
+        "{}",
+        describe(&strict)
+    );
+    let warned = k.stdin(
+        &["create", "-n", "shop", "-f", "-", "--validate=warn"],
+        unknown,
+    );
+    assert!(
+        warned.status.success() && stderr(&warned).contains("Warning: unknown field \"spec\""),
+        "{}",
+        describe(&warned)
+    );
+    k.ok(&["delete", "cm", "odd", "-n", "shop"]);
+    // Server-side tables: the columns Kubernetes prints.
+    let table = k.ok(&["get", "cm", "-n", "shop"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["NAME", "DATA", "AGE"], "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["web-config", "1"])),
+        "{table}"
+    );
+    let secrets = k.ok(&["get", "secret", "-n", "shop"]);
+    assert!(secrets.starts_with("NAME"), "{secrets}");
+    assert!(
+        secrets.lines().any(|l| l
+            .split_whitespace()
+            .take(3)
+            .eq(["web-secret", "Opaque", "1"])),
+        "{secrets}"
+    );
+    let ns = k.ok(&["get", "ns", "shop"]);
+    assert!(
+        ns.lines()
+            .any(|l| l.split_whitespace().take(2).eq(["shop", "Active"])),
+        "{ns}"
+    );
     assert_eq!(
         k.ok(&[
             "get",

@@ -134,6 +134,33 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         )),
         ["apis"] => Ok(json_response(StatusCode::OK, &api_groups())),
         ["api", "v1"] => Ok(json_response(StatusCode::OK, &resource_list("", "v1"))),
+        ["openapi", "v2"] => {
+            let protobuf = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("protobuf"));
+            if protobuf {
+                let mut resp =
+                    Response::new(Full::new(Bytes::from(crate::openapi::v2_protobuf())).boxed());
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(crate::openapi::V2_PROTOBUF),
+                );
+                Ok(resp)
+            } else {
+                Ok(json_response(StatusCode::OK, &crate::openapi::v2_json()))
+            }
+        }
+        ["openapi", "v3"] => Ok(json_response(StatusCode::OK, &crate::openapi::v3_root())),
+        ["openapi", "v3", "api", version] => crate::openapi::v3_group_version("", version)
+            .map(|d| json_response(StatusCode::OK, &d))
+            .ok_or_else(ApiError::not_found_path),
+        ["openapi", "v3", "apis", group, version] => {
+            crate::openapi::v3_group_version(group, version)
+                .map(|d| json_response(StatusCode::OK, &d))
+                .ok_or_else(ApiError::not_found_path)
+        }
         ["apis", group, version] if served(group, version) => Ok(json_response(
             StatusCode::OK,
             &resource_list(group, version),
@@ -289,10 +316,17 @@ async fn resource_request(
 ) -> Result<Response<Body>, ApiError> {
     let t = target(group, version, rest)?;
     let method = req.method().clone();
+    let as_table = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(crate::table::wanted);
     match (&method, &t.name) {
-        (&Method::GET, Some(name)) => get(state, &t, name).await,
-        (&Method::GET, None) if is_true(query.get("watch")) => watch(state, &t, &query).await,
-        (&Method::GET, None) => list(state, &t, &query).await,
+        (&Method::GET, Some(name)) => get(state, &t, name, as_table).await,
+        (&Method::GET, None) if is_true(query.get("watch")) => {
+            watch(state, &t, &query, as_table).await
+        }
+        (&Method::GET, None) => list(state, &t, &query, as_table).await,
         (&Method::POST, None) => {
             let body = read_json(req).await?;
             create(state, &t, body, &query).await
@@ -379,9 +413,19 @@ fn with_revision(mut obj: Value, revision: i64) -> Value {
     obj
 }
 
-async fn get(state: &State, t: &Target, name: &str) -> Result<Response<Body>, ApiError> {
+async fn get(
+    state: &State,
+    t: &Target,
+    name: &str,
+    as_table: bool,
+) -> Result<Response<Body>, ApiError> {
     let key = t.resource.key(t.namespace.as_deref(), name);
     match state.store.get(&key).await?.0 {
+        Some(kv) if as_table => {
+            let meta = json!({"resourceVersion": kv.mod_revision.to_string()});
+            let table = crate::table::table(t.resource, &[decode(&kv)?], meta);
+            Ok(json_response(StatusCode::OK, &table))
+        }
         Some(kv) => Ok(json_response(StatusCode::OK, &decode(&kv)?)),
         None => Err(ApiError::not_found(
             t.resource.plural,
@@ -548,6 +592,7 @@ async fn list(
     state: &State,
     t: &Target,
     q: &HashMap<String, String>,
+    as_table: bool,
 ) -> Result<Response<Body>, ApiError> {
     let filter = Filter::from_query(q)?;
     let prefix = t.resource.prefix(t.namespace.as_deref());
@@ -588,6 +633,12 @@ async fn list(
             meta["continue"] = Value::String(encode_continue(read_at, &next));
         }
     }
+    if as_table {
+        return Ok(json_response(
+            StatusCode::OK,
+            &crate::table::table(t.resource, &items, meta),
+        ));
+    }
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -609,7 +660,21 @@ async fn watch(
     state: &State,
     t: &Target,
     q: &HashMap<String, String>,
+    as_table: bool,
 ) -> Result<Response<Body>, ApiError> {
+    let resource = t.resource;
+    // With a Table asked for, each event carries a one-row Table.
+    let shape = move |obj: Value| -> Value {
+        if as_table {
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or(Value::Null);
+            crate::table::table(resource, &[obj], json!({"resourceVersion": rv}))
+        } else {
+            obj
+        }
+    };
     let filter = Filter::from_query(q)?;
     let prefix = t.resource.prefix(t.namespace.as_deref());
     let timeout = q
@@ -625,7 +690,7 @@ async fn watch(
             let (kvs, _, revision) = state.store.list(&prefix, &[], 0, 0).await?;
             for kv in &kvs {
                 let obj = decode(kv)?;
-                if filter.matches(&obj) && tx.try_send(watch_event("ADDED", obj)).is_err() {
+                if filter.matches(&obj) && tx.try_send(watch_event("ADDED", shape(obj))).is_err() {
                     return Err(ApiError::internal("too many objects to start a watch"));
                 }
             }
@@ -709,7 +774,7 @@ async fn watch(
                 }
                 // A watcher that does not keep up is cut off; it re-watches from its last
                 // resourceVersion.
-                if tx.try_send(watch_event(kind, obj)).is_err() {
+                if tx.try_send(watch_event(kind, shape(obj))).is_err() {
                     return;
                 }
             }
@@ -848,6 +913,50 @@ fn normalize(t: &Target, obj: &mut Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `fieldValidation`: unknown fields are always dropped (as Kubernetes' typed decoding
+/// does); Strict refuses them, Warn (the default) reports them in `Warning` headers.
+fn field_validation(
+    t: &Target,
+    obj: &mut Value,
+    q: &HashMap<String, String>,
+) -> Result<Vec<String>, ApiError> {
+    let Some(shape) = crate::schema::of_kind(t.resource.kind) else {
+        return Ok(Vec::new());
+    };
+    let unknown = crate::schema::prune(obj, shape);
+    if unknown.is_empty() {
+        return Ok(Vec::new());
+    }
+    let listed: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    match q.get("fieldValidation").map(String::as_str) {
+        Some("Strict") => Err(ApiError::bad_request(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+            listed.join(", "),
+            kind = t.resource.kind,
+            version = t.resource.version,
+        ))),
+        Some("Ignore") => Ok(Vec::new()),
+        None | Some("Warn") | Some("") => Ok(listed),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "fieldValidation must be Ignore, Warn or Strict, not {other:?}"
+        ))),
+    }
+}
+
+/// Adds `Warning` headers (RFC 7234 code 299, as Kubernetes sends them).
+fn with_warnings(mut resp: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - \"{}\"", w.replace('"', "\\\""));
+        if let Ok(v) = header::HeaderValue::from_str(&text) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
+}
+
 fn name_of(obj: &Value) -> Option<String> {
     obj.pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -893,6 +1002,18 @@ async fn create(
     q: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
     check_object(t, &mut obj)?;
+    let warnings = field_validation(t, &mut obj, q)?;
+    create_checked(state, t, obj, q)
+        .await
+        .map(|r| with_warnings(r, &warnings))
+}
+
+async fn create_checked(
+    state: &State,
+    t: &Target,
+    mut obj: Value,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
     let name = match name_of(&obj) {
         Some(n) => n,
         None => match obj
@@ -961,6 +1082,7 @@ async fn update(
     q: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
     check_object(t, &mut obj)?;
+    let warnings = field_validation(t, &mut obj, q)?;
     if name_of(&obj).as_deref() != Some(name) {
         return Err(ApiError::bad_request(
             "the name of the object does not match the name on the URL",
@@ -985,7 +1107,9 @@ async fn update(
         _ => current.mod_revision,
     };
     let old = decode(&current)?;
-    write_back(state, t, name, &key, old, obj, expected, q).await
+    write_back(state, t, name, &key, old, obj, expected, q)
+        .await
+        .map(|r| with_warnings(r, &warnings))
 }
 
 /// Writes `obj` over `old` (whose mod_revision must still be `expected`), keeping what
@@ -1027,27 +1151,6 @@ async fn write_back(
     }
 }
 
-/// RFC 7386 JSON merge patch.
-fn merge_patch(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(p) => {
-            if !target.is_object() {
-                *target = Value::Object(Map::new());
-            }
-            if let Some(t) = target.as_object_mut() {
-                for (k, v) in p {
-                    if v.is_null() {
-                        t.remove(k);
-                    } else {
-                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-                    }
-                }
-            }
-        }
-        other => *target = other.clone(),
-    }
-}
-
 async fn patch_object(
     state: &State,
     t: &Target,
@@ -1057,59 +1160,65 @@ async fn patch_object(
     q: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
     let media = content_type.split(';').next().unwrap_or("").trim();
-    // Strategic merge patch is JSON merge patch for the resources served so far: none of
-    // them has a list with a merge key.
-    if media != "application/merge-patch+json" && media != "application/strategic-merge-patch+json"
-    {
-        return Err(ApiError::unsupported_media_type(content_type));
-    }
+    // A strategic merge patch is applied as a JSON merge patch: they differ only on lists
+    // with merge keys, which the resources served so far have only in metadata.
+    let json_patch = match media {
+        "application/merge-patch+json" | "application/strategic-merge-patch+json" => false,
+        "application/json-patch+json" => true,
+        _ => return Err(ApiError::unsupported_media_type(content_type)),
+    };
     let patch: Value = serde_json::from_slice(patch)
         .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
     let key = t.resource.key(t.namespace.as_deref(), name);
-    // Retried on a concurrent change: the patch applies to whatever is current.
+    let (plural, group) = (t.resource.plural, t.resource.group);
+    // Retried on a concurrent change: the patch applies to whatever is current, unless it
+    // names a resourceVersion itself (a precondition).
     for _ in 0..5 {
         let (current, _) = state.store.get(&key).await?;
         let Some(current) = current else {
-            return Err(ApiError::not_found(
-                t.resource.plural,
-                t.resource.group,
-                name,
-            ));
+            return Err(ApiError::not_found(plural, group, name));
         };
         let old = decode(&current)?;
         let mut obj = old.clone();
-        merge_patch(&mut obj, &patch);
+        if json_patch {
+            crate::patch::json_patch(&mut obj, &patch).map_err(|e| {
+                ApiError::invalid(
+                    t.resource.kind,
+                    group,
+                    name,
+                    vec![(
+                        "patch".into(),
+                        format!("Invalid value: the patch does not apply: {e}"),
+                    )],
+                )
+            })?;
+        } else {
+            crate::patch::merge(&mut obj, &patch);
+        }
         check_object(t, &mut obj)?;
+        let warnings = field_validation(t, &mut obj, q)?;
         if name_of(&obj).as_deref() != Some(name) {
             return Err(ApiError::bad_request(
                 "a patch may not change the object's name",
             ));
         }
-        let expected = match patch
+        let now = current.mod_revision.to_string();
+        let precondition = obj
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)
-        {
-            Some(rv) => rv
-                .parse::<i64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
-            None => current.mod_revision,
-        };
+            .filter(|rv| *rv != now)
+            .map(|rv| {
+                rv.parse::<i64>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))
+            })
+            .transpose()?;
+        let expected = precondition.unwrap_or(current.mod_revision);
         match write_back(state, t, name, &key, old, obj, expected, q).await {
-            Err(e)
-                if e.reason == "Conflict"
-                    && expected == current.mod_revision
-                    && patch.pointer("/metadata/resourceVersion").is_none() =>
-            {
-                continue
-            }
-            other => return other,
+            Err(e) if e.reason == "Conflict" && precondition.is_none() => continue,
+            other => return other.map(|r| with_warnings(r, &warnings)),
         }
     }
-    Err(ApiError::conflict(
-        t.resource.plural,
-        t.resource.group,
-        name,
-    ))
+    Err(ApiError::conflict(plural, group, name))
 }
 
 async fn delete(
@@ -1193,13 +1302,6 @@ mod tests {
         assert!(!m("tier notin (front)"));
         assert!(m("!missing"));
         assert!(m(""));
-    }
-
-    #[test]
-    fn merge_patch_follows_rfc_7386() {
-        let mut t = json!({"a": {"b": 1, "c": 2}, "d": [1]});
-        merge_patch(&mut t, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
-        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
     }
 
     #[test]

@@ -6,9 +6,13 @@
 
 pub mod etcd;
 pub mod handler;
+pub mod openapi;
+pub mod patch;
 pub mod pki;
 pub mod resources;
+pub mod schema;
 pub mod status;
+pub mod table;
 
 use std::collections::HashMap;
 use std::future::Future;

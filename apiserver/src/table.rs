@@ -1,0 +1,200 @@
+//! Server-side `meta.k8s.io/v1 Table`s: the columns `kubectl get` prints for each type.
+
+use serde_json::{json, Value};
+
+use crate::resources::Resource;
+
+/// Whether the client asked for a Table (`Accept: application/json;as=Table;...`).
+pub fn wanted(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.split(';').any(|p| p.trim() == "as=Table"))
+}
+
+fn column(name: &str, kind: &str, format: &str, description: &str, priority: i32) -> Value {
+    json!({
+        "name": name,
+        "type": kind,
+        "format": format,
+        "description": description,
+        "priority": priority,
+    })
+}
+
+pub fn columns(r: &Resource) -> Vec<Value> {
+    let name = column(
+        "Name",
+        "string",
+        "name",
+        "Name must be unique within a namespace.",
+        0,
+    );
+    let age = column(
+        "Age",
+        "string",
+        "",
+        "CreationTimestamp is when the object was created.",
+        0,
+    );
+    match r.plural {
+        "namespaces" => vec![
+            name,
+            column("Status", "string", "", "The phase of the namespace.", 0),
+            age,
+        ],
+        "configmaps" => vec![
+            name,
+            column(
+                "Data",
+                "string",
+                "",
+                "The number of keys in data and binaryData.",
+                0,
+            ),
+            age,
+        ],
+        "secrets" => vec![
+            name,
+            column("Type", "string", "", "The type of the secret.", 0),
+            column("Data", "string", "", "The number of keys in data.", 0),
+            age,
+        ],
+        "serviceaccounts" => vec![
+            name,
+            column("Secrets", "string", "", "The number of secrets.", 0),
+            age,
+        ],
+        _ => vec![name, age],
+    }
+}
+
+fn count(obj: &Value, fields: &[&str]) -> usize {
+    fields
+        .iter()
+        .filter_map(|f| obj.get(*f))
+        .map(|v| match v {
+            Value::Object(m) => m.len(),
+            Value::Array(a) => a.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// A row: the cells and the object's metadata (as PartialObjectMetadata).
+pub fn row(r: &Resource, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Value {
+    let name = obj
+        .pointer("/metadata/name")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let age = obj
+        .pointer("/metadata/creationTimestamp")
+        .and_then(Value::as_str)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| human_duration((now - t.with_timezone(&chrono::Utc)).num_seconds()))
+        .unwrap_or_else(|| "<unknown>".into());
+    let mut cells = vec![name];
+    match r.plural {
+        "namespaces" => cells.push(
+            obj.pointer("/status/phase")
+                .cloned()
+                .unwrap_or(Value::String(String::new())),
+        ),
+        "configmaps" => cells.push(json!(count(obj, &["data", "binaryData"]))),
+        "secrets" => {
+            cells.push(
+                obj.get("type")
+                    .cloned()
+                    .unwrap_or(Value::String("Opaque".into())),
+            );
+            cells.push(json!(count(obj, &["data"])));
+        }
+        "serviceaccounts" => cells.push(json!(count(obj, &["secrets"]))),
+        _ => {}
+    }
+    cells.push(Value::String(age));
+    json!({
+        "cells": cells,
+        "object": {
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
+        },
+    })
+}
+
+/// A Table of `items`, with the list's metadata (resourceVersion, continue).
+pub fn table(r: &Resource, items: &[Value], list_meta: Value) -> Value {
+    let now = chrono::Utc::now();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": list_meta,
+        "columnDefinitions": columns(r),
+        "rows": items.iter().map(|o| row(r, o, now)).collect::<Vec<_>>(),
+    })
+}
+
+/// Kubernetes' short human durations ("45s", "3m12s", "5h", "12d", "2y30d").
+pub fn human_duration(seconds: i64) -> String {
+    if seconds < -1 {
+        return "<invalid>".into();
+    }
+    let s = seconds.max(0);
+    let (m, h) = (s / 60, s / 3600);
+    if s < 120 {
+        format!("{s}s")
+    } else if m < 10 {
+        if s % 60 == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{}s", s % 60)
+        }
+    } else if m < 180 {
+        format!("{m}m")
+    } else if h < 8 {
+        if m % 60 == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{}m", m % 60)
+        }
+    } else if h < 48 {
+        format!("{h}h")
+    } else if h < 24 * 8 {
+        if h % 24 == 0 {
+            format!("{}d", h / 24)
+        } else {
+            format!("{}d{}h", h / 24, h % 24)
+        }
+    } else if h < 24 * 365 * 2 {
+        format!("{}d", h / 24)
+    } else if h < 24 * 365 * 8 {
+        format!("{}y{}d", h / (24 * 365), (h / 24) % 365)
+    } else {
+        format!("{}y", h / (24 * 365))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_kubectl_prints_them() {
+        assert_eq!(human_duration(45), "45s");
+        assert_eq!(human_duration(192), "3m12s");
+        assert_eq!(human_duration(600), "10m");
+        assert_eq!(human_duration(5 * 3600 + 60), "5h1m");
+        assert_eq!(human_duration(30 * 3600), "30h");
+        assert_eq!(human_duration(3 * 86400 + 7200), "3d2h");
+        assert_eq!(human_duration(40 * 86400), "40d");
+    }
+
+    #[test]
+    fn only_a_table_first_in_accept_asks_for_one() {
+        assert!(wanted(
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json"
+        ));
+        assert!(!wanted("application/json"));
+    }
+}
