@@ -190,6 +190,62 @@ fn session(k: &Kubectl) {
         describe(&warned)
     );
     k.ok(&["delete", "cm", "odd", "-n", "shop"]);
+    // kubectl's generators send protobuf bodies.
+    assert_eq!(
+        k.ok(&["create", "namespace", "tools"]),
+        "namespace/tools created\n"
+    );
+    assert_eq!(
+        k.ok(&[
+            "create",
+            "configmap",
+            "gen",
+            "-n",
+            "tools",
+            "--from-literal=a=1",
+            "--from-literal=b=2"
+        ]),
+        "configmap/gen created\n"
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "cm",
+            "gen",
+            "-n",
+            "tools",
+            "-o",
+            "jsonpath={.data.b}"
+        ]),
+        "2"
+    );
+    assert_eq!(
+        k.ok(&[
+            "create",
+            "secret",
+            "generic",
+            "pw",
+            "-n",
+            "tools",
+            "--from-literal=password=s3cret"
+        ]),
+        "secret/pw created\n"
+    );
+    let pw = k.ok(&[
+        "get",
+        "secret",
+        "pw",
+        "-n",
+        "tools",
+        "-o",
+        "jsonpath={.data.password}",
+    ]);
+    assert_eq!(b64decode(&pw), b"s3cret");
+    assert_eq!(
+        k.ok(&["create", "serviceaccount", "robot", "-n", "tools"]),
+        "serviceaccount/robot created\n"
+    );
+
     // Server-side tables: the columns Kubernetes prints.
     let table = k.ok(&["get", "cm", "-n", "shop"]);
     let header: Vec<&str> = table

@@ -370,10 +370,21 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_string();
-    if !content_type.starts_with("application/json") && !content_type.is_empty() {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if media != "application/json" && media != crate::protobuf::CONTENT_TYPE && !media.is_empty() {
         return Err(ApiError::unsupported_media_type(&content_type));
     }
     let body = read_body(req).await?;
+    if media == crate::protobuf::CONTENT_TYPE {
+        return crate::protobuf::decode(&body).map_err(|e| {
+            ApiError::bad_request(format!("the protobuf body could not be decoded: {e}"))
+        });
+    }
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "the object provided is unrecognized (must be of type JSON): {e}"

@@ -9,6 +9,7 @@ pub mod handler;
 pub mod openapi;
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 pub mod resources;
 pub mod schema;
 pub mod status;
