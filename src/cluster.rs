@@ -33,6 +33,9 @@ pub struct ApiserverArgs {
     /// --tls-cert-file), the admin token made in --cert-dir is accepted.
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
+    /// Where Services' cluster IPs come from (IPv4 CIDR).
+    #[arg(long, default_value = flotilla_apiserver::DEFAULT_SERVICE_RANGE)]
+    service_cluster_ip_range: String,
 }
 
 pub async fn apiserver(
@@ -66,6 +69,7 @@ pub async fn apiserver(
         tls_cert_file: cert,
         tls_private_key_file: key,
         token_auth_file,
+        service_cluster_ip_range: a.service_cluster_ip_range,
     };
     flotilla_apiserver::run(config, shutdown).await
 }
@@ -124,6 +128,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         tls_cert_file: files.serving_cert,
         tls_private_key_file: files.serving_key,
         token_auth_file: Some(files.tokens),
+        service_cluster_ip_range: flotilla_apiserver::DEFAULT_SERVICE_RANGE.into(),
     };
     let api = tokio::spawn(flotilla_apiserver::run(api_config, stopped()));
     println!(

@@ -124,6 +124,21 @@ metadata:
     app: web
 stringData:
   password: hunter2
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  labels:
+    app: web
+spec:
+  type: NodePort
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
 ";
 
 /// The part of the kubectl session every apiserver setup must pass.
@@ -153,7 +168,7 @@ fn session(k: &Kubectl) {
     );
     assert_eq!(
         stdout_ok(&applied, &["apply"]),
-        "configmap/web-config created\nsecret/web-secret created\n"
+        "configmap/web-config created\nsecret/web-secret created\nservice/web created\n"
     );
     // Applied again after an edit: a three-way merge changes what changed. (A Secret
     // given as stringData is "configured" every time, as with Kubernetes: the server keeps
@@ -161,7 +176,7 @@ fn session(k: &Kubectl) {
     let applied = k.stdin(&["apply", "-n", "shop", "-f", "-"], MANIFEST);
     assert_eq!(
         stdout_ok(&applied, &["apply"]),
-        "configmap/web-config configured\nsecret/web-secret configured\n"
+        "configmap/web-config configured\nsecret/web-secret configured\nservice/web unchanged\n"
     );
     let again = k.stdin(&["apply", "-n", "shop", "-f", "-"], MANIFEST);
     assert!(
@@ -190,6 +205,121 @@ fn session(k: &Kubectl) {
         describe(&warned)
     );
     k.ok(&["delete", "cm", "odd", "-n", "shop"]);
+    // Services get a cluster IP from the range and node ports; the kubernetes Service is
+    // there, so cluster-info finds the control plane.
+    let svc = k.ok(&[
+        "get",
+        "svc",
+        "web",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.spec.clusterIP} {.spec.ports[0].nodePort}",
+    ]);
+    let (ip, node_port) = svc.split_once(' ').unwrap_or_else(|| panic!("{svc}"));
+    assert!(
+        ip.starts_with("10.") && ip.parse::<std::net::Ipv4Addr>().is_ok(),
+        "{svc}"
+    );
+    let node_port: u16 = node_port.parse().unwrap_or_else(|_| panic!("{svc}"));
+    assert!((30000..=32767).contains(&node_port), "{svc}");
+    let listed = k.ok(&["get", "svc", "-n", "shop"]);
+    let header: Vec<&str> = listed
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ],
+        "{listed}"
+    );
+    assert!(listed.contains(&format!("80:{node_port}/TCP")), "{listed}");
+    assert!(k
+        .ok(&["get", "svc", "-n", "shop", "-o", "wide"])
+        .contains("app=web"));
+    let kubernetes = k.ok(&[
+        "get",
+        "svc",
+        "kubernetes",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert_eq!(kubernetes, "10.96.0.1");
+    assert!(
+        k.ok(&["cluster-info"])
+            .contains("Kubernetes control plane is running at https://127.0.0.1:"),
+        "cluster-info"
+    );
+    // An address already taken is refused; freed when its Service goes.
+    let taken = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: twin\nspec:\n  clusterIP: {ip}\n  ports:\n  - port: 81\n"
+    );
+    let dup = k.stdin(&["create", "-n", "shop", "-f", "-"], &taken);
+    assert!(
+        stderr(&dup).contains("provided IP is already allocated"),
+        "{}",
+        describe(&dup)
+    );
+    // A strategic merge patch merges ports by their port number.
+    k.ok(&[
+        "patch",
+        "svc",
+        "web",
+        "-n",
+        "shop",
+        "-p",
+        r#"{"spec":{"ports":[{"port":80,"targetPort":9090},{"name":"admin","port":9000}]}}"#,
+    ]);
+    let ports = k.ok(&[
+        "get",
+        "svc",
+        "web",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={range .spec.ports[*]}{.port}:{.targetPort}:{.nodePort} {end}",
+    ]);
+    assert!(
+        ports.starts_with(&format!("80:9090:{node_port} 9000:9000:")),
+        "{ports}"
+    );
+
+    // describe (which also lists the object's events), and events.
+    let described = k.ok(&["describe", "svc", "web", "-n", "shop"]);
+    assert!(
+        described.contains("Name:") && described.contains("web"),
+        "{described}"
+    );
+    let event = "apiVersion: v1\nkind: Event\nmetadata:\n  name: web.1\ninvolvedObject:\n  kind: Service\n  name: web\n  namespace: shop\nreason: Tested\nmessage: hello from the test\ntype: Normal\n";
+    let out = k.stdin(
+        &["create", "-n", "shop", "-f", "-", "--validate=false"],
+        event,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let events = k.ok(&[
+        "get",
+        "events",
+        "-n",
+        "shop",
+        "--field-selector",
+        "involvedObject.name=web",
+    ]);
+    assert!(
+        events.contains("Tested") && events.contains("service/web"),
+        "{events}"
+    );
+
     // kubectl's generators send protobuf bodies.
     assert_eq!(
         k.ok(&["create", "namespace", "tools"]),

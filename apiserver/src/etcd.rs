@@ -2,6 +2,7 @@
 //! etcd v3 server works underneath, ours or etcd itself.
 
 use flotilla_proto::etcdserverpb::kv_client::KvClient;
+use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
 use flotilla_proto::etcdserverpb::watch_client::WatchClient;
 use flotilla_proto::etcdserverpb::{
     compare, request_op, response_op, watch_request, Compare, DeleteRangeRequest, PutRequest,
@@ -19,8 +20,17 @@ const MAX_STORE_MESSAGE: usize = 64 << 20;
 /// when it cannot be reached.
 #[derive(Clone)]
 pub struct Store {
-    endpoints: std::sync::Arc<Vec<(String, KvClient<Channel>, WatchClient<Channel>)>>,
+    endpoints: std::sync::Arc<Vec<Clients>>,
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The clients of one store endpoint.
+#[derive(Clone)]
+pub struct Clients {
+    url: String,
+    pub kv: KvClient<Channel>,
+    pub watch: WatchClient<Channel>,
+    pub lease: LeaseClient<Channel>,
 }
 
 /// Whether a failed call never reached the store (so trying another endpoint is safe even
@@ -80,11 +90,13 @@ impl Store {
                 .http2_keep_alive_interval(std::time::Duration::from_secs(10))
                 .keep_alive_timeout(std::time::Duration::from_secs(5))
                 .connect_lazy();
-            clients.push((
+            clients.push(Clients {
                 url,
-                KvClient::new(channel.clone()).max_decoding_message_size(MAX_STORE_MESSAGE),
-                WatchClient::new(channel).max_decoding_message_size(MAX_STORE_MESSAGE),
-            ));
+                kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_STORE_MESSAGE),
+                watch: WatchClient::new(channel.clone())
+                    .max_decoding_message_size(MAX_STORE_MESSAGE),
+                lease: LeaseClient::new(channel),
+            });
         }
         if clients.is_empty() {
             anyhow::bail!("--etcd-servers is empty");
@@ -99,7 +111,7 @@ impl Store {
     /// cannot be reached (for any call when `idempotent`, else only if it was never sent).
     async fn call<T, F, Fut>(&self, idempotent: bool, call: F) -> Result<T, tonic::Status>
     where
-        F: Fn(KvClient<Channel>, WatchClient<Channel>) -> Fut,
+        F: Fn(Clients) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         use std::sync::atomic::Ordering;
@@ -107,8 +119,9 @@ impl Store {
         let mut last = None;
         for attempt in 0..n * 2 {
             let i = self.current.load(Ordering::Relaxed) % n;
-            let (url, kv, watch) = &self.endpoints[i];
-            match call(kv.clone(), watch.clone()).await {
+            let clients = self.endpoints[i].clone();
+            let url = clients.url.clone();
+            match call(clients).await {
                 Err(s) if s.code() == tonic::Code::Unavailable && (idempotent || not_sent(&s)) => {
                     tracing::debug!(store = %url, error = %s.message(), "store endpoint unavailable; trying the next");
                     let _ = self.current.compare_exchange(
@@ -135,7 +148,7 @@ impl Store {
             ..Default::default()
         };
         let resp = self
-            .call(true, |mut kv, _| {
+            .call(true, |Clients { mut kv, .. }| {
                 let request = request.clone();
                 async move { kv.range(request).await }
             })
@@ -168,7 +181,7 @@ impl Store {
             ..Default::default()
         };
         let resp = self
-            .call(true, |mut kv, _| {
+            .call(true, |Clients { mut kv, .. }| {
                 let request = request.clone();
                 async move { kv.range(request).await }
             })
@@ -186,16 +199,45 @@ impl Store {
         value: Vec<u8>,
         expected: i64,
     ) -> Result<Written, ApiError> {
+        self.put_if_leased(key, value, expected, 0).await
+    }
+
+    /// As `put_if`, attaching the key to `lease` (0: none), so it goes when the lease does.
+    pub async fn put_if_leased(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: i64,
+        lease: i64,
+    ) -> Result<Written, ApiError> {
         self.txn_if(
             key,
             expected,
             request_op::Request::RequestPut(PutRequest {
                 key: key.as_bytes().to_vec(),
                 value,
+                lease,
                 ..Default::default()
             }),
         )
         .await
+    }
+
+    /// A new lease of `ttl` seconds.
+    pub async fn grant_lease(&self, ttl: i64) -> Result<i64, ApiError> {
+        let resp = self
+            .call(false, |Clients { mut lease, .. }| async move {
+                lease
+                    .lease_grant(flotilla_proto::etcdserverpb::LeaseGrantRequest { ttl, id: 0 })
+                    .await
+            })
+            .await
+            .map_err(store_error)?
+            .into_inner();
+        if !resp.error.is_empty() {
+            return Err(ApiError::internal(format!("store: {}", resp.error)));
+        }
+        Ok(resp.id)
     }
 
     /// Deletes the key if its mod_revision is `expected`.
@@ -237,7 +279,7 @@ impl Store {
             }],
         };
         let resp = self
-            .call(false, |mut kv, _| {
+            .call(false, |Clients { mut kv, .. }| {
                 let request = request.clone();
                 async move { kv.txn(request).await }
             })
@@ -275,7 +317,7 @@ impl Store {
             )),
         };
         let stream = self
-            .call(true, |_, mut watch| {
+            .call(true, |Clients { mut watch, .. }| {
                 let create = create.clone();
                 async move {
                     // The request stream stays open for as long as the watch lives.

@@ -42,9 +42,35 @@ pub struct User {
 
 pub struct State {
     pub store: Store,
+    /// `--service-cluster-ip-range`.
+    pub service_range: crate::services::IpRange,
     /// Bearer tokens (`--token-auth-file`).
     pub tokens: HashMap<String, User>,
     pub inflight: tokio::sync::Semaphore,
+    /// The lease events are written with (they expire after `EVENT_TTL`), and when it was
+    /// granted; a new one is granted every `EVENT_LEASE_REUSE`.
+    pub event_lease: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
+}
+
+/// How long events live (kube-apiserver's --event-ttl).
+pub const EVENT_TTL: Duration = Duration::from_secs(3600);
+const EVENT_LEASE_REUSE: Duration = Duration::from_secs(60);
+
+/// The lease a write of this resource attaches its key to (events expire; nothing else does).
+async fn lease_for(state: &State, t: &Target) -> Result<i64, ApiError> {
+    if t.resource.plural != "events" {
+        return Ok(0);
+    }
+    let mut current = state.event_lease.lock().await;
+    if let Some((id, granted)) = *current {
+        if granted.elapsed() < EVENT_LEASE_REUSE {
+            return Ok(id);
+        }
+    }
+    let ttl = (EVENT_TTL + EVENT_LEASE_REUSE).as_secs() as i64;
+    let id = state.store.grant_lease(ttl).await?;
+    *current = Some((id, std::time::Instant::now()));
+    Ok(id)
 }
 
 fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
@@ -529,7 +555,10 @@ fn labels_match(terms: &[Term], obj: &Value) -> bool {
 }
 
 /// Field selectors: `metadata.name` and `metadata.namespace` with `=`, `==` or `!=`.
-fn parse_field_selector(s: &str) -> Result<Vec<(String, bool, String)>, ApiError> {
+fn parse_field_selector(
+    s: &str,
+    resource: &Resource,
+) -> Result<Vec<(String, bool, String)>, ApiError> {
     let mut out = Vec::new();
     for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         let (field, eq, value) = if let Some((f, v)) = t.split_once("!=") {
@@ -544,7 +573,10 @@ fn parse_field_selector(s: &str) -> Result<Vec<(String, bool, String)>, ApiError
             )));
         };
         let field = field.trim();
-        if field != "metadata.name" && field != "metadata.namespace" {
+        if field != "metadata.name"
+            && field != "metadata.namespace"
+            && !resource.field_labels.contains(&field)
+        {
             return Err(ApiError::bad_request(format!(
                 "field label not supported: {field}"
             )));
@@ -568,10 +600,13 @@ struct Filter {
 }
 
 impl Filter {
-    fn from_query(q: &HashMap<String, String>) -> Result<Filter, ApiError> {
+    fn from_query(q: &HashMap<String, String>, resource: &Resource) -> Result<Filter, ApiError> {
         Ok(Filter {
             labels: parse_label_selector(q.get("labelSelector").map_or("", String::as_str))?,
-            fields: parse_field_selector(q.get("fieldSelector").map_or("", String::as_str))?,
+            fields: parse_field_selector(
+                q.get("fieldSelector").map_or("", String::as_str),
+                resource,
+            )?,
         })
     }
 
@@ -605,7 +640,7 @@ async fn list(
     q: &HashMap<String, String>,
     as_table: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let filter = Filter::from_query(q)?;
+    let filter = Filter::from_query(q, t.resource)?;
     let prefix = t.resource.prefix(t.namespace.as_deref());
     let limit: i64 = match q.get("limit").map(|l| l.parse::<i64>()) {
         None => 0,
@@ -686,7 +721,7 @@ async fn watch(
             obj
         }
     };
-    let filter = Filter::from_query(q)?;
+    let filter = Filter::from_query(q, t.resource)?;
     let prefix = t.resource.prefix(t.namespace.as_deref());
     let timeout = q
         .get("timeoutSeconds")
@@ -1060,26 +1095,45 @@ async fn create_checked(
         m.remove("deletionTimestamp");
     }
     let key = t.resource.key(t.namespace.as_deref(), &name);
-    if dry_run(q) {
-        if state.store.get(&key).await?.0.is_some() {
-            return Err(ApiError::already_exists(
-                t.resource.plural,
-                t.resource.group,
-                &name,
-            ));
-        }
-        return Ok(json_response(StatusCode::CREATED, &obj));
-    }
-    match state.store.put_if(&key, stored_form(&obj), 0).await? {
-        Written::Done { revision } => Ok(json_response(
-            StatusCode::CREATED,
-            &with_revision(obj, revision),
-        )),
-        Written::Conflict(_) => Err(ApiError::already_exists(
+    if state.store.get(&key).await?.0.is_some() {
+        return Err(ApiError::already_exists(
             t.resource.plural,
             t.resource.group,
             &name,
+        ));
+    }
+    let claimed = if t.resource.plural == "services" {
+        let ns = t.namespace.clone().unwrap_or_default();
+        crate::services::on_create(&state.store, &state.service_range, &mut obj, &ns, &name).await?
+    } else {
+        Vec::new()
+    };
+    if dry_run(q) {
+        crate::services::free_all(&state.store, &claimed).await;
+        return Ok(json_response(StatusCode::CREATED, &obj));
+    }
+    let lease = lease_for(state, t).await?;
+    let written = state
+        .store
+        .put_if_leased(&key, stored_form(&obj), 0, lease)
+        .await;
+    match written {
+        Ok(Written::Done { revision }) => Ok(json_response(
+            StatusCode::CREATED,
+            &with_revision(obj, revision),
         )),
+        Ok(Written::Conflict(_)) => {
+            crate::services::free_all(&state.store, &claimed).await;
+            Err(ApiError::already_exists(
+                t.resource.plural,
+                t.resource.group,
+                &name,
+            ))
+        }
+        Err(e) => {
+            crate::services::free_all(&state.store, &claimed).await;
+            Err(e)
+        }
     }
 }
 
@@ -1142,23 +1196,55 @@ async fn write_back(
             obj["metadata"][field] = v.clone();
         }
     }
+    let (claimed, dropped) = if t.resource.plural == "services" {
+        let ns = t.namespace.clone().unwrap_or_default();
+        crate::services::on_update(
+            &state.store,
+            &state.service_range,
+            &old,
+            &mut obj,
+            &ns,
+            name,
+        )
+        .await?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     if dry_run(q) {
+        crate::services::free_all(&state.store, &claimed).await;
         return Ok(json_response(StatusCode::OK, &obj));
     }
-    match state.store.put_if(key, stored_form(&obj), expected).await? {
-        Written::Done { revision } => {
+    let lease = lease_for(state, t).await?;
+    let written = state
+        .store
+        .put_if_leased(key, stored_form(&obj), expected, lease)
+        .await;
+    let failed = |e: ApiError| async {
+        crate::services::free_all(&state.store, &claimed).await;
+        Err(e)
+    };
+    match written {
+        Ok(Written::Done { revision }) => {
+            crate::services::free_all(&state.store, &dropped).await;
             Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
         }
-        Written::Conflict(None) => Err(ApiError::not_found(
-            t.resource.plural,
-            t.resource.group,
-            name,
-        )),
-        Written::Conflict(Some(_)) => Err(ApiError::conflict(
-            t.resource.plural,
-            t.resource.group,
-            name,
-        )),
+        Ok(Written::Conflict(None)) => {
+            failed(ApiError::not_found(
+                t.resource.plural,
+                t.resource.group,
+                name,
+            ))
+            .await
+        }
+        Ok(Written::Conflict(Some(_))) => {
+            failed(ApiError::conflict(
+                t.resource.plural,
+                t.resource.group,
+                name,
+            ))
+            .await
+        }
+        Err(e) => failed(e).await,
     }
 }
 
@@ -1171,11 +1257,16 @@ async fn patch_object(
     q: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
     let media = content_type.split(';').next().unwrap_or("").trim();
-    // A strategic merge patch is applied as a JSON merge patch: they differ only on lists
-    // with merge keys, which the resources served so far have only in metadata.
-    let json_patch = match media {
-        "application/merge-patch+json" | "application/strategic-merge-patch+json" => false,
-        "application/json-patch+json" => true,
+    #[derive(PartialEq)]
+    enum PatchType {
+        Merge,
+        Strategic,
+        Json,
+    }
+    let patch_type = match media {
+        "application/merge-patch+json" => PatchType::Merge,
+        "application/strategic-merge-patch+json" => PatchType::Strategic,
+        "application/json-patch+json" => PatchType::Json,
         _ => return Err(ApiError::unsupported_media_type(content_type)),
     };
     let patch: Value = serde_json::from_slice(patch)
@@ -1191,7 +1282,20 @@ async fn patch_object(
         };
         let old = decode(&current)?;
         let mut obj = old.clone();
-        if json_patch {
+        let does_not_apply = |e: String| {
+            ApiError::invalid(
+                t.resource.kind,
+                group,
+                name,
+                vec![(
+                    "patch".into(),
+                    format!("Invalid value: the patch does not apply: {e}"),
+                )],
+            )
+        };
+        if patch_type == PatchType::Strategic {
+            crate::patch::strategic(&mut obj, &patch, t.resource.kind).map_err(does_not_apply)?;
+        } else if patch_type == PatchType::Json {
             crate::patch::json_patch(&mut obj, &patch).map_err(|e| {
                 ApiError::invalid(
                     t.resource.kind,
@@ -1254,6 +1358,9 @@ async fn delete(
         }
         match state.store.delete_if(&key, current.mod_revision).await? {
             Written::Done { .. } => {
+                if t.resource.plural == "services" {
+                    crate::services::release(&state.store, &obj).await;
+                }
                 return Ok(json_response(
                     StatusCode::OK,
                     &json!({
@@ -1268,7 +1375,7 @@ async fn delete(
                             "uid": obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null),
                         },
                     }),
-                ))
+                ));
             }
             Written::Conflict(_) => continue,
         }
@@ -1278,6 +1385,26 @@ async fn delete(
         t.resource.group,
         name,
     ))
+}
+
+/// Creates the `kubernetes` Service in `default` if it does not exist.
+pub async fn ensure_kubernetes_service(state: &State, secure_port: u16) -> Result<(), ApiError> {
+    let Some(r) = resources::find("", "v1", "services") else {
+        return Ok(());
+    };
+    let mut obj = crate::services::kubernetes_service(&state.service_range, secure_port);
+    obj["metadata"]["uid"] = Value::String(new_uid());
+    obj["metadata"]["creationTimestamp"] = Value::String(now_rfc3339());
+    let ip_key = crate::services::first_ip_key(&state.service_range);
+    state
+        .store
+        .put_if(&ip_key, b"default/kubernetes".to_vec(), 0)
+        .await?;
+    state
+        .store
+        .put_if(&r.key(Some("default"), "kubernetes"), stored_form(&obj), 0)
+        .await
+        .map(|_| ())
 }
 
 /// Creates the namespace if it does not exist (the system namespaces every cluster has).

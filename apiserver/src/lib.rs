@@ -12,6 +12,7 @@ pub mod pki;
 pub mod protobuf;
 pub mod resources;
 pub mod schema;
+pub mod services;
 pub mod status;
 pub mod table;
 
@@ -44,7 +45,12 @@ pub struct Config {
     pub tls_private_key_file: PathBuf,
     /// `token,user,uid,"group1,group2"` per line.
     pub token_auth_file: Option<PathBuf>,
+    /// Where Services' cluster IPs come from (the first is the `kubernetes` Service's).
+    pub service_cluster_ip_range: String,
 }
+
+/// kube-apiserver's default --service-cluster-ip-range.
+pub const DEFAULT_SERVICE_RANGE: &str = "10.96.0.0/12";
 
 /// Reads a `--token-auth-file`.
 pub fn read_tokens(path: &Path) -> anyhow::Result<HashMap<String, User>> {
@@ -115,19 +121,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         Some(p) => read_tokens(p)?,
         None => HashMap::new(),
     };
+    let service_range = services::IpRange::parse(&config.service_cluster_ip_range)
+        .map_err(|e| anyhow::anyhow!("--service-cluster-ip-range: {e}"))?;
     let state = Arc::new(State {
+        service_range,
         store: etcd::Store::connect(&config.etcd_servers)?,
         tokens,
         inflight: tokio::sync::Semaphore::new(handler::MAX_INFLIGHT),
+        event_lease: tokio::sync::Mutex::new(None),
     });
     // The namespaces every cluster has; retried until the store answers.
     let bootstrap = state.clone();
+    let secure_port = config.secure_port;
     tokio::spawn(async move {
         for ns in SYSTEM_NAMESPACES {
             while let Err(e) = handler::ensure_namespace(&bootstrap.store, ns).await {
                 tracing::debug!(namespace = ns, error = %e, "creating a system namespace; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+        }
+        while let Err(e) = handler::ensure_kubernetes_service(&bootstrap, secure_port).await {
+            tracing::debug!(error = %e, "creating the kubernetes Service; retrying");
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
     let addr = SocketAddr::new(config.bind_address, config.secure_port);

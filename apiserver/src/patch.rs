@@ -1,4 +1,5 @@
-//! PATCH bodies: JSON merge patch (RFC 7386) and JSON patch (RFC 6902).
+//! PATCH bodies: JSON merge patch (RFC 7386), JSON patch (RFC 6902) and Kubernetes'
+//! strategic merge patch (lists merged by their merge keys, `$patch` directives).
 
 use serde_json::{Map, Value};
 
@@ -21,6 +22,173 @@ pub fn merge(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+/// The merge key of a list field, as Kubernetes' types declare it (`patchMergeKey`), for the
+/// kinds served: lists of objects keyed by it are merged element by element.
+fn merge_key(kind: &str, path: &[&str]) -> Option<&'static str> {
+    let field = *path.last()?;
+    Some(match field {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
+        | "imagePullSecrets" => "name",
+        "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "ownerReferences" => "uid",
+        "conditions" => "type",
+        "hostAliases" => "ip",
+        "topologySpreadConstraints" => "topologyKey",
+        "ports" if kind == "Service" && path == ["spec", "ports"] => "port",
+        "ports" => "containerPort",
+        _ => return None,
+    })
+}
+
+/// Lists of scalars merged as sets (`patchStrategy: merge`).
+fn merged_scalar_list(path: &[&str]) -> bool {
+    matches!(path.last(), Some(&"finalizers"))
+}
+
+/// Kubernetes' strategic merge patch, for an object of `kind`.
+pub fn strategic(target: &mut Value, patch: &Value, kind: &str) -> Result<(), String> {
+    strategic_at(target, patch, kind, &mut Vec::new())
+}
+
+fn strategic_at<'a>(
+    target: &mut Value,
+    patch: &'a Value,
+    kind: &str,
+    path: &mut Vec<&'a str>,
+) -> Result<(), String> {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return Ok(());
+    };
+    match p.get("$patch").and_then(Value::as_str) {
+        Some("replace") => {
+            let mut replaced = p.clone();
+            replaced.remove("$patch");
+            *target = Value::Object(replaced);
+            return Ok(());
+        }
+        Some("delete") => {
+            *target = Value::Null;
+            return Ok(());
+        }
+        Some(other) if other != "merge" => return Err(format!("unknown patch type: {other}")),
+        _ => {}
+    }
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let retain: Option<Vec<String>> = p.get("$retainKeys").and_then(Value::as_array).map(|keys| {
+        keys.iter()
+            .filter_map(|k| k.as_str().map(str::to_string))
+            .collect()
+    });
+    for (k, v) in p {
+        if k == "$patch" || k == "$retainKeys" || k.starts_with("$setElementOrder/") {
+            continue;
+        }
+        let Some(t) = target.as_object_mut() else {
+            break;
+        };
+        if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
+            if let (Some(Value::Array(list)), Some(gone)) = (t.get_mut(field), v.as_array()) {
+                list.retain(|item| !gone.contains(item));
+            }
+            continue;
+        }
+        if v.is_null() {
+            t.remove(k);
+            continue;
+        }
+        path.push(k.as_str());
+        let slot = t.entry(k.clone()).or_insert(Value::Null);
+        match v {
+            Value::Array(items) => merge_list(slot, items, kind, path)?,
+            Value::Object(_) => {
+                strategic_at(slot, v, kind, path)?;
+                if slot.is_null() {
+                    t.remove(k);
+                }
+            }
+            other => *slot = other.clone(),
+        }
+        path.pop();
+    }
+    if let (Some(keep), Some(t)) = (retain, target.as_object_mut()) {
+        t.retain(|k, _| keep.contains(k));
+    }
+    Ok(())
+}
+
+fn merge_list<'a>(
+    slot: &mut Value,
+    items: &'a [Value],
+    kind: &str,
+    path: &mut Vec<&'a str>,
+) -> Result<(), String> {
+    if merged_scalar_list(path) {
+        let mut list = slot.as_array().cloned().unwrap_or_default();
+        for item in items {
+            if !list.contains(item) {
+                list.push(item.clone());
+            }
+        }
+        *slot = Value::Array(list);
+        return Ok(());
+    }
+    let Some(key) = merge_key(kind, path) else {
+        // No merge key: the list is replaced (directives aside).
+        *slot = Value::Array(
+            items
+                .iter()
+                .filter(|i| i.get("$patch").is_none())
+                .cloned()
+                .collect(),
+        );
+        return Ok(());
+    };
+    if items
+        .iter()
+        .any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace"))
+    {
+        *slot = Value::Array(
+            items
+                .iter()
+                .filter(|i| i.get("$patch").is_none())
+                .cloned()
+                .collect(),
+        );
+        return Ok(());
+    }
+    let mut list = slot.as_array().cloned().unwrap_or_default();
+    for item in items {
+        let id = item.get(key).cloned();
+        let at = list
+            .iter()
+            .position(|e| id.is_some() && e.get(key) == id.as_ref());
+        if item.get("$patch").and_then(Value::as_str) == Some("delete") {
+            if let Some(i) = at {
+                list.remove(i);
+            }
+            continue;
+        }
+        match at {
+            Some(i) => strategic_at(&mut list[i], item, kind, path)?,
+            None => {
+                let mut fresh = Value::Null;
+                strategic_at(&mut fresh, item, kind, path)?;
+                list.push(fresh);
+            }
+        }
+    }
+    *slot = Value::Array(list);
+    Ok(())
 }
 
 /// Splits a JSON pointer into its unescaped tokens.
@@ -166,6 +334,39 @@ mod tests {
         let mut t = json!({"a": {"b": 1, "c": 2}, "d": [1]});
         merge(&mut t, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
         assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
+    }
+
+    #[test]
+    fn strategic_merge_patch_merges_lists_by_key() {
+        let mut svc = json!({
+            "metadata": {"finalizers": ["a"], "labels": {"x": "1"}},
+            "spec": {"ports": [{"port": 80, "protocol": "TCP", "targetPort": 80},
+                               {"port": 443, "protocol": "TCP"}],
+                     "selector": {"app": "web"}},
+        });
+        strategic(
+            &mut svc,
+            &json!({
+                "metadata": {"finalizers": ["b"], "labels": {"x": null}},
+                "spec": {
+                    "$setElementOrder/ports": [{"port": 80}, {"port": 8080}],
+                    "ports": [{"port": 80, "targetPort": 8000}, {"port": 8080},
+                              {"$patch": "delete", "port": 443}],
+                    "selector": {"$patch": "replace", "app": "api"},
+                },
+            }),
+            "Service",
+        )
+        .unwrap();
+        assert_eq!(
+            svc,
+            json!({
+                "metadata": {"finalizers": ["a", "b"], "labels": {}},
+                "spec": {"ports": [{"port": 80, "protocol": "TCP", "targetPort": 8000},
+                                   {"port": 8080}],
+                         "selector": {"app": "api"}},
+            })
+        );
     }
 
     #[test]

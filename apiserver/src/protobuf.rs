@@ -15,8 +15,6 @@ const MAGIC: &[u8; 4] = b"k8s\0";
 /// How one field decodes.
 enum Kind {
     Str,
-    /// Bytes, shown base64-encoded (as JSON carries `[]byte`).
-    Bytes,
     Int,
     Bool,
     Time,
@@ -207,12 +205,6 @@ fn decode_message(b: &[u8], fields: &[Field]) -> Result<Value, String> {
         match (kind, w) {
             (Str, Wire::Bytes(v)) => {
                 out.insert(name, Value::String(utf8(v)?));
-            }
-            (Bytes, Wire::Bytes(v)) => {
-                out.insert(
-                    name,
-                    Value::String(base64::engine::general_purpose::STANDARD.encode(v)),
-                );
             }
             (Int, Wire::Varint(v)) => {
                 out.insert(name, json!(v as i64));

@@ -13,6 +13,8 @@ pub struct Resource {
     pub kind: &'static str,
     pub namespaced: bool,
     pub short_names: &'static [&'static str],
+    /// Fields a field selector may name beyond `metadata.name` and `metadata.namespace`.
+    pub field_labels: &'static [&'static str],
 }
 
 impl Resource {
@@ -75,6 +77,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "Namespace",
         namespaced: false,
         short_names: &["ns"],
+        field_labels: &["status.phase"],
     },
     Resource {
         group: "",
@@ -84,6 +87,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "ConfigMap",
         namespaced: true,
         short_names: &["cm"],
+        field_labels: &[],
     },
     Resource {
         group: "",
@@ -93,6 +97,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "Secret",
         namespaced: true,
         short_names: &[],
+        field_labels: &["type"],
     },
     Resource {
         group: "",
@@ -102,6 +107,48 @@ pub const RESOURCES: &[Resource] = &[
         kind: "ServiceAccount",
         namespaced: true,
         short_names: &["sa"],
+        field_labels: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "services",
+        singular: "service",
+        kind: "Service",
+        namespaced: true,
+        short_names: &["svc"],
+        field_labels: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "endpoints",
+        singular: "endpoints",
+        kind: "Endpoints",
+        namespaced: true,
+        short_names: &["ep"],
+        field_labels: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        short_names: &["ev"],
+        field_labels: &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "type",
+        ],
     },
 ];
 

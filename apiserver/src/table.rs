@@ -65,6 +65,51 @@ pub fn columns(r: &Resource) -> Vec<Value> {
             column("Secrets", "string", "", "The number of secrets.", 0),
             age,
         ],
+        "services" => vec![
+            name,
+            column("Type", "string", "", "How the service is exposed.", 0),
+            column("Cluster-IP", "string", "", "The service's virtual IP.", 0),
+            column(
+                "External-IP",
+                "string",
+                "",
+                "Addresses outside the cluster.",
+                0,
+            ),
+            column("Port(s)", "string", "", "The service's ports.", 0),
+            age,
+            column(
+                "Selector",
+                "string",
+                "",
+                "The pods the service routes to.",
+                1,
+            ),
+        ],
+        "endpoints" => vec![
+            name,
+            column(
+                "Endpoints",
+                "string",
+                "",
+                "The ready addresses and ports.",
+                0,
+            ),
+            age,
+        ],
+        "events" => vec![
+            column(
+                "Last Seen",
+                "string",
+                "",
+                "When the event was last seen.",
+                0,
+            ),
+            column("Type", "string", "", "Normal or Warning.", 0),
+            column("Reason", "string", "", "Why the event happened.", 0),
+            column("Object", "string", "", "The object the event is about.", 0),
+            column("Message", "string", "", "What happened.", 0),
+        ],
         _ => vec![name, age],
     }
 }
@@ -93,6 +138,37 @@ pub fn row(r: &Resource, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Val
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .map(|t| human_duration((now - t.with_timezone(&chrono::Utc)).num_seconds()))
         .unwrap_or_else(|| "<unknown>".into());
+    if r.plural == "events" {
+        let seen = [
+            "/lastTimestamp",
+            "/eventTime",
+            "/metadata/creationTimestamp",
+        ]
+        .iter()
+        .filter_map(|p| obj.pointer(p).and_then(Value::as_str))
+        .find_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| human_duration((now - t.with_timezone(&chrono::Utc)).num_seconds()))
+        .unwrap_or_else(|| "<unknown>".into());
+        let text = |p: &str| {
+            obj.pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let object = format!(
+            "{}/{}",
+            text("/involvedObject/kind").to_lowercase(),
+            text("/involvedObject/name")
+        );
+        return json!({
+            "cells": [seen, text("/type"), text("/reason"), object, text("/message")],
+            "object": {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
+            },
+        });
+    }
     let mut cells = vec![name];
     match r.plural {
         "namespaces" => cells.push(
@@ -110,6 +186,85 @@ pub fn row(r: &Resource, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Val
             cells.push(json!(count(obj, &["data"])));
         }
         "serviceaccounts" => cells.push(json!(count(obj, &["secrets"]))),
+        "services" => {
+            let text = |p: &str| {
+                obj.pointer(p)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            cells.push(json!(text("/spec/type")));
+            cells.push(json!(text("/spec/clusterIP")));
+            let external: Vec<String> = obj
+                .pointer("/spec/externalIPs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            cells.push(json!(if external.is_empty() {
+                "<none>".to_string()
+            } else {
+                external.join(",")
+            }));
+            cells.push(json!(crate::services::ports_cell(obj)));
+            let selector: Vec<String> = obj
+                .pointer("/spec/selector")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
+            let selector = if selector.is_empty() {
+                "<none>".to_string()
+            } else {
+                selector.join(",")
+            };
+            cells.push(Value::String(age));
+            cells.push(json!(selector));
+            return json!({
+                "cells": cells,
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
+                },
+            });
+        }
+        "endpoints" => {
+            let mut eps = Vec::new();
+            for subset in obj
+                .get("subsets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                for a in subset
+                    .get("addresses")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let ip = a.get("ip").and_then(Value::as_str).unwrap_or("");
+                    for p in subset
+                        .get("ports")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        eps.push(format!(
+                            "{ip}:{}",
+                            p.get("port").and_then(Value::as_i64).unwrap_or(0)
+                        ));
+                    }
+                }
+            }
+            cells.push(json!(if eps.is_empty() {
+                "<none>".to_string()
+            } else {
+                eps.join(",")
+            }));
+        }
         _ => {}
     }
     cells.push(Value::String(age));
