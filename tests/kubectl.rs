@@ -64,6 +64,21 @@ impl Kubectl {
         kubectl_in(self.home.path(), &self.kubeconfig, args, None)
     }
 
+    /// Runs kubectl with an extra environment variable (e.g. KUBE_EDITOR).
+    fn with_env(&self, var: &str, value: &str, args: &[&str]) -> Output {
+        Command::new("/usr/bin/kubectl")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", self.home.path())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env(var, value)
+            .arg("--request-timeout=20s")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running kubectl")
+    }
+
     fn stdin(&self, args: &[&str], input: &str) -> Output {
         kubectl_in(self.home.path(), &self.kubeconfig, args, Some(input))
     }
@@ -592,10 +607,58 @@ fn session(k: &Kubectl) {
     let _ = watch.kill();
     let _ = watch.wait();
 
-    // Delete, waiting until it is gone.
+    // edit, with a non-interactive editor.
+    let edited = k.with_env(
+        "KUBE_EDITOR",
+        "sed -i s/color:\\ red/color:\\ teal/",
+        &["edit", "cm", "web-config", "-n", "shop"],
+    );
+    assert_eq!(
+        stdout_ok(&edited, &["edit"]),
+        "configmap/web-config edited\n"
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "cm",
+            "web-config",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.data.color}"
+        ]),
+        "teal"
+    );
+
+    // wait --for=delete sees the delete; delete --wait returns once it is gone.
+    let waiter = {
+        let (home, kubeconfig) = (k.home.path().to_path_buf(), k.kubeconfig.clone());
+        std::thread::spawn(move || {
+            kubectl_in(
+                &home,
+                &kubeconfig,
+                &[
+                    "wait",
+                    "--for=delete",
+                    "cm/web-config",
+                    "-n",
+                    "shop",
+                    "--timeout=30s",
+                ],
+                None,
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         k.ok(&["delete", "cm", "web-config", "-n", "shop", "--wait"]),
         "configmap \"web-config\" deleted\n"
+    );
+    let waited = waiter.join().expect("the waiting kubectl");
+    assert!(
+        stdout(&waited).contains("condition met"),
+        "{}",
+        describe(&waited)
     );
     k.fails_with(&["get", "cm", "web-config", "-n", "shop"], "NotFound");
 }
@@ -817,4 +880,151 @@ fn the_same_session_on_debian_etcd() {
     let (_api, k) = apiserver(&api_dir, &client_url);
     k.wait_ready();
     session(&k);
+}
+
+#[test]
+fn bad_input_gets_a_status_saying_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("cluster");
+    let (api, store, peer) = (free_port(), free_port(), free_port());
+    let (api_s, store_s, peer_s) = (api.to_string(), store.to_string(), peer.to_string());
+    let data_s = data.display().to_string();
+    let _up = spawn(
+        &[
+            "up",
+            "--data-dir",
+            &data_s,
+            "--secure-port",
+            &api_s,
+            "--store-port",
+            &store_s,
+            "--store-peer-port",
+            &peer_s,
+        ],
+        &dir.path().join("up.log"),
+    );
+    let k = Kubectl::new(data.join("admin.kubeconfig"));
+    k.wait_ready();
+    let file = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).expect("writing a body");
+        p.display().to_string()
+    };
+    let post = |body_file: &str| {
+        k.run(&[
+            "create",
+            "--raw",
+            "/api/v1/namespaces/default/configmaps",
+            "-f",
+            body_file,
+        ])
+    };
+    let expect = |out: Output, needle: &str| {
+        assert!(
+            !out.status.success() && stderr(&out).contains(needle),
+            "expected {needle:?}: {}",
+            describe(&out)
+        );
+    };
+    expect(
+        post(&file("malformed.json", "{\"apiVersion\": \"v1\", ")),
+        "Error from server (BadRequest): the object provided is unrecognized (must be of type JSON)",
+    );
+    expect(
+        post(&file("yaml.json", "apiVersion: v1\nkind: ConfigMap\n")),
+        "Error from server (BadRequest)",
+    );
+    expect(
+        post(&file(
+            "version.json",
+            r#"{"apiVersion":"v2","kind":"ConfigMap","metadata":{"name":"x"}}"#,
+        )),
+        "Error from server (BadRequest): the API version \"v2\"",
+    );
+    expect(
+        post(&file(
+            "kind.json",
+            r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"x"}}"#,
+        )),
+        "Error from server (BadRequest): the kind \"Secret\"",
+    );
+    expect(
+        post(&file(
+            "noname.json",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{}}"#,
+        )),
+        "metadata.name: Required value",
+    );
+    // Through --raw there is no fieldValidation parameter: the default (Warn) drops the
+    // unknown field and says so; under Strict it is refused.
+    let strict = k.run(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps?fieldValidation=Strict",
+        "-f",
+        &file(
+            "strict.json",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"s"},"bogus":1}"#,
+        ),
+    ]);
+    expect(strict, "strict decoding error: unknown field \"bogus\"");
+    let big = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"a":"{}"}}}}"#,
+        "x".repeat(4 << 20)
+    );
+    expect(
+        post(&file("big.json", &big)),
+        "Error from server (RequestEntityTooLarge)",
+    );
+    expect(
+        k.run(&["get", "--raw", "/api/v1/configmaps?labelSelector=a+in+b"]),
+        "Error from server (BadRequest): unable to parse requirement",
+    );
+    expect(
+        k.run(&["get", "--raw", "/api/v1/configmaps?continue=zzz"]),
+        "Error from server (BadRequest): continue key is not valid",
+    );
+    expect(
+        k.run(&[
+            "get",
+            "--raw",
+            "/api/v1/configmaps?fieldSelector=spec.nope%3D1",
+        ]),
+        "field label not supported: spec.nope",
+    );
+    k.ok(&["create", "configmap", "target", "--from-literal=a=b"]);
+    expect(
+        k.run(&["patch", "cm", "target", "-p", r#"{"$patch":"bogus"}"#]),
+        "the patch does not apply: unknown patch type: bogus",
+    );
+    expect(
+        k.run(&[
+            "patch",
+            "cm",
+            "target",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"move","from":"/nope","path":"/x"}]"#,
+        ]),
+        "the patch does not apply",
+    );
+    expect(
+        k.run(&[
+            "patch",
+            "cm",
+            "target",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"name":"renamed"}}"#,
+        ]),
+        "Error from server (BadRequest)",
+    );
+    // Still healthy, and nothing it refused was written.
+    assert_eq!(k.ok(&["get", "--raw", "/readyz"]), "ok");
+    let names = k.ok(&["get", "cm", "-o", "name"]);
+    assert_eq!(names, "configmap/target\n", "{names}");
+    let log = std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
 }
