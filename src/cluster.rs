@@ -33,6 +33,10 @@ pub struct ApiserverArgs {
     /// --tls-cert-file), the admin token made in --cert-dir is accepted.
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
+    /// A base64-encoded 32-byte key: secrets are stored encrypted with it (AES-256-GCM).
+    /// Without it (and without --tls-cert-file), the key made in --cert-dir is used.
+    #[arg(long)]
+    encryption_key_file: Option<PathBuf>,
     /// Where Services' cluster IPs come from (IPv4 CIDR).
     #[arg(long, default_value = flotilla_apiserver::DEFAULT_SERVICE_RANGE)]
     service_cluster_ip_range: String,
@@ -43,6 +47,7 @@ pub async fn apiserver(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let mut token_auth_file = a.token_auth_file;
+    let mut encryption_key_file = a.encryption_key_file;
     let (cert, key) = match (a.tls_cert_file, a.tls_private_key_file) {
         (Some(c), Some(k)) => (c, k),
         (None, None) => {
@@ -58,6 +63,9 @@ pub async fn apiserver(
             if token_auth_file.is_none() {
                 token_auth_file = Some(f.tokens);
             }
+            if encryption_key_file.is_none() {
+                encryption_key_file = Some(f.encryption_key);
+            }
             (f.serving_cert, f.serving_key)
         }
         _ => anyhow::bail!("--tls-cert-file and --tls-private-key-file go together"),
@@ -70,6 +78,7 @@ pub async fn apiserver(
         tls_private_key_file: key,
         token_auth_file,
         service_cluster_ip_range: a.service_cluster_ip_range,
+        encryption_key_file,
     };
     flotilla_apiserver::run(config, shutdown).await
 }
@@ -129,6 +138,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         tls_private_key_file: files.serving_key,
         token_auth_file: Some(files.tokens),
         service_cluster_ip_range: flotilla_apiserver::DEFAULT_SERVICE_RANGE.into(),
+        encryption_key_file: Some(files.encryption_key),
     };
     let api = tokio::spawn(flotilla_apiserver::run(api_config, stopped()));
     println!(

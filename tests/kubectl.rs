@@ -699,6 +699,34 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
     k.wait_ready();
     session(&k);
 
+    // Secrets are encrypted at rest: the store holds ciphertext, not the password.
+    let raw = etcdctl(
+        &format!("127.0.0.1:{store}"),
+        &[
+            "get",
+            "/registry/secrets/shop/web-secret",
+            "--print-value-only",
+        ],
+        None,
+    );
+    let raw = stdout_ok(&raw, &["get"]);
+    assert!(raw.starts_with("k8s:enc:aesgcm:v1:key1:"), "{raw}");
+    assert!(
+        !raw.contains("aHVudGVyMg") && !raw.contains("hunter2"),
+        "{raw}"
+    );
+    // Config maps are not.
+    let cm = etcdctl(
+        &format!("127.0.0.1:{store}"),
+        &[
+            "get",
+            "/registry/configmaps/shop/page-00",
+            "--print-value-only",
+        ],
+        None,
+    );
+    assert!(stdout_ok(&cm, &["get"]).starts_with('{'));
+
     // A wrong token: 401.
     let anonymous = Command::new("/usr/bin/kubectl")
         .env_clear()
@@ -732,8 +760,9 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
     );
 }
 
-/// `flotilla apiserver` with its own serving certificate and kubeconfig under `dir`.
-fn apiserver(dir: &Path, etcd_servers: &str) -> (Proc, Kubectl) {
+/// `flotilla apiserver` with its own serving certificate and kubeconfig under `dir`, and
+/// the secrets key in `key_file` (replicas must share it).
+fn apiserver(dir: &Path, etcd_servers: &str, key_file: &Path) -> (Proc, Kubectl) {
     let port = free_port();
     let certs = dir.display().to_string();
     let proc = spawn(
@@ -747,6 +776,8 @@ fn apiserver(dir: &Path, etcd_servers: &str) -> (Proc, Kubectl) {
             &port.to_string(),
             "--cert-dir",
             &certs,
+            "--encryption-key-file",
+            &key_file.display().to_string(),
         ],
         &dir.join("apiserver.log"),
     );
@@ -766,8 +797,12 @@ fn three_apiservers_on_one_store_serve_one_cluster() {
         .collect();
     let servers = endpoints.join(",");
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
-    let mut servers_up: Vec<(Proc, Kubectl)> =
-        dirs.iter().map(|d| apiserver(d.path(), &servers)).collect();
+    let key = dirs[0].path().join("shared-secrets.key");
+    std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").expect("key file");
+    let mut servers_up: Vec<(Proc, Kubectl)> = dirs
+        .iter()
+        .map(|d| apiserver(d.path(), &servers, &key))
+        .collect();
     for (_, k) in &servers_up {
         k.wait_ready();
     }
@@ -842,6 +877,26 @@ fn three_apiservers_on_one_store_serve_one_cluster() {
         .1
         .ok(&["get", "cm", "after", "-n", "multi", "-o", "name"])
         .contains("after"));
+    // A secret written through one replica reads back through another (same key).
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "shared",
+        "-n",
+        "multi",
+        "--from-literal=k=v",
+    ]);
+    let v = servers_up[0].1.ok(&[
+        "get",
+        "secret",
+        "shared",
+        "-n",
+        "multi",
+        "-o",
+        "jsonpath={.data.k}",
+    ]);
+    assert_eq!(b64decode(&v), b"v");
 }
 
 #[test]
@@ -877,7 +932,9 @@ fn the_same_session_on_debian_etcd() {
     );
     let api_dir = dir.path().join("api");
     std::fs::create_dir_all(&api_dir).expect("api dir");
-    let (_api, k) = apiserver(&api_dir, &client_url);
+    let key = api_dir.join("secrets.key.b64");
+    std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").expect("key file");
+    let (_api, k) = apiserver(&api_dir, &client_url, &key);
     k.wait_ready();
     session(&k);
 }

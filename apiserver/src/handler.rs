@@ -42,6 +42,8 @@ pub struct User {
 
 pub struct State {
     pub store: Store,
+    /// Encryption at rest (secrets).
+    pub codec: Arc<crate::crypt::Codec>,
     /// `--service-cluster-ip-range`.
     pub service_range: crate::services::IpRange,
     /// Bearer tokens (`--token-auth-file`).
@@ -419,8 +421,9 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
 }
 
 /// The stored object as clients see it: resourceVersion is the key's mod_revision.
-fn decode(kv: &KeyValue) -> Result<Value, ApiError> {
-    let mut obj: Value = serde_json::from_slice(&kv.value)
+fn decode(codec: &crate::crypt::Codec, kv: &KeyValue) -> Result<Value, ApiError> {
+    let value = codec.open(&kv.key, &kv.value)?;
+    let mut obj: Value = serde_json::from_slice(&value)
         .map_err(|e| ApiError::internal(format!("a stored object is not JSON: {e}")))?;
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert(
@@ -460,10 +463,10 @@ async fn get(
     match state.store.get(&key).await?.0 {
         Some(kv) if as_table => {
             let meta = json!({"resourceVersion": kv.mod_revision.to_string()});
-            let table = crate::table::table(t.resource, &[decode(&kv)?], meta);
+            let table = crate::table::table(t.resource, &[decode(&state.codec, &kv)?], meta);
             Ok(json_response(StatusCode::OK, &table))
         }
-        Some(kv) => Ok(json_response(StatusCode::OK, &decode(&kv)?)),
+        Some(kv) => Ok(json_response(StatusCode::OK, &decode(&state.codec, &kv)?)),
         None => Err(ApiError::not_found(
             t.resource.plural,
             t.resource.group,
@@ -666,7 +669,7 @@ async fn list(
     let read_at = if revision > 0 { revision } else { read_at };
     let mut items = Vec::with_capacity(kvs.len());
     for kv in &kvs {
-        let obj = decode(kv)?;
+        let obj = decode(&state.codec, kv)?;
         if filter.matches(&obj) {
             items.push(obj);
         }
@@ -735,7 +738,7 @@ async fn watch(
         None | Some("") | Some("0") => {
             let (kvs, _, revision) = state.store.list(&prefix, &[], 0, 0).await?;
             for kv in &kvs {
-                let obj = decode(kv)?;
+                let obj = decode(&state.codec, kv)?;
                 if filter.matches(&obj) && tx.try_send(watch_event("ADDED", shape(obj))).is_err() {
                     return Err(ApiError::internal("too many objects to start a watch"));
                 }
@@ -750,6 +753,7 @@ async fn watch(
     };
     let mut events = state.store.watch(&prefix, from).await?;
     let bookmarks = is_true(q.get("allowWatchBookmarks"));
+    let codec = state.codec.clone();
     let (kind, api_version) = (t.resource.kind, t.resource.api_version());
     tokio::spawn(async move {
         let deadline = tokio::time::sleep(timeout);
@@ -803,11 +807,15 @@ async fn watch(
                         continue;
                     };
                     let Some(kv) = ev.kv.as_ref() else { continue };
-                    let Ok(obj) = decode(prev) else { continue };
+                    let Ok(obj) = decode(&codec, prev) else {
+                        continue;
+                    };
                     ("DELETED", with_revision(obj, kv.mod_revision))
                 } else {
                     let Some(kv) = ev.kv.as_ref() else { continue };
-                    let Ok(obj) = decode(kv) else { continue };
+                    let Ok(obj) = decode(&codec, kv) else {
+                        continue;
+                    };
                     let kind = if kv.create_revision == kv.mod_revision {
                         "ADDED"
                     } else {
@@ -1115,7 +1123,14 @@ async fn create_checked(
     let lease = lease_for(state, t).await?;
     let written = state
         .store
-        .put_if_leased(&key, stored_form(&obj), 0, lease)
+        .put_if_leased(
+            &key,
+            state
+                .codec
+                .seal(t.resource.plural, &key, stored_form(&obj))?,
+            0,
+            lease,
+        )
         .await;
     match written {
         Ok(Written::Done { revision }) => Ok(json_response(
@@ -1171,7 +1186,7 @@ async fn update(
             .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
         _ => current.mod_revision,
     };
-    let old = decode(&current)?;
+    let old = decode(&state.codec, &current)?;
     write_back(state, t, name, &key, old, obj, expected, q)
         .await
         .map(|r| with_warnings(r, &warnings))
@@ -1217,7 +1232,14 @@ async fn write_back(
     let lease = lease_for(state, t).await?;
     let written = state
         .store
-        .put_if_leased(key, stored_form(&obj), expected, lease)
+        .put_if_leased(
+            key,
+            state
+                .codec
+                .seal(t.resource.plural, key, stored_form(&obj))?,
+            expected,
+            lease,
+        )
         .await;
     let failed = |e: ApiError| async {
         crate::services::free_all(&state.store, &claimed).await;
@@ -1280,7 +1302,7 @@ async fn patch_object(
         let Some(current) = current else {
             return Err(ApiError::not_found(plural, group, name));
         };
-        let old = decode(&current)?;
+        let old = decode(&state.codec, &current)?;
         let mut obj = old.clone();
         let does_not_apply = |e: String| {
             ApiError::invalid(
@@ -1352,7 +1374,7 @@ async fn delete(
                 name,
             ));
         };
-        let obj = decode(&current)?;
+        let obj = decode(&state.codec, &current)?;
         if dry_run(q) {
             return Ok(json_response(StatusCode::OK, &obj));
         }

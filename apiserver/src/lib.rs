@@ -4,6 +4,7 @@
 //! Objects are JSON under `/registry/<resource>/<namespace>/<name>`; `resourceVersion` is the
 //! store's `mod_revision`; every write is a Txn comparing it.
 
+pub mod crypt;
 pub mod etcd;
 pub mod handler;
 pub mod openapi;
@@ -47,6 +48,8 @@ pub struct Config {
     pub token_auth_file: Option<PathBuf>,
     /// Where Services' cluster IPs come from (the first is the `kubernetes` Service's).
     pub service_cluster_ip_range: String,
+    /// A base64 AES-256 key: secrets are encrypted with it before they reach the store.
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// kube-apiserver's default --service-cluster-ip-range.
@@ -123,7 +126,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     };
     let service_range = services::IpRange::parse(&config.service_cluster_ip_range)
         .map_err(|e| anyhow::anyhow!("--service-cluster-ip-range: {e}"))?;
+    let codec = match &config.encryption_key_file {
+        Some(p) => crypt::Codec::from_file(p)?,
+        None => crypt::Codec::plain(),
+    };
     let state = Arc::new(State {
+        codec: Arc::new(codec),
         service_range,
         store: etcd::Store::connect(&config.etcd_servers)?,
         tokens,

@@ -18,6 +18,8 @@ pub struct Files {
     pub serving_key: PathBuf,
     pub tokens: PathBuf,
     pub kubeconfig: PathBuf,
+    /// The key secrets are encrypted at rest with.
+    pub encryption_key: PathBuf,
 }
 
 impl Files {
@@ -30,6 +32,7 @@ impl Files {
             serving_key: pki.join("apiserver.key"),
             tokens: dir.join("tokens.csv"),
             kubeconfig: dir.join("admin.kubeconfig"),
+            encryption_key: pki.join("secrets.key"),
         }
     }
 }
@@ -56,6 +59,9 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// kubeconfig if they are not there yet; existing ones are kept. Returns whether it made them.
 pub fn ensure(dir: &Path, hosts: &[String], server_url: &str) -> anyhow::Result<bool> {
     let f = Files::under(dir);
+    if !f.encryption_key.exists() {
+        write_private(&f.encryption_key, &crate::crypt::Codec::generate())?;
+    }
     if f.ca_cert.exists() && f.serving_cert.exists() && f.tokens.exists() && f.kubeconfig.exists() {
         return Ok(false);
     }
