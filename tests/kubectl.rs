@@ -663,6 +663,22 @@ fn session(k: &Kubectl) {
     k.fails_with(&["get", "cm", "web-config", "-n", "shop"], "NotFound");
 }
 
+/// Unpadded URL-safe base64 (continue tokens).
+fn b64encode_url(bytes: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
 fn lines_from(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -1048,6 +1064,42 @@ fn bad_input_gets_a_status_saying_what_is_wrong() {
             "/api/v1/configmaps?fieldSelector=spec.nope%3D1",
         ]),
         "field label not supported: spec.nope",
+    );
+    expect(
+        post(&file(
+            "types.json",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"t"},"data":{"a":1}}"#,
+        )),
+        "cannot be handled as a ConfigMap: data.a: expected a string, got a number",
+    );
+    // A namespaced kind is written only in a namespace.
+    expect(
+        k.run(&[
+            "create",
+            "--raw",
+            "/api/v1/configmaps",
+            "-f",
+            &file(
+                "ok.json",
+                r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"n"}}"#,
+            ),
+        ]),
+        "MethodNotAllowed",
+    );
+    // A continue token from one list does not continue another.
+    let token_json = r#"{"v":1,"rv":1,"start":"L3JlZ2lzdHJ5L3NlY3JldHMv"}"#;
+    let token = b64encode_url(token_json.as_bytes());
+    expect(
+        k.run(&[
+            "get",
+            "--raw",
+            &format!("/api/v1/namespaces/zzz/secrets?limit=1&continue={token}"),
+        ]),
+        "continue key is not valid",
+    );
+    expect(
+        k.run(&["delete", "namespace", "kube-system"]),
+        "Error from server (Forbidden): namespaces \"kube-system\" is forbidden",
     );
     k.ok(&["create", "configmap", "target", "--from-literal=a=b"]);
     expect(

@@ -46,11 +46,12 @@ impl Codec {
     }
 
     /// A new random key, base64-encoded (what `from_file` reads).
-    pub fn generate() -> String {
+    pub fn generate() -> anyhow::Result<String> {
         let mut bytes = [0u8; 32];
-        // The system generator does not fail on Linux; a zero key would only be used if it did.
-        let _ = SystemRandom::new().fill(&mut bytes);
-        base64::engine::general_purpose::STANDARD.encode(bytes)
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
     }
 
     /// The value to store for `resource`'s object at `store_key`.
@@ -130,7 +131,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("flotilla-crypt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("k");
-        std::fs::write(&path, Codec::generate()).unwrap();
+        std::fs::write(&path, Codec::generate().unwrap()).unwrap();
         let c = Codec::from_file(&path).unwrap();
         let sealed = c
             .seal("secrets", "/registry/secrets/a/b", b"{\"x\":1}".to_vec())

@@ -53,9 +53,26 @@ fn store_error(s: tonic::Status) -> ApiError {
     if s.message().contains("required revision has been compacted") {
         return ApiError::gone(format!("too old resource version: {}", s.message()));
     }
+    if s.message().contains("requested lease not found") {
+        return ApiError::unavailable("the store lost the events lease; retry");
+    }
+    if s.message().contains("request is too large") {
+        return ApiError::too_large(crate::handler::MAX_STORED_BYTES);
+    }
+    if s.message()
+        .contains("required revision is a future revision")
+    {
+        return ApiError::bad_request(format!(
+            "Timeout: Too large resource version: {}",
+            s.message()
+        ));
+    }
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
             ApiError::unavailable(format!("the store is unavailable: {}", s.message()))
+        }
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => {
+            ApiError::bad_request(format!("store: {}", s.message()))
         }
         _ => ApiError::internal(format!("store: {}", s.message())),
     }

@@ -22,6 +22,11 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Largest request body (kube-apiserver's limit).
 pub const MAX_BODY_BYTES: usize = 3 << 20;
+/// Largest object the store takes (etcd's default --max-request-bytes, less the Txn around
+/// it); a bigger one is refused with 413 before it is sent.
+pub const MAX_STORED_BYTES: usize = 1_500_000;
+/// Deepest nesting of a stored object (JSON parsers refuse deeper documents).
+const MAX_DEPTH: usize = 100;
 /// Requests served at once, watches aside (kube-apiserver's --max-requests-inflight).
 pub const MAX_INFLIGHT: usize = 400;
 /// Longest page of a list.
@@ -30,6 +35,10 @@ const MAX_PAGE: i64 = 10_000;
 const MAX_WATCH: Duration = Duration::from_secs(1800);
 /// Events a slow watcher may have waiting before it is cut off.
 const WATCH_BUFFER: usize = 1024;
+/// Objects read per page when a watch starts with the current objects.
+const WATCH_PAGE: i64 = 500;
+/// Watches one apiserver serves at once (beyond: 429).
+pub const MAX_WATCHES: usize = 10_000;
 
 pub const KUBERNETES_VERSION: (&str, &str) = ("1", "32");
 
@@ -49,14 +58,26 @@ pub struct State {
     /// Bearer tokens (`--token-auth-file`).
     pub tokens: HashMap<String, User>,
     pub inflight: tokio::sync::Semaphore,
+    pub watches: Arc<tokio::sync::Semaphore>,
     /// The lease events are written with (they expire after `EVENT_TTL`), and when it was
     /// granted; a new one is granted every `EVENT_LEASE_REUSE`.
     pub event_lease: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
+    /// Set when a write met "requested lease not found": the next event gets a new lease.
+    pub lease_lost: std::sync::atomic::AtomicBool,
 }
 
 /// How long events live (kube-apiserver's --event-ttl).
 pub const EVENT_TTL: Duration = Duration::from_secs(3600);
 const EVENT_LEASE_REUSE: Duration = Duration::from_secs(60);
+
+/// After a write failed because its events lease is gone, the next one gets a new lease.
+fn note_lost_lease(state: &State, e: &ApiError) {
+    if e.message.contains("events lease") {
+        state
+            .lease_lost
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// The lease a write of this resource attaches its key to (events expire; nothing else does).
 async fn lease_for(state: &State, t: &Target) -> Result<i64, ApiError> {
@@ -65,7 +86,12 @@ async fn lease_for(state: &State, t: &Target) -> Result<i64, ApiError> {
     }
     let mut current = state.event_lease.lock().await;
     if let Some((id, granted)) = *current {
-        if granted.elapsed() < EVENT_LEASE_REUSE {
+        // A lease the store no longer has (revoked, or a restored store) is replaced.
+        if granted.elapsed() < EVENT_LEASE_REUSE
+            && !state
+                .lease_lost
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
             return Ok(id);
         }
     }
@@ -123,6 +149,9 @@ pub async fn handle(
 fn authenticate(state: &State, req: &Request<Incoming>) -> Option<User> {
     let auth = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let token = auth.strip_prefix("Bearer ")?.trim();
+    if token.is_empty() {
+        return None;
+    }
     state.tokens.get(token).cloned()
 }
 
@@ -142,8 +171,9 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         return Err(ApiError::unauthorized());
     };
     let query = parse_query(req.uri().query().unwrap_or(""));
-    let watching = is_true(query.get("watch"));
-    // Watches are long-running and do not count against the in-flight limit.
+    let watching = is_true(query.get("watch")) && req.method() == Method::GET;
+    // Watches are long-running and do not count against the in-flight limit (they have
+    // their own: `MAX_WATCHES`).
     let _permit = if watching {
         None
     } else {
@@ -344,6 +374,10 @@ async fn resource_request(
 ) -> Result<Response<Body>, ApiError> {
     let t = target(group, version, rest)?;
     let method = req.method().clone();
+    // A namespaced resource is only listed and watched across namespaces.
+    if t.resource.namespaced && t.namespace.is_none() && method != Method::GET {
+        return Err(ApiError::method_not_allowed(method.as_str()));
+    }
     let as_table = req
         .headers()
         .get(header::ACCEPT)
@@ -432,6 +466,27 @@ fn decode(codec: &crate::crypt::Codec, kv: &KeyValue) -> Result<Value, ApiError>
         );
     }
     Ok(obj)
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// What every object must be before it is written: not too deep, not too large.
+fn check_storable(obj: &Value, bytes: usize) -> Result<(), ApiError> {
+    if depth(obj) > MAX_DEPTH {
+        return Err(ApiError::bad_request(format!(
+            "the object is nested more than {MAX_DEPTH} levels deep"
+        )));
+    }
+    if bytes > MAX_STORED_BYTES {
+        return Err(ApiError::too_large(MAX_STORED_BYTES));
+    }
+    Ok(())
 }
 
 fn stored_form(obj: &Value) -> Vec<u8> {
@@ -655,7 +710,16 @@ async fn list(
         }
     };
     let (revision, start) = match q.get("continue").filter(|c| !c.is_empty()) {
-        Some(token) => decode_continue(token)?,
+        Some(token) => {
+            let (rv, start) = decode_continue(token)?;
+            // A token only continues the list it came from.
+            if rv <= 0 || !start.starts_with(prefix.as_bytes()) {
+                return Err(ApiError::bad_request(
+                    "continue key is not valid: it does not belong to this list",
+                ));
+            }
+            (rv, start)
+        }
         None => (0, Vec::new()),
     };
     let (kvs, more, read_at) =
@@ -732,32 +796,69 @@ async fn watch(
         .map(Duration::from_secs)
         .unwrap_or(MAX_WATCH)
         .min(MAX_WATCH);
+    let permit = state
+        .watches
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::too_many_requests())?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WATCH_BUFFER);
-    // Without a resourceVersion (or "0"), a watch starts with the current objects as ADDED.
-    let from = match q.get("resourceVersion").map(String::as_str) {
+    // Without a resourceVersion (or "0"), a watch starts with the current objects as ADDED,
+    // read in pages at one revision; the store watch follows from the next.
+    let (initial, from) = match q.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => {
-            let (kvs, _, revision) = state.store.list(&prefix, &[], 0, 0).await?;
-            for kv in &kvs {
-                let obj = decode(&state.codec, kv)?;
-                if filter.matches(&obj) && tx.try_send(watch_event("ADDED", shape(obj))).is_err() {
-                    return Err(ApiError::internal("too many objects to start a watch"));
-                }
-            }
-            revision + 1
+            let (_, _, revision) = state.store.list(&prefix, &[], 1, 0).await?;
+            (Some(revision), revision + 1)
         }
         Some(rv) => {
-            rv.parse::<i64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?
-                + 1
+            let n =
+                rv.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                    ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
+                })?;
+            (None, n.saturating_add(1))
         }
     };
     let mut events = state.store.watch(&prefix, from).await?;
     let bookmarks = is_true(q.get("allowWatchBookmarks"));
     let codec = state.codec.clone();
+    let store = state.store.clone();
     let (kind, api_version) = (t.resource.kind, t.resource.api_version());
     tokio::spawn(async move {
+        let _permit = permit;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        if let Some(revision) = initial {
+            let mut start: Vec<u8> = Vec::new();
+            loop {
+                let page = tokio::select! {
+                    p = store.list(&prefix, &start, WATCH_PAGE, revision) => p,
+                    _ = &mut deadline => return,
+                };
+                let (kvs, more) = match page {
+                    Ok((kvs, more, _)) => (kvs, more),
+                    Err(e) => {
+                        let _ = tx.send(watch_event("ERROR", e.to_status())).await;
+                        return;
+                    }
+                };
+                for kv in &kvs {
+                    let Ok(obj) = decode(&codec, kv) else {
+                        continue;
+                    };
+                    if filter.matches(&obj)
+                        && tx.send(watch_event("ADDED", shape(obj))).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                match (more, kvs.last()) {
+                    (true, Some(last)) => {
+                        start = last.key.clone();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
+        }
         loop {
             let msg = tokio::select! {
                 m = events.message() => m,
@@ -802,30 +903,30 @@ async fn watch(
                 continue;
             }
             for ev in resp.events {
+                let prev = ev.prev_kv.as_ref().and_then(|p| decode(&codec, p).ok());
+                let prev_matched = prev.as_ref().is_some_and(|p| filter.matches(p));
                 let (kind, obj) = if ev.r#type == EventType::Delete as i32 {
-                    let Some(prev) = ev.prev_kv.as_ref() else {
+                    let (Some(prev), Some(kv)) = (prev, ev.kv.as_ref()) else {
                         continue;
                     };
-                    let Some(kv) = ev.kv.as_ref() else { continue };
-                    let Ok(obj) = decode(&codec, prev) else {
+                    if !prev_matched {
                         continue;
-                    };
-                    ("DELETED", with_revision(obj, kv.mod_revision))
+                    }
+                    ("DELETED", with_revision(prev, kv.mod_revision))
                 } else {
                     let Some(kv) = ev.kv.as_ref() else { continue };
                     let Ok(obj) = decode(&codec, kv) else {
                         continue;
                     };
-                    let kind = if kv.create_revision == kv.mod_revision {
-                        "ADDED"
-                    } else {
-                        "MODIFIED"
-                    };
-                    (kind, obj)
+                    // Entering or leaving a selector's set is an ADDED or DELETED for the
+                    // watcher, as Kubernetes' watch cache reports it.
+                    match (filter.matches(&obj), prev_matched) {
+                        (true, true) => ("MODIFIED", obj),
+                        (true, false) => ("ADDED", obj),
+                        (false, true) => ("DELETED", obj),
+                        (false, false) => continue,
+                    }
                 };
-                if !filter.matches(&obj) {
-                    continue;
-                }
                 // A watcher that does not keep up is cut off; it re-watches from its last
                 // resourceVersion.
                 if tx.try_send(watch_event(kind, shape(obj))).is_err() {
@@ -977,7 +1078,16 @@ fn field_validation(
     let Some(shape) = crate::schema::of_kind(t.resource.kind) else {
         return Ok(Vec::new());
     };
-    let unknown = crate::schema::prune(obj, shape);
+    let found = crate::schema::check(obj, shape);
+    if !found.wrong.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: {}",
+            found.wrong.join(", "),
+            kind = t.resource.kind,
+            version = t.resource.version,
+        )));
+    }
+    let unknown = found.unknown;
     if unknown.is_empty() {
         return Ok(Vec::new());
     }
@@ -1110,14 +1220,16 @@ async fn create_checked(
             &name,
         ));
     }
+    check_storable(&obj, stored_form(&obj).len())?;
     let claimed = if t.resource.plural == "services" {
         let ns = t.namespace.clone().unwrap_or_default();
         crate::services::on_create(&state.store, &state.service_range, &mut obj, &ns, &name).await?
     } else {
         Vec::new()
     };
+    let owner = format!("{}/{name}", t.namespace.as_deref().unwrap_or(""));
     if dry_run(q) {
-        crate::services::free_all(&state.store, &claimed).await;
+        crate::services::free_all(&state.store, &claimed, &owner).await;
         return Ok(json_response(StatusCode::CREATED, &obj));
     }
     let lease = lease_for(state, t).await?;
@@ -1138,15 +1250,21 @@ async fn create_checked(
             &with_revision(obj, revision),
         )),
         Ok(Written::Conflict(_)) => {
-            crate::services::free_all(&state.store, &claimed).await;
+            crate::services::free_all(&state.store, &claimed, &owner).await;
             Err(ApiError::already_exists(
                 t.resource.plural,
                 t.resource.group,
                 &name,
             ))
         }
+        // The write may still commit when the store could not say (503): the claims stay,
+        // since an address held twice is worse than one leaked.
+        Err(e) if e.code == 503 => {
+            note_lost_lease(state, &e);
+            Err(e)
+        }
         Err(e) => {
-            crate::services::free_all(&state.store, &claimed).await;
+            crate::services::free_all(&state.store, &claimed, &owner).await;
             Err(e)
         }
     }
@@ -1211,6 +1329,7 @@ async fn write_back(
             obj["metadata"][field] = v.clone();
         }
     }
+    check_storable(&obj, stored_form(&obj).len())?;
     let (claimed, dropped) = if t.resource.plural == "services" {
         let ns = t.namespace.clone().unwrap_or_default();
         crate::services::on_update(
@@ -1225,8 +1344,9 @@ async fn write_back(
     } else {
         (Vec::new(), Vec::new())
     };
+    let owner = format!("{}/{name}", t.namespace.as_deref().unwrap_or(""));
     if dry_run(q) {
-        crate::services::free_all(&state.store, &claimed).await;
+        crate::services::free_all(&state.store, &claimed, &owner).await;
         return Ok(json_response(StatusCode::OK, &obj));
     }
     let lease = lease_for(state, t).await?;
@@ -1242,12 +1362,15 @@ async fn write_back(
         )
         .await;
     let failed = |e: ApiError| async {
-        crate::services::free_all(&state.store, &claimed).await;
+        note_lost_lease(state, &e);
+        if e.code != 503 {
+            crate::services::free_all(&state.store, &claimed, &owner).await;
+        }
         Err(e)
     };
     match written {
         Ok(Written::Done { revision }) => {
-            crate::services::free_all(&state.store, &dropped).await;
+            crate::services::free_all(&state.store, &dropped, &owner).await;
             Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
         }
         Ok(Written::Conflict(None)) => {
@@ -1364,6 +1487,15 @@ async fn delete(
     name: &str,
     q: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
+    if t.resource.plural == "namespaces"
+        && ["default", "kube-system", "kube-public"].contains(&name)
+    {
+        return Err(ApiError::forbidden(
+            "namespaces",
+            name,
+            "this namespace may not be deleted",
+        ));
+    }
     let key = t.resource.key(t.namespace.as_deref(), name);
     for _ in 0..5 {
         let (current, _) = state.store.get(&key).await?;
@@ -1381,7 +1513,8 @@ async fn delete(
         match state.store.delete_if(&key, current.mod_revision).await? {
             Written::Done { .. } => {
                 if t.resource.plural == "services" {
-                    crate::services::release(&state.store, &obj).await;
+                    let owner = format!("{}/{name}", t.namespace.as_deref().unwrap_or(""));
+                    crate::services::release(&state.store, &obj, &owner).await;
                 }
                 return Ok(json_response(
                     StatusCode::OK,

@@ -136,7 +136,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         store: etcd::Store::connect(&config.etcd_servers)?,
         tokens,
         inflight: tokio::sync::Semaphore::new(handler::MAX_INFLIGHT),
+        watches: Arc::new(tokio::sync::Semaphore::new(handler::MAX_WATCHES)),
         event_lease: tokio::sync::Mutex::new(None),
+        lease_lost: std::sync::atomic::AtomicBool::new(false),
     });
     // The namespaces every cluster has; retried until the store answers.
     let bootstrap = state.clone();
@@ -191,7 +193,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
                 };
             let service =
                 hyper::service::service_fn(move |req| handler::handle(state.clone(), req));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // Idle and slow clients are dropped: a header must arrive within 30 s, and
+            // HTTP/2 connections must answer pings.
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30));
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .max_concurrent_streams(250);
             if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
                 .await

@@ -43,15 +43,19 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Written beside and renamed into place: never through a link someone left at `path`,
+    // and always 0600.
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -60,10 +64,29 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 pub fn ensure(dir: &Path, hosts: &[String], server_url: &str) -> anyhow::Result<bool> {
     let f = Files::under(dir);
     if !f.encryption_key.exists() {
-        write_private(&f.encryption_key, &crate::crypt::Codec::generate())?;
+        write_private(&f.encryption_key, &crate::crypt::Codec::generate()?)?;
     }
-    if f.ca_cert.exists() && f.serving_cert.exists() && f.tokens.exists() && f.kubeconfig.exists() {
+    let present = [
+        &f.ca_cert,
+        &f.ca_key,
+        &f.serving_cert,
+        &f.serving_key,
+        &f.tokens,
+        &f.kubeconfig,
+    ]
+    .iter()
+    .filter(|p| p.exists())
+    .count();
+    if present == 6 {
         return Ok(false);
+    }
+    if present > 0 {
+        // Making new ones would void the kubeconfigs handed out with the old.
+        anyhow::bail!(
+            "{} holds some of the cluster's credentials but not all; restore the missing \
+             files, or remove pki/, tokens.csv and admin.kubeconfig to make new ones",
+            dir.display()
+        );
     }
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;

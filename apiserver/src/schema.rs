@@ -12,6 +12,10 @@ pub enum Shape {
     Any,
     /// A scalar (string, number or bool); its type is not checked here.
     Scalar,
+    /// A string.
+    Str,
+    /// A boolean.
+    Bool,
     /// A map from any key to values of one shape.
     MapOf(&'static Shape),
     /// A list of one shape.
@@ -23,9 +27,11 @@ pub enum Shape {
 use Shape::*;
 
 static SCALAR: Shape = Scalar;
+static STR: Shape = Str;
+static BOOL: Shape = Bool;
 static ANY: Shape = Any;
-static STRING_MAP: Shape = MapOf(&SCALAR);
-static STRING_LIST: Shape = ListOf(&SCALAR);
+static STRING_MAP: Shape = MapOf(&STR);
+static STRING_LIST: Shape = ListOf(&STR);
 
 static OWNER_REFERENCE: Shape = Object(&[
     ("apiVersion", &SCALAR),
@@ -48,12 +54,12 @@ static MANAGED_FIELDS_ENTRY: Shape = Object(&[
 static MANAGED_FIELDS: Shape = ListOf(&MANAGED_FIELDS_ENTRY);
 
 pub static OBJECT_META: Shape = Object(&[
-    ("name", &SCALAR),
-    ("generateName", &SCALAR),
-    ("namespace", &SCALAR),
-    ("selfLink", &SCALAR),
-    ("uid", &SCALAR),
-    ("resourceVersion", &SCALAR),
+    ("name", &STR),
+    ("generateName", &STR),
+    ("namespace", &STR),
+    ("selfLink", &STR),
+    ("uid", &STR),
+    ("resourceVersion", &STR),
     ("generation", &SCALAR),
     ("creationTimestamp", &SCALAR),
     ("deletionTimestamp", &SCALAR),
@@ -89,7 +95,7 @@ static CONFIG_MAP: Shape = Object(&[
     ("metadata", &OBJECT_META),
     ("data", &STRING_MAP),
     ("binaryData", &STRING_MAP),
-    ("immutable", &SCALAR),
+    ("immutable", &BOOL),
 ]);
 static SECRET: Shape = Object(&[
     ("apiVersion", &SCALAR),
@@ -97,8 +103,8 @@ static SECRET: Shape = Object(&[
     ("metadata", &OBJECT_META),
     ("data", &STRING_MAP),
     ("stringData", &STRING_MAP),
-    ("type", &SCALAR),
-    ("immutable", &SCALAR),
+    ("type", &STR),
+    ("immutable", &BOOL),
 ]);
 static NAMESPACE: Shape = Object(&[
     ("apiVersion", &SCALAR),
@@ -133,15 +139,69 @@ pub fn of_kind(kind: &str) -> Option<&'static Shape> {
     }
 }
 
-/// Removes the fields `shape` does not have; returns their paths (`spec.foo`,
-/// `metadata.ownerReferences[0].bad`) in document order.
-pub fn prune(value: &mut Value, shape: &Shape) -> Vec<String> {
-    let mut unknown = Vec::new();
-    walk(value, shape, "", &mut unknown);
-    unknown
+/// What a check found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Findings {
+    /// Fields the kind does not have (removed): `spec.foo`, `metadata.ownerReferences[0].bad`.
+    pub unknown: Vec<String>,
+    /// Fields of the wrong JSON type: `data.a: expected a string, got a number`.
+    pub wrong: Vec<String>,
 }
 
-fn walk(value: &mut Value, shape: &Shape, path: &str, unknown: &mut Vec<String>) {
+/// Removes the fields `shape` does not have and checks the types it knows.
+pub fn check(value: &mut Value, shape: &Shape) -> Findings {
+    let mut found = Findings::default();
+    walk(value, shape, "", &mut found);
+    found
+}
+
+/// The unknown fields only (for tests and callers that need no types).
+pub fn prune(value: &mut Value, shape: &Shape) -> Vec<String> {
+    check(value, shape).unknown
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn walk(value: &mut Value, shape: &Shape, path: &str, found: &mut Findings) {
+    let unknown = &mut found.unknown;
+    match (shape, &*value) {
+        (Str, Value::String(_)) | (Bool, Value::Bool(_)) | (_, Value::Null) => return,
+        (Str, v) => {
+            found
+                .wrong
+                .push(format!("{path}: expected a string, got {}", json_type(v)));
+            return;
+        }
+        (Bool, v) => {
+            found
+                .wrong
+                .push(format!("{path}: expected a boolean, got {}", json_type(v)));
+            return;
+        }
+        (Object(_) | MapOf(_), v) if !v.is_object() => {
+            found
+                .wrong
+                .push(format!("{path}: expected an object, got {}", json_type(v)));
+            return;
+        }
+        (ListOf(_), v) if !v.is_array() => {
+            found
+                .wrong
+                .push(format!("{path}: expected a list, got {}", json_type(v)));
+            return;
+        }
+        _ => {}
+    }
+    let _ = unknown;
     match (shape, value) {
         (Object(fields), Value::Object(map)) => {
             let keys: Vec<String> = map.keys().cloned().collect();
@@ -154,24 +214,24 @@ fn walk(value: &mut Value, shape: &Shape, path: &str, unknown: &mut Vec<String>)
                 match fields.iter().find(|(name, _)| *name == k) {
                     Some((_, s)) => {
                         if let Some(v) = map.get_mut(&k) {
-                            walk(v, s, &child, unknown);
+                            walk(v, s, &child, found);
                         }
                     }
                     None => {
                         map.remove(&k);
-                        unknown.push(child);
+                        found.unknown.push(child);
                     }
                 }
             }
         }
         (MapOf(s), Value::Object(map)) => {
             for (k, v) in map.iter_mut() {
-                walk(v, s, &format!("{path}.{k}"), unknown);
+                walk(v, s, &format!("{path}.{k}"), found);
             }
         }
         (ListOf(s), Value::Array(items)) => {
             for (i, v) in items.iter_mut().enumerate() {
-                walk(v, s, &format!("{path}[{i}]"), unknown);
+                walk(v, s, &format!("{path}[{i}]"), found);
             }
         }
         _ => {}
@@ -182,6 +242,21 @@ fn walk(value: &mut Value, shape: &Shape, path: &str, unknown: &mut Vec<String>)
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn wrong_types_are_found() {
+        let mut cm = json!({"kind": "ConfigMap", "metadata": {"name": 5, "labels": {"a": 1}}, "data": {"x": true}, "immutable": "yes"});
+        let found = check(&mut cm, of_kind("ConfigMap").expect("known"));
+        assert_eq!(
+            found.wrong,
+            [
+                "data.x: expected a string, got a boolean",
+                "immutable: expected a boolean, got a string",
+                "metadata.labels.a: expected a string, got a number",
+                "metadata.name: expected a string, got a number",
+            ]
+        );
+    }
 
     #[test]
     fn unknown_fields_are_found_and_pruned() {

@@ -73,9 +73,12 @@ async fn claim(store: &Store, key: String, owner: &str) -> Result<bool, ApiError
     ))
 }
 
-async fn free(store: &Store, key: &str) {
+/// Frees `key` if `owner` still holds it.
+async fn free(store: &Store, key: &str, owner: &str) {
     if let Ok((Some(kv), _)) = store.get(key).await {
-        let _ = store.delete_if(key, kv.mod_revision).await;
+        if kv.value == owner.as_bytes() {
+            let _ = store.delete_if(key, kv.mod_revision).await;
+        }
     }
 }
 
@@ -100,10 +103,10 @@ fn held(obj: &Value) -> Vec<String> {
     keys
 }
 
-/// Frees what a deleted Service held.
-pub async fn release(store: &Store, obj: &Value) {
+/// Frees what a deleted Service (`owner`: namespace/name) held.
+pub async fn release(store: &Store, obj: &Value, owner: &str) {
     for key in held(obj) {
-        free(store, &key).await;
+        free(store, &key, owner).await;
     }
 }
 
@@ -230,9 +233,7 @@ pub async fn on_create(
     let mut claimed = Vec::new();
     let result = allocate(store, range, obj, name, &owner, &[], &mut claimed).await;
     if result.is_err() {
-        for key in &claimed {
-            free(store, key).await;
-        }
+        free_all(store, &claimed, &owner).await;
     }
     result.map(|()| claimed)
 }
@@ -251,14 +252,9 @@ pub async fn on_update(
     let owner = format!("{namespace}/{name}");
     let had = held(old);
     let mut claimed = Vec::new();
-    let result = allocate(store, range, obj, name, &owner, &had, &mut claimed).await;
-    if result.is_err() {
-        for key in &claimed {
-            free(store, key).await;
-        }
-        return Err(result
-            .err()
-            .unwrap_or_else(|| ApiError::internal("allocation")));
+    if let Err(e) = allocate(store, range, obj, name, &owner, &had, &mut claimed).await {
+        free_all(store, &claimed, &owner).await;
+        return Err(e);
     }
     let keep = held(obj);
     let dropped = had.into_iter().filter(|k| !keep.contains(k)).collect();
@@ -302,7 +298,8 @@ async fn allocate(
                 })?;
                 let key = format!("{IP_PREFIX}{ip}");
                 if !already.contains(&key) {
-                    if !range.contains(ip) && ip != range.first() {
+                    // The first address is the kubernetes Service's, whether or not it exists.
+                    if !range.contains(ip) || ip == range.first() {
                         return Err(invalid(name, "spec.clusterIP", format!("Invalid value: \"{wanted}\": provided IP is not in the valid range")));
                     }
                     if !claim(store, key.clone(), owner).await? {
@@ -365,10 +362,11 @@ async fn allocate(
     Ok(())
 }
 
-/// Frees keys (claimed for a write that did not happen, or dropped by one that did).
-pub async fn free_all(store: &Store, keys: &[String]) {
+/// Frees keys `owner` holds (claimed for a write that did not happen, or dropped by one
+/// that did).
+pub async fn free_all(store: &Store, keys: &[String], owner: &str) {
     for key in keys {
-        free(store, key).await;
+        free(store, key, owner).await;
     }
 }
 

@@ -88,6 +88,15 @@ impl ApiError {
         }))
     }
 
+    pub fn forbidden(plural: &str, name: &str, why: &str) -> ApiError {
+        ApiError::new(
+            403,
+            "Forbidden",
+            format!("{plural} \"{name}\" is forbidden: {why}"),
+        )
+        .with_details(json!({"name": name, "kind": plural}))
+    }
+
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(400, "BadRequest", message)
     }
