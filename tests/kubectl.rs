@@ -661,6 +661,20 @@ fn session(k: &Kubectl) {
         describe(&waited)
     );
     k.fails_with(&["get", "cm", "web-config", "-n", "shop"], "NotFound");
+
+    // Deleting a namespace deletes what is in it; nothing new may be made there meanwhile.
+    assert_eq!(
+        k.ok(&["delete", "namespace", "shop", "--wait"]),
+        "namespace \"shop\" deleted\n"
+    );
+    k.fails_with(&["get", "ns", "shop"], "NotFound");
+    let again = k.stdin(
+        &["create", "-f", "-"],
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
+    );
+    assert!(again.status.success(), "{}", describe(&again));
+    let left = k.run(&["get", "cm,secret,svc,ev", "-n", "shop", "-o", "name"]);
+    assert_eq!(stdout(&left), "", "{}", describe(&left));
 }
 
 /// Unpadded URL-safe base64 (continue tokens).
@@ -720,7 +734,7 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
         &format!("127.0.0.1:{store}"),
         &[
             "get",
-            "/registry/secrets/shop/web-secret",
+            "/registry/secrets/tools/pw",
             "--print-value-only",
         ],
         None,
@@ -728,7 +742,7 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
     let raw = stdout_ok(&raw, &["get"]);
     assert!(raw.starts_with("k8s:enc:aesgcm:v1:key1:"), "{raw}");
     assert!(
-        !raw.contains("aHVudGVyMg") && !raw.contains("hunter2"),
+        !raw.contains("czNjcmV0") && !raw.contains("s3cret"),
         "{raw}"
     );
     // Config maps are not.
@@ -736,7 +750,7 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
         &format!("127.0.0.1:{store}"),
         &[
             "get",
-            "/registry/configmaps/shop/page-00",
+            "/registry/configmaps/tools/gen",
             "--print-value-only",
         ],
         None,
@@ -771,8 +785,8 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
     let _again = spawn(&args, &dir.path().join("up2.log"));
     k.wait_ready();
     assert_eq!(
-        k.ok(&["get", "secret", "web-secret", "-n", "shop", "-o", "name"]),
-        "secret/web-secret\n"
+        k.ok(&["get", "secret", "pw", "-n", "tools", "-o", "name"]),
+        "secret/pw\n"
     );
 }
 

@@ -257,6 +257,22 @@ impl Store {
         Ok(resp.id)
     }
 
+    /// Deletes every key under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), ApiError> {
+        let request = DeleteRangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix.as_bytes()),
+            ..Default::default()
+        };
+        self.call(true, |Clients { mut kv, .. }| {
+            let request = request.clone();
+            async move { kv.delete_range(request).await }
+        })
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
     /// Deletes the key if its mod_revision is `expected`.
     pub async fn delete_if(&self, key: &str, expected: i64) -> Result<Written, ApiError> {
         self.txn_if(

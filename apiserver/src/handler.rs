@@ -1142,15 +1142,98 @@ fn check_name(t: &Target, name: &str) -> Result<(), ApiError> {
     })
 }
 
-async fn namespace_exists(state: &State, t: &Target) -> Result<(), ApiError> {
+async fn namespace_exists(state: &State, t: &Target, name: &str) -> Result<(), ApiError> {
     let Some(ns) = &t.namespace else {
         return Ok(());
     };
     let key = resources::find("", "v1", "namespaces")
         .map(|r| r.key(None, ns))
         .unwrap_or_default();
-    if state.store.get(&key).await?.0.is_none() {
+    let Some(kv) = state.store.get(&key).await?.0 else {
         return Err(ApiError::not_found("namespaces", "", ns));
+    };
+    let namespace = decode(&state.codec, &kv)?;
+    if namespace.pointer("/metadata/deletionTimestamp").is_some() {
+        return Err(ApiError::forbidden(
+            t.resource.plural,
+            name,
+            &format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Deletes everything in a Terminating namespace, then the namespace. Retried until done;
+/// any apiserver may do it (deletes are idempotent), and start-up resumes unfinished ones.
+pub async fn finalize_namespace(state: Arc<State>, ns: String) {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match finalize_once(&state, &ns).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(namespace = %ns, error = %e, "finishing a namespace deletion; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn finalize_once(state: &State, ns: &str) -> Result<(), ApiError> {
+    for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+        let prefix = r.prefix(Some(ns));
+        if r.plural == "services" {
+            let mut start = Vec::new();
+            loop {
+                let (kvs, more, _) = state.store.list(&prefix, &start, 500, 0).await?;
+                for kv in &kvs {
+                    if let Ok(obj) = decode(&state.codec, kv) {
+                        let name = obj
+                            .pointer("/metadata/name")
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
+                        crate::services::release(&state.store, &obj, &format!("{ns}/{name}")).await;
+                    }
+                }
+                match (more, kvs.last()) {
+                    (true, Some(last)) => {
+                        start = last.key.clone();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        state.store.delete_prefix(&prefix).await?;
+    }
+    let Some(r) = resources::find("", "v1", "namespaces") else {
+        return Ok(());
+    };
+    let key = r.key(None, ns);
+    if let (Some(kv), _) = state.store.get(&key).await? {
+        let obj = decode(&state.codec, &kv)?;
+        if obj.pointer("/metadata/deletionTimestamp").is_some() {
+            state.store.delete_if(&key, kv.mod_revision).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Namespaces left Terminating (an apiserver stopped mid-way): finish them.
+pub async fn resume_namespace_deletions(state: Arc<State>) -> Result<(), ApiError> {
+    let Some(r) = resources::find("", "v1", "namespaces") else {
+        return Ok(());
+    };
+    let (kvs, _, _) = state.store.list(&r.prefix(None), &[], 0, 0).await?;
+    for kv in &kvs {
+        let obj = decode(&state.codec, kv)?;
+        if obj.pointer("/metadata/deletionTimestamp").is_some() {
+            if let Some(name) = obj.pointer("/metadata/name").and_then(Value::as_str) {
+                tokio::spawn(finalize_namespace(state.clone(), name.to_string()));
+            }
+        }
     }
     Ok(())
 }
@@ -1203,7 +1286,7 @@ async fn create_checked(
         },
     };
     check_name(t, &name)?;
-    namespace_exists(state, t).await?;
+    namespace_exists(state, t, &name).await?;
     normalize(t, &mut obj)?;
     let meta = &mut obj["metadata"];
     meta["uid"] = Value::String(new_uid());
@@ -1482,7 +1565,7 @@ async fn patch_object(
 }
 
 async fn delete(
-    state: &State,
+    state: &Arc<State>,
     t: &Target,
     name: &str,
     q: &HashMap<String, String>,
@@ -1506,9 +1589,28 @@ async fn delete(
                 name,
             ));
         };
-        let obj = decode(&state.codec, &current)?;
+        let mut obj = decode(&state.codec, &current)?;
         if dry_run(q) {
             return Ok(json_response(StatusCode::OK, &obj));
+        }
+        if t.resource.plural == "namespaces" {
+            // A namespace goes in two steps, as in Kubernetes: Terminating at once (no new
+            // content), gone once everything in it is deleted.
+            if obj.pointer("/metadata/deletionTimestamp").is_none() {
+                obj["metadata"]["deletionTimestamp"] = Value::String(now_rfc3339());
+            }
+            obj["status"]["phase"] = Value::String("Terminating".into());
+            match state
+                .store
+                .put_if(&key, stored_form(&obj), current.mod_revision)
+                .await?
+            {
+                Written::Done { revision } => {
+                    tokio::spawn(finalize_namespace(state.clone(), name.to_string()));
+                    return Ok(json_response(StatusCode::OK, &with_revision(obj, revision)));
+                }
+                Written::Conflict(_) => continue,
+            }
         }
         match state.store.delete_if(&key, current.mod_revision).await? {
             Written::Done { .. } => {

@@ -154,6 +154,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             tracing::debug!(error = %e, "creating the kubernetes Service; retrying");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        while let Err(e) = handler::resume_namespace_deletions(bootstrap.clone()).await {
+            tracing::debug!(error = %e, "resuming namespace deletions; retrying");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     });
     let addr = SocketAddr::new(config.bind_address, config.secure_port);
     let listener = tokio::net::TcpListener::bind(addr)
