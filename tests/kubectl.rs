@@ -732,11 +732,7 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
     // Secrets are encrypted at rest: the store holds ciphertext, not the password.
     let raw = etcdctl(
         &format!("127.0.0.1:{store}"),
-        &[
-            "get",
-            "/registry/secrets/tools/pw",
-            "--print-value-only",
-        ],
+        &["get", "/registry/secrets/tools/pw", "--print-value-only"],
         None,
     );
     let raw = stdout_ok(&raw, &["get"]);

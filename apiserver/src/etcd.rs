@@ -336,7 +336,7 @@ impl Store {
         &self,
         prefix: &str,
         start_revision: i64,
-    ) -> Result<tonic::Streaming<WatchResponse>, ApiError> {
+    ) -> Result<(tonic::Streaming<WatchResponse>, ProgressRequester), ApiError> {
         let create = WatchRequest {
             request_union: Some(watch_request::RequestUnion::CreateRequest(
                 WatchCreateRequest {
@@ -349,21 +349,36 @@ impl Store {
                 },
             )),
         };
-        let stream = self
+        let (stream, requests) = self
             .call(true, |Clients { mut watch, .. }| {
                 let create = create.clone();
                 async move {
-                    // The request stream stays open for as long as the watch lives.
-                    let requests = futures::stream::once(async move { create })
-                        .chain(futures::stream::pending());
-                    watch.watch(requests).await
+                    // The request stream stays open for as long as the watch lives; progress
+                    // requests go down it.
+                    let (tx, rx) = tokio::sync::mpsc::channel(4);
+                    let _ = tx.send(create).await;
+                    let resp = watch
+                        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?;
+                    Ok((resp, tx))
                 }
             })
             .await
-            .map_err(store_error)?
-            .into_inner();
-        Ok(stream)
+            .map_err(store_error)?;
+        Ok((stream.into_inner(), ProgressRequester(requests)))
     }
 }
 
-use futures::StreamExt;
+/// Asks a store watch for a progress notification (the revision it has reached).
+pub struct ProgressRequester(tokio::sync::mpsc::Sender<WatchRequest>);
+
+impl ProgressRequester {
+    pub fn request(&self) {
+        let _ = self.0.try_send(WatchRequest {
+            request_union: Some(watch_request::RequestUnion::ProgressRequest(
+                flotilla_proto::etcdserverpb::WatchProgressRequest {},
+            )),
+        });
+    }
+}
+

@@ -35,6 +35,8 @@ const MAX_PAGE: i64 = 10_000;
 const MAX_WATCH: Duration = Duration::from_secs(1800);
 /// Events a slow watcher may have waiting before it is cut off.
 const WATCH_BUFFER: usize = 1024;
+/// How often a watch that allows bookmarks gets one (kube-apiserver: about a minute).
+const BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
 /// Objects read per page when a watch starts with the current objects.
 const WATCH_PAGE: i64 = 500;
 /// Watches one apiserver serves at once (beyond: 429).
@@ -817,7 +819,7 @@ async fn watch(
             (None, n.saturating_add(1))
         }
     };
-    let mut events = state.store.watch(&prefix, from).await?;
+    let (mut events, progress) = state.store.watch(&prefix, from).await?;
     let bookmarks = is_true(q.get("allowWatchBookmarks"));
     let codec = state.codec.clone();
     let store = state.store.clone();
@@ -859,11 +861,19 @@ async fn watch(
                 }
             }
         }
+        // Bookmarks about once a minute when asked for: the store reports the revision it has
+        // reached, which becomes the BOOKMARK's resourceVersion.
+        let mut bookmark_tick = tokio::time::interval(BOOKMARK_INTERVAL);
+        bookmark_tick.tick().await;
         loop {
             let msg = tokio::select! {
                 m = events.message() => m,
                 _ = &mut deadline => return,
                 _ = tx.closed() => return,
+                _ = bookmark_tick.tick(), if bookmarks => {
+                    progress.request();
+                    continue;
+                }
             };
             let resp = match msg {
                 Ok(Some(r)) => r,
