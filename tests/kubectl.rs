@@ -565,12 +565,9 @@ fn session(k: &Kubectl) {
     );
 
     // A watch sees a change made meanwhile.
-    let mut watch = Command::new("/usr/bin/kubectl")
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", k.home.path())
-        .env("KUBECONFIG", &k.kubeconfig)
-        .args([
+    let (watch, lines) = watch_lines(
+        k,
+        &[
             "get",
             "cm",
             "web-config",
@@ -579,12 +576,8 @@ fn session(k: &Kubectl) {
             "-w",
             "-o",
             "jsonpath={.data.color}{\"\\n\"}",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl get -w");
-    let lines = lines_from(watch.stdout.take().expect("watch stdout"));
+        ],
+    );
     let first = lines
         .recv_timeout(POLL_TIMEOUT)
         .expect("the watch's first line");
@@ -604,8 +597,7 @@ fn session(k: &Kubectl) {
         .recv_timeout(POLL_TIMEOUT)
         .expect("the watch saw the change");
     assert_eq!(next, "red");
-    let _ = watch.kill();
-    let _ = watch.wait();
+    drop(watch);
 
     // edit, with a non-interactive editor.
     let edited = k.with_env(
@@ -691,6 +683,22 @@ fn b64encode_url(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// `kubectl get ... -w` in the background; its stdout lines arrive on the receiver.
+fn watch_lines(k: &Kubectl, args: &[&str]) -> (Proc, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new("/usr/bin/kubectl")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", k.home.path())
+        .env("KUBECONFIG", &k.kubeconfig)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl get -w");
+    let lines = lines_from(child.stdout.take().expect("watch stdout"));
+    (Proc(child), lines)
 }
 
 fn lines_from(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
@@ -839,12 +847,9 @@ fn three_apiservers_on_one_store_serve_one_cluster() {
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: multi\n",
     );
     assert!(ns.status.success(), "{}", describe(&ns));
-    let mut watch = Command::new("/usr/bin/kubectl")
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", b.home.path())
-        .env("KUBECONFIG", &b.kubeconfig)
-        .args([
+    let (watch, lines) = watch_lines(
+        b,
+        &[
             "get",
             "cm",
             "-n",
@@ -852,12 +857,8 @@ fn three_apiservers_on_one_store_serve_one_cluster() {
             "-w",
             "-o",
             "jsonpath={.metadata.name}={.data.count}{\"\\n\"}",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl get -w");
-    let lines = lines_from(watch.stdout.take().expect("stdout"));
+        ],
+    );
     let doc =
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: counter\ndata:\n  count: \"0\"\n";
     let out = a.stdin(
@@ -883,8 +884,7 @@ fn three_apiservers_on_one_store_serve_one_cluster() {
         .collect();
     let want: Vec<String> = (0..6).map(|n| format!("counter={n}")).collect();
     assert_eq!(seen, want);
-    let _ = watch.kill();
-    let _ = watch.wait();
+    drop(watch);
 
     // Kill one apiserver and one store member: kubectl through another carries on.
     drop(servers_up.remove(0));

@@ -27,17 +27,40 @@ fn open(path: &Path) -> anyhow::Result<BufReader<File>> {
     ))
 }
 
+type Identity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// A certificate chain and its key, from PEM files.
+fn load_identity(cert_file: &Path, key_file: &Path) -> anyhow::Result<Identity> {
+    let certs = rustls_pemfile::certs(&mut open(cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading certificates from {}", cert_file.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no PEM certificate", cert_file.display());
+    }
+    let key = rustls_pemfile::private_key(&mut open(key_file)?)
+        .with_context(|| format!("reading the key from {}", key_file.display()))?
+        .with_context(|| format!("{} holds no PEM private key", key_file.display()))?;
+    Ok((certs, key))
+}
+
+/// The CA certificates in a PEM file.
+fn roots(ca: &Path) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut open(ca)?) {
+        let cert = cert.with_context(|| format!("reading {}", ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
+    }
+    Ok(roots)
+}
+
 /// Builds the acceptor, checking the files now so a bad one stops the member at start.
 pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut open(&files.cert_file)?)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading certificates from {}", files.cert_file.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no PEM certificate", files.cert_file.display());
-    }
-    let key = rustls_pemfile::private_key(&mut open(&files.key_file)?)
-        .with_context(|| format!("reading the key from {}", files.key_file.display()))?
-        .with_context(|| format!("{} holds no PEM private key", files.key_file.display()))?;
+    let (certs, key) = load_identity(&files.cert_file, &files.key_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -46,14 +69,7 @@ pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
         let Some(ca) = &files.trusted_ca_file else {
             bail!("--client-cert-auth needs --trusted-ca-file");
         };
-        let mut roots = RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut open(ca)?) {
-            let cert = cert.with_context(|| format!("reading {}", ca.display()))?;
-            roots
-                .add(cert)
-                .with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
-        }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
             .build()
             .context("client certificate verifier")?;
         builder.with_client_cert_verifier(verifier)
@@ -82,27 +98,15 @@ pub fn client_config(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut open(ca)?) {
-        let cert = cert.with_context(|| format!("reading {}", ca.display()))?;
-        roots
-            .add(cert)
-            .with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
-        .with_root_certificates(roots);
+        .with_root_certificates(roots(ca)?);
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert_file, key_file)) => {
-            let certs = rustls_pemfile::certs(&mut open(cert_file)?)
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("reading certificates from {}", cert_file.display()))?;
-            let key = rustls_pemfile::private_key(&mut open(key_file)?)
-                .with_context(|| format!("reading the key from {}", key_file.display()))?
-                .with_context(|| format!("{} holds no PEM private key", key_file.display()))?;
+            let (certs, key) = load_identity(cert_file, key_file)?;
             builder
                 .with_client_auth_cert(certs, key)
                 .context("the certificate and key do not form a usable pair")?
