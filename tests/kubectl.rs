@@ -335,6 +335,20 @@ fn session(k: &Kubectl) {
         "{events}"
     );
 
+    // explain walks the schemas of the OpenAPI v3 documents.
+    let explained = k.ok(&["explain", "configmap"]);
+    assert!(
+        explained.contains("KIND:")
+            && explained.contains("ConfigMap")
+            && explained.contains("data"),
+        "{explained}"
+    );
+    let field = k.ok(&["explain", "configmap.metadata.labels"]);
+    assert!(
+        field.contains("labels") && field.contains("map[string]string"),
+        "{field}"
+    );
+
     // kubectl's generators send protobuf bodies.
     assert_eq!(
         k.ok(&["create", "namespace", "tools"]),

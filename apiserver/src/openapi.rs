@@ -142,12 +142,69 @@ pub fn v3_group_version(group: &str, version: &str) -> Option<Value> {
             }),
         );
     }
+    let mut schemas = Map::new();
+    for r in resources::RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let mut schema = match crate::schema::of_kind(r.kind) {
+            Some(shape) => schema_of(shape),
+            // Kinds without a written-out shape take any fields for now.
+            None => json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        };
+        schema["description"] = json!(description(r.kind));
+        schema["x-kubernetes-group-version-kind"] =
+            json!([{"group": r.group, "version": r.version, "kind": r.kind}]);
+        schemas.insert(schema_name(r), schema);
+    }
     Some(json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": kubernetes_version()},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": schemas},
     }))
+}
+
+/// `io.k8s.api.core.v1.ConfigMap`, as Kubernetes names a kind's schema.
+fn schema_name(r: &Resource) -> String {
+    let group = if r.group.is_empty() { "core" } else { r.group };
+    format!("io.k8s.api.{group}.{}.{}", r.version, r.kind)
+}
+
+fn description(kind: &str) -> &'static str {
+    match kind {
+        "Namespace" => "Namespace provides a scope for names.",
+        "ConfigMap" => "ConfigMap holds configuration data for pods to consume.",
+        "Secret" => "Secret holds secret data of a certain type; the server stores it encrypted.",
+        "ServiceAccount" => "ServiceAccount binds together a name, secrets and pull secrets.",
+        "Service" => {
+            "Service is a named abstraction of a set of pods, with a virtual IP and ports."
+        }
+        "Endpoints" => "Endpoints is the set of addresses and ports that implement a service.",
+        "Event" => "Event is a report of an event somewhere in the cluster.",
+        _ => "",
+    }
+}
+
+/// An OpenAPI v3 schema for a shape (the fields `kubectl explain` walks).
+fn schema_of(shape: &crate::schema::Shape) -> Value {
+    use crate::schema::Shape;
+    match shape {
+        Shape::Any => json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        // A scalar whose JSON type is not pinned down yet (strings, numbers, booleans).
+        Shape::Scalar => json!({"type": "string"}),
+        Shape::Str => json!({"type": "string"}),
+        Shape::Bool => json!({"type": "boolean"}),
+        Shape::MapOf(inner) => json!({"type": "object", "additionalProperties": schema_of(inner)}),
+        Shape::ListOf(inner) => json!({"type": "array", "items": schema_of(inner)}),
+        Shape::Object(fields) => {
+            let properties: Map<String, Value> = fields
+                .iter()
+                .map(|(name, s)| (name.to_string(), schema_of(s)))
+                .collect();
+            json!({"type": "object", "properties": properties})
+        }
+    }
 }
 
 #[cfg(test)]
@@ -166,6 +223,26 @@ mod tests {
             });
             assert!(found, "{}", r.kind);
         }
+    }
+
+    #[test]
+    fn every_served_kind_has_a_schema_tagged_with_its_kind() {
+        let doc = v3_group_version("", "v1").expect("core");
+        let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+        let cm = &schemas["io.k8s.api.core.v1.ConfigMap"];
+        assert_eq!(
+            cm["x-kubernetes-group-version-kind"][0]["kind"],
+            "ConfigMap"
+        );
+        assert_eq!(
+            cm["properties"]["data"]["additionalProperties"]["type"],
+            "string"
+        );
+        assert_eq!(
+            cm["properties"]["metadata"]["properties"]["name"]["type"],
+            "string"
+        );
+        assert!(schemas.contains_key("io.k8s.api.core.v1.Service"));
     }
 
     #[test]
