@@ -1325,42 +1325,54 @@ async fn create_checked(
         crate::services::free_all(&state.store, &claimed, &owner).await;
         return Ok(json_response(StatusCode::CREATED, &obj));
     }
-    let lease = lease_for(state, t).await?;
-    let written = state
-        .store
-        .put_if_leased(
-            &key,
-            state
-                .codec
-                .seal(t.resource.plural, &key, stored_form(&obj))?,
-            0,
-            lease,
-        )
-        .await;
-    match written {
-        Ok(Written::Done { revision }) => Ok(json_response(
-            StatusCode::CREATED,
-            &with_revision(obj, revision),
-        )),
-        Ok(Written::Conflict(_)) => {
-            crate::services::free_all(&state.store, &claimed, &owner).await;
-            Err(ApiError::already_exists(
-                t.resource.plural,
-                t.resource.group,
-                &name,
-            ))
-        }
-        // The write may still commit when the store could not say (503): the claims stay,
-        // since an address held twice is worse than one leaked.
-        Err(e) if e.code == 503 => {
-            note_lost_lease(state, &e);
-            Err(e)
-        }
-        Err(e) => {
-            crate::services::free_all(&state.store, &claimed, &owner).await;
-            Err(e)
-        }
+    let (plural, group) = (t.resource.plural, t.resource.group);
+    let revision = store_object(state, t, &key, &obj, 0, &claimed, &owner, |_| {
+        ApiError::already_exists(plural, group, &name)
+    })
+    .await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &with_revision(obj, revision),
+    ))
+}
+
+/// Writes `obj` at `key` if the key's mod_revision is `expected` (0: absent), sealed and
+/// leased as its kind needs; returns the new revision. A failed condition becomes
+/// `on_conflict(whether the key exists)`. Allocations `claimed` for the write are freed when
+/// it certainly did not happen (a store that could not say, 503, keeps them).
+#[allow(clippy::too_many_arguments)]
+async fn store_object(
+    state: &State,
+    t: &Target,
+    key: &str,
+    obj: &Value,
+    expected: i64,
+    claimed: &[String],
+    owner: &str,
+    on_conflict: impl FnOnce(bool) -> ApiError,
+) -> Result<i64, ApiError> {
+    let written = match state.codec.seal(t.resource.plural, key, stored_form(obj)) {
+        Ok(sealed) => match lease_for(state, t).await {
+            Ok(lease) => {
+                state
+                    .store
+                    .put_if_leased(key, sealed, expected, lease)
+                    .await
+            }
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    let e = match written {
+        Ok(Written::Done { revision }) => return Ok(revision),
+        Ok(Written::Conflict(current)) => on_conflict(current.is_some()),
+        Err(e) => e,
+    };
+    note_lost_lease(state, &e);
+    if e.code != 503 {
+        crate::services::free_all(&state.store, claimed, owner).await;
     }
+    Err(e)
 }
 
 /// Replaces an object. A resourceVersion in the body must match the stored one (409
@@ -1442,48 +1454,17 @@ async fn write_back(
         crate::services::free_all(&state.store, &claimed, &owner).await;
         return Ok(json_response(StatusCode::OK, &obj));
     }
-    let lease = lease_for(state, t).await?;
-    let written = state
-        .store
-        .put_if_leased(
-            key,
-            state
-                .codec
-                .seal(t.resource.plural, key, stored_form(&obj))?,
-            expected,
-            lease,
-        )
-        .await;
-    let failed = |e: ApiError| async {
-        note_lost_lease(state, &e);
-        if e.code != 503 {
-            crate::services::free_all(&state.store, &claimed, &owner).await;
+    let (plural, group) = (t.resource.plural, t.resource.group);
+    let revision = store_object(state, t, key, &obj, expected, &claimed, &owner, |exists| {
+        if exists {
+            ApiError::conflict(plural, group, name)
+        } else {
+            ApiError::not_found(plural, group, name)
         }
-        Err(e)
-    };
-    match written {
-        Ok(Written::Done { revision }) => {
-            crate::services::free_all(&state.store, &dropped, &owner).await;
-            Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
-        }
-        Ok(Written::Conflict(None)) => {
-            failed(ApiError::not_found(
-                t.resource.plural,
-                t.resource.group,
-                name,
-            ))
-            .await
-        }
-        Ok(Written::Conflict(Some(_))) => {
-            failed(ApiError::conflict(
-                t.resource.plural,
-                t.resource.group,
-                name,
-            ))
-            .await
-        }
-        Err(e) => failed(e).await,
-    }
+    })
+    .await?;
+    crate::services::free_all(&state.store, &dropped, &owner).await;
+    Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
 }
 
 async fn patch_object(

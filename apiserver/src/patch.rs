@@ -142,28 +142,25 @@ fn merge_list<'a>(
         *slot = Value::Array(list);
         return Ok(());
     }
-    let Some(key) = merge_key(kind, path) else {
-        // No merge key: the list is replaced (directives aside).
-        *slot = Value::Array(
+    let replaced = || {
+        Value::Array(
             items
                 .iter()
                 .filter(|i| i.get("$patch").is_none())
                 .cloned()
                 .collect(),
-        );
+        )
+    };
+    // Without a merge key, or with `$patch: replace`, the list is replaced (directives aside).
+    let Some(key) = merge_key(kind, path) else {
+        *slot = replaced();
         return Ok(());
     };
     if items
         .iter()
         .any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace"))
     {
-        *slot = Value::Array(
-            items
-                .iter()
-                .filter(|i| i.get("$patch").is_none())
-                .cloned()
-                .collect(),
-        );
+        *slot = replaced();
         return Ok(());
     }
     let mut list = slot.as_array().cloned().unwrap_or_default();
