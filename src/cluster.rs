@@ -70,6 +70,11 @@ pub async fn apiserver(
         }
         _ => anyhow::bail!("--tls-cert-file and --tls-private-key-file go together"),
     };
+    if token_auth_file.is_none() {
+        tracing::warn!(
+            "no --token-auth-file: no credentials are accepted, so every request gets 401 Unauthorized"
+        );
+    }
     let config = flotilla_apiserver::Config {
         etcd_servers: crate::urls(&a.etcd_servers),
         bind_address: a.bind_address,
