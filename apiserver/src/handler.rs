@@ -18,6 +18,9 @@ use crate::etcd::{Store, Written};
 use crate::resources::{self, Resource};
 use crate::status::ApiError;
 
+mod subresources;
+use subresources::{bind, scale};
+
 pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Largest request body (kube-apiserver's limit).
@@ -273,10 +276,10 @@ fn resource_list(group: &str, version: &str) -> Value {
     } else {
         format!("{group}/{version}")
     };
-    let list: Vec<Value> = resources::RESOURCES
-        .iter()
+    let list: Vec<Value> = resources::all()
+        .into_iter()
         .filter(|r| r.group == group && r.version == version)
-        .map(Resource::discovery)
+        .flat_map(|r| r.discovery())
         .collect();
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})
 }
@@ -319,51 +322,57 @@ fn is_true(v: Option<&String>) -> bool {
     matches!(v.map(String::as_str), Some("true") | Some("1"))
 }
 
-/// Where a request points: a resource, maybe a namespace, maybe one object.
+/// Where a request points: a resource, maybe a namespace, maybe one object, maybe one of
+/// its subresources (`status`, `scale`, `binding`).
 struct Target {
     resource: &'static Resource,
     namespace: Option<String>,
     name: Option<String>,
+    sub: Option<String>,
+}
+
+impl Target {
+    fn status(&self) -> bool {
+        self.sub.as_deref() == Some("status")
+    }
 }
 
 fn target(group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
     let find =
         |plural: &str| resources::find(group, version, plural).ok_or_else(ApiError::not_found_path);
-    match rest {
-        [plural] => Ok(Target {
-            resource: find(plural)?,
-            namespace: None,
-            name: None,
-        }),
-        [plural, name] => {
-            let resource = find(plural)?;
-            if resource.namespaced {
-                return Err(ApiError::not_found_path());
-            }
-            Ok(Target {
-                resource,
-                namespace: None,
-                name: Some(name.to_string()),
-            })
-        }
-        ["namespaces", ns, plural] | ["namespaces", ns, plural, ..] => {
-            let resource = find(plural)?;
-            if !resource.namespaced {
-                return Err(ApiError::not_found_path());
-            }
-            let name = match rest {
-                [_, _, _] => None,
-                [_, _, _, name] => Some(name.to_string()),
-                _ => return Err(ApiError::not_found_path()),
-            };
-            Ok(Target {
-                resource,
-                namespace: Some(ns.to_string()),
-                name,
-            })
-        }
-        _ => Err(ApiError::not_found_path()),
+    let (namespace, rest) = match rest {
+        // `namespaces/<name>/status` is a namespace's own subresource, not a resource in it.
+        ["namespaces", _, "status" | "finalize"] => (None, rest),
+        ["namespaces", ns, tail @ ..] if !tail.is_empty() => (Some(ns.to_string()), tail),
+        _ => (None, rest),
+    };
+    let (plural, name, sub) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(name.to_string()), None),
+        [plural, name, sub] => (*plural, Some(name.to_string()), Some(sub.to_string())),
+        _ => return Err(ApiError::not_found_path()),
+    };
+    let resource = find(plural)?;
+    // A namespaced resource is named only within a namespace (listed across them too).
+    let misplaced = if resource.namespaced {
+        namespace.is_none() && name.is_some()
+    } else {
+        namespace.is_some()
+    };
+    if misplaced {
+        return Err(ApiError::not_found_path());
     }
+    if let Some(sub) = &sub {
+        if !resource.has(sub) {
+            return Err(ApiError::not_found_path());
+        }
+    }
+    Ok(Target {
+        resource,
+        namespace,
+        name,
+        sub,
+    })
 }
 
 async fn resource_request(
@@ -385,6 +394,15 @@ async fn resource_request(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(crate::table::wanted);
+    match (t.sub.as_deref(), &method, &t.name) {
+        (Some("scale"), _, Some(name)) => return scale(state, &t, name, &query, req).await,
+        (Some("binding"), &Method::POST, Some(name)) => {
+            let body = read_json(req).await?;
+            return bind(state, &t, name, body).await;
+        }
+        (Some("status"), &Method::GET | &Method::PUT | &Method::PATCH, Some(_)) | (None, _, _) => {}
+        _ => return Err(ApiError::method_not_allowed(method.as_str())),
+    }
     match (&method, &t.name) {
         (&Method::GET, Some(name)) => get(state, &t, name, as_table).await,
         (&Method::GET, None) if is_true(query.get("watch")) => {
@@ -409,7 +427,11 @@ async fn resource_request(
             let patch = read_body(req).await?;
             patch_object(state, &t, name, &content_type, &patch, &query).await
         }
-        (&Method::DELETE, Some(name)) => delete(state, &t, name, &query).await,
+        (&Method::DELETE, Some(name)) => {
+            let body = read_body(req).await?;
+            let options = DeleteOptions::parse(&body, &query)?;
+            delete(state, &t, name, &query, &options).await
+        }
         _ => Err(ApiError::method_not_allowed(method.as_str())),
     }
 }
@@ -1085,10 +1107,10 @@ fn field_validation(
     obj: &mut Value,
     q: &HashMap<String, String>,
 ) -> Result<Vec<String>, ApiError> {
-    let Some(shape) = crate::schema::of_kind(t.resource.kind) else {
+    let Some(schema) = t.resource.schema() else {
         return Ok(Vec::new());
     };
-    let found = crate::schema::check(obj, shape);
+    let found = crate::schema::check(obj, &schema);
     if !found.wrong.is_empty() {
         return Err(ApiError::bad_request(format!(
             "{kind} in version \"{version}\" cannot be handled as a {kind}: {}",
@@ -1118,6 +1140,36 @@ fn field_validation(
             "fieldValidation must be Ignore, Warn or Strict, not {other:?}"
         ))),
     }
+}
+
+/// Kinds whose `metadata.generation` counts changes to what the object asks for (kinds
+/// with a status written apart from it).
+fn tracks_generation(r: &Resource) -> bool {
+    (r.has("status") || r.is_custom()) && r.plural != "namespaces"
+}
+
+/// Everything but metadata and status: what a generation counts changes of.
+fn spec_of(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    o
+}
+
+/// Kubernetes' validation of the kind: 422 Invalid listing every bad field.
+fn check_valid(t: &Target, name: &str, obj: &Value, old: Option<&Value>) -> Result<(), ApiError> {
+    let causes = crate::kinds::validate(t.resource.kind, obj, old);
+    if causes.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        t.resource.kind,
+        t.resource.group,
+        name,
+        causes,
+    ))
 }
 
 /// Adds `Warning` headers (RFC 7234 code 299, as Kubernetes sends them).
@@ -1192,7 +1244,7 @@ pub async fn finalize_namespace(state: Arc<State>, ns: String) {
 }
 
 async fn finalize_once(state: &State, ns: &str) -> Result<(), ApiError> {
-    for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+    for r in resources::all().into_iter().filter(|r| r.namespaced) {
         let prefix = r.prefix(Some(ns));
         if r.plural == "services" {
             let mut start = Vec::new();
@@ -1298,13 +1350,21 @@ async fn create_checked(
     check_name(t, &name)?;
     namespace_exists(state, t, &name).await?;
     normalize(t, &mut obj)?;
+    crate::kinds::default(t.resource.kind, &mut obj);
     let meta = &mut obj["metadata"];
     meta["uid"] = Value::String(new_uid());
     meta["creationTimestamp"] = Value::String(now_rfc3339());
     if let Some(m) = meta.as_object_mut() {
         m.remove("resourceVersion");
         m.remove("deletionTimestamp");
+        m.remove("deletionGracePeriodSeconds");
+        m.remove("generation");
     }
+    if tracks_generation(t.resource) {
+        obj["metadata"]["generation"] = json!(1);
+    }
+    crate::kinds::on_create(t.resource.kind, &mut obj, t.resource.has("status"));
+    check_valid(t, &name, &obj, None)?;
     let key = t.resource.key(t.namespace.as_deref(), &name);
     if state.store.get(&key).await?.0.is_some() {
         return Err(ApiError::already_exists(
@@ -1415,10 +1475,27 @@ async fn update(
         .map(|r| with_warnings(r, &warnings))
 }
 
-/// Writes `obj` over `old` (whose mod_revision must still be `expected`), keeping what
-/// clients may not change: uid, creationTimestamp.
+/// `write_object`, answered with the object written.
 #[allow(clippy::too_many_arguments)]
 async fn write_back(
+    state: &State,
+    t: &Target,
+    name: &str,
+    key: &str,
+    old: Value,
+    obj: Value,
+    expected: i64,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let written = write_object(state, t, name, key, old, obj, expected, q).await?;
+    Ok(json_response(StatusCode::OK, &written))
+}
+
+/// Writes `obj` over `old` (whose mod_revision must still be `expected`), keeping what
+/// clients may not change (uid, creationTimestamp, generation, the status or all but it);
+/// returns the object as written.
+#[allow(clippy::too_many_arguments)]
+async fn write_object(
     state: &State,
     t: &Target,
     name: &str,
@@ -1427,12 +1504,54 @@ async fn write_back(
     mut obj: Value,
     expected: i64,
     q: &HashMap<String, String>,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Value, ApiError> {
     normalize(t, &mut obj)?;
-    for field in ["uid", "creationTimestamp"] {
-        if let Some(v) = old.pointer(&format!("/metadata/{field}")) {
-            obj["metadata"][field] = v.clone();
+    if t.status() {
+        // A status write changes the status only.
+        let status = obj.get("status").cloned().unwrap_or(Value::Null);
+        obj = old.clone();
+        obj["status"] = status;
+    } else {
+        if t.resource.has("status") {
+            // ...and any other write everything but the status.
+            match old.get("status") {
+                Some(status) => obj["status"] = status.clone(),
+                None => {
+                    if let Some(m) = obj.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
         }
+        crate::kinds::default(t.resource.kind, &mut obj);
+    }
+    // What only the server sets.
+    for field in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "generation",
+    ] {
+        let meta = &mut obj["metadata"];
+        match old.pointer(&format!("/metadata/{field}")) {
+            Some(v) => meta[field] = v.clone(),
+            None => {
+                if let Some(m) = meta.as_object_mut() {
+                    m.remove(field);
+                }
+            }
+        }
+    }
+    if tracks_generation(t.resource) && spec_of(&old) != spec_of(&obj) {
+        let generation = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        obj["metadata"]["generation"] = json!(generation + 1);
+    }
+    if !t.status() {
+        check_valid(t, name, &obj, Some(&old))?;
     }
     check_storable(&obj, stored_form(&obj).len())?;
     let (claimed, dropped) = if t.resource.plural == "services" {
@@ -1452,9 +1571,30 @@ async fn write_back(
     let owner = format!("{}/{name}", t.namespace.as_deref().unwrap_or(""));
     if dry_run(q) {
         crate::services::free_all(&state.store, &claimed, &owner).await;
-        return Ok(json_response(StatusCode::OK, &obj));
+        return Ok(obj);
     }
     let (plural, group) = (t.resource.plural, t.resource.group);
+    let finalized = obj.pointer("/metadata/deletionTimestamp").is_some()
+        && obj
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty);
+    if finalized && plural != "namespaces" {
+        // The last finalizer of an object being deleted is gone: the object goes.
+        return match state.store.delete_if(key, expected).await? {
+            Written::Done { .. } => {
+                if plural == "services" {
+                    crate::services::release(&state.store, &old, &owner).await;
+                }
+                Ok(obj)
+            }
+            Written::Conflict(current) => Err(if current.is_some() {
+                ApiError::conflict(plural, group, name)
+            } else {
+                ApiError::not_found(plural, group, name)
+            }),
+        };
+    }
     let revision = store_object(state, t, key, &obj, expected, &claimed, &owner, |exists| {
         if exists {
             ApiError::conflict(plural, group, name)
@@ -1464,7 +1604,55 @@ async fn write_back(
     })
     .await?;
     crate::services::free_all(&state.store, &dropped, &owner).await;
-    Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
+    Ok(with_revision(obj, revision))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PatchType {
+    Merge,
+    Strategic,
+    Json,
+}
+
+fn parse_patch(content_type: &str, patch: &[u8]) -> Result<(PatchType, Value), ApiError> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let patch_type = match media {
+        "application/merge-patch+json" => PatchType::Merge,
+        "application/strategic-merge-patch+json" => PatchType::Strategic,
+        "application/json-patch+json" => PatchType::Json,
+        _ => return Err(ApiError::unsupported_media_type(content_type)),
+    };
+    let patch: Value = serde_json::from_slice(patch)
+        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    Ok((patch_type, patch))
+}
+
+fn apply_patch(
+    t: &Target,
+    name: &str,
+    obj: &mut Value,
+    patch_type: PatchType,
+    patch: &Value,
+) -> Result<(), ApiError> {
+    let applied = match patch_type {
+        PatchType::Strategic => crate::patch::strategic(obj, patch, t.resource.kind),
+        PatchType::Json => crate::patch::json_patch(obj, patch),
+        PatchType::Merge => {
+            crate::patch::merge(obj, patch);
+            Ok(())
+        }
+    };
+    applied.map_err(|e| {
+        ApiError::invalid(
+            t.resource.kind,
+            t.resource.group,
+            name,
+            vec![(
+                "patch".into(),
+                format!("Invalid value: the patch does not apply: {e}"),
+            )],
+        )
+    })
 }
 
 async fn patch_object(
@@ -1475,21 +1663,7 @@ async fn patch_object(
     patch: &[u8],
     q: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
-    let media = content_type.split(';').next().unwrap_or("").trim();
-    #[derive(PartialEq)]
-    enum PatchType {
-        Merge,
-        Strategic,
-        Json,
-    }
-    let patch_type = match media {
-        "application/merge-patch+json" => PatchType::Merge,
-        "application/strategic-merge-patch+json" => PatchType::Strategic,
-        "application/json-patch+json" => PatchType::Json,
-        _ => return Err(ApiError::unsupported_media_type(content_type)),
-    };
-    let patch: Value = serde_json::from_slice(patch)
-        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    let (patch_type, patch) = parse_patch(content_type, patch)?;
     let key = t.resource.key(t.namespace.as_deref(), name);
     let (plural, group) = (t.resource.plural, t.resource.group);
     // Retried on a concurrent change: the patch applies to whatever is current, unless it
@@ -1501,34 +1675,7 @@ async fn patch_object(
         };
         let old = decode(&state.codec, &current)?;
         let mut obj = old.clone();
-        let does_not_apply = |e: String| {
-            ApiError::invalid(
-                t.resource.kind,
-                group,
-                name,
-                vec![(
-                    "patch".into(),
-                    format!("Invalid value: the patch does not apply: {e}"),
-                )],
-            )
-        };
-        if patch_type == PatchType::Strategic {
-            crate::patch::strategic(&mut obj, &patch, t.resource.kind).map_err(does_not_apply)?;
-        } else if patch_type == PatchType::Json {
-            crate::patch::json_patch(&mut obj, &patch).map_err(|e| {
-                ApiError::invalid(
-                    t.resource.kind,
-                    group,
-                    name,
-                    vec![(
-                        "patch".into(),
-                        format!("Invalid value: the patch does not apply: {e}"),
-                    )],
-                )
-            })?;
-        } else {
-            crate::patch::merge(&mut obj, &patch);
-        }
+        apply_patch(t, name, &mut obj, patch_type, &patch)?;
         check_object(t, &mut obj)?;
         let warnings = field_validation(t, &mut obj, q)?;
         if name_of(&obj).as_deref() != Some(name) {
@@ -1555,11 +1702,53 @@ async fn patch_object(
     Err(ApiError::conflict(plural, group, name))
 }
 
+/// A DELETE's options, from its body (DeleteOptions) or query.
+#[derive(Default)]
+struct DeleteOptions {
+    /// Orphan or Foreground: a finalizer the garbage collector acts on; Background (the
+    /// default): the object goes now and the collector deletes its dependents after.
+    propagation: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+}
+
+impl DeleteOptions {
+    fn parse(body: &[u8], q: &HashMap<String, String>) -> Result<DeleteOptions, ApiError> {
+        let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            serde_json::from_slice(body).map_err(|e| {
+                ApiError::bad_request(format!("the DeleteOptions body is not valid JSON: {e}"))
+            })?
+        };
+        let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
+        let propagation = text(&body["propagationPolicy"])
+            .or_else(|| q.get("propagationPolicy").cloned())
+            .or_else(|| match body.get("orphanDependents") {
+                Some(Value::Bool(true)) => Some("Orphan".into()),
+                _ => None,
+            });
+        if let Some(p) = &propagation {
+            if !["Orphan", "Background", "Foreground"].contains(&p.as_str()) {
+                return Err(ApiError::bad_request(format!(
+                    "propagationPolicy: Unsupported value: \"{p}\": supported values: \"Foreground\", \"Background\", \"Orphan\""
+                )));
+            }
+        }
+        Ok(DeleteOptions {
+            propagation,
+            uid: text(&body["preconditions"]["uid"]),
+            resource_version: text(&body["preconditions"]["resourceVersion"]),
+        })
+    }
+}
+
 async fn delete(
     state: &Arc<State>,
     t: &Target,
     name: &str,
     q: &HashMap<String, String>,
+    options: &DeleteOptions,
 ) -> Result<Response<Body>, ApiError> {
     if t.resource.plural == "namespaces"
         && ["default", "kube-system", "kube-public"].contains(&name)
@@ -1581,8 +1770,71 @@ async fn delete(
             ));
         };
         let mut obj = decode(&state.codec, &current)?;
+        let uid = obj.pointer("/metadata/uid").and_then(Value::as_str);
+        if options.uid.as_deref().is_some_and(|want| Some(want) != uid) {
+            return Err(ApiError::conflict_because(
+                t.resource.plural,
+                t.resource.group,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {}, UID in object meta: {}",
+                    options.uid.as_deref().unwrap_or(""),
+                    uid.unwrap_or("")
+                ),
+            ));
+        }
+        let now = current.mod_revision.to_string();
+        if let Some(rv) = options.resource_version.as_deref().filter(|rv| *rv != now) {
+            return Err(ApiError::conflict_because(
+                t.resource.plural,
+                t.resource.group,
+                name,
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {now}"
+                ),
+            ));
+        }
         if dry_run(q) {
             return Ok(json_response(StatusCode::OK, &obj));
+        }
+        // Orphan and Foreground deletions wait on the garbage collector's finalizers.
+        let wanted = match options.propagation.as_deref() {
+            Some("Orphan") => Some("orphan"),
+            Some("Foreground") => Some("foregroundDeletion"),
+            _ => None,
+        };
+        let finalizers = obj
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if t.resource.plural != "namespaces" && (!finalizers.is_empty() || wanted.is_some()) {
+            // An object with finalizers is marked and stays until they are all removed.
+            let meta = &mut obj["metadata"];
+            let mut finalizers = finalizers;
+            if let Some(f) = wanted {
+                if !finalizers.iter().any(|x| x == f) {
+                    finalizers.push(json!(f));
+                }
+            }
+            meta["finalizers"] = Value::Array(finalizers);
+            if meta.get("deletionTimestamp").is_none() {
+                meta["deletionTimestamp"] = Value::String(now_rfc3339());
+                meta["deletionGracePeriodSeconds"] = json!(0);
+            }
+            let sealed = state
+                .codec
+                .seal(t.resource.plural, &key, stored_form(&obj))?;
+            match state
+                .store
+                .put_if(&key, sealed, current.mod_revision)
+                .await?
+            {
+                Written::Done { revision } => {
+                    return Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
+                }
+                Written::Conflict(_) => continue,
+            }
         }
         if t.resource.plural == "namespaces" {
             // A namespace goes in two steps, as in Kubernetes: Terminating at once (no new

@@ -7,6 +7,7 @@
 pub mod crypt;
 pub mod etcd;
 pub mod handler;
+pub mod kinds;
 pub mod openapi;
 pub mod patch;
 pub mod pki;

@@ -109,10 +109,11 @@ pub fn v3_group_version(group: &str, version: &str) -> Option<Value> {
         return None;
     }
     let mut paths = Map::new();
-    for r in resources::RESOURCES
-        .iter()
+    let served: Vec<&Resource> = resources::all()
+        .into_iter()
         .filter(|r| r.group == group && r.version == version)
-    {
+        .collect();
+    for r in &served {
         let base = format!("/{}", gv_path(group, version));
         let (collection, item) = if r.namespaced {
             (
@@ -142,21 +143,7 @@ pub fn v3_group_version(group: &str, version: &str) -> Option<Value> {
             }),
         );
     }
-    let mut schemas = Map::new();
-    for r in resources::RESOURCES
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-    {
-        let mut schema = match crate::schema::of_kind(r.kind) {
-            Some(shape) => schema_of(shape),
-            // Kinds without a written-out shape take any fields for now.
-            None => json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
-        };
-        schema["description"] = json!(description(r.kind));
-        schema["x-kubernetes-group-version-kind"] =
-            json!([{"group": r.group, "version": r.version, "kind": r.kind}]);
-        schemas.insert(schema_name(r), schema);
-    }
+    let schemas = schemas_of(&served);
     Some(json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": kubernetes_version()},
@@ -165,45 +152,92 @@ pub fn v3_group_version(group: &str, version: &str) -> Option<Value> {
     }))
 }
 
-/// `io.k8s.api.core.v1.ConfigMap`, as Kubernetes names a kind's schema.
-fn schema_name(r: &Resource) -> String {
-    let group = if r.group.is_empty() { "core" } else { r.group };
-    format!("io.k8s.api.{group}.{}.{}", r.version, r.kind)
+/// The component schemas of a group version's kinds: each kind's definition tagged with
+/// its group, version and kind, and every definition it refers to.
+fn schemas_of(served: &[&Resource]) -> Map<String, Value> {
+    let defs = &crate::schema::BUILTIN.definitions;
+    let mut schemas = Map::new();
+    let mut pending: Vec<String> = Vec::new();
+    let gvk = |r: &Resource| json!([{"group": r.group, "version": r.version, "kind": r.kind}]);
+    for r in served {
+        if r.is_custom() {
+            let Some(custom) = resources::custom(r) else {
+                continue;
+            };
+            let mut schema = custom.openapi.clone();
+            if !schema.is_object() {
+                schema = json!({"type": "object"});
+            }
+            schema["properties"]["metadata"] = json!({"$ref": format!("{REF}{OBJECT_META}")});
+            schema["properties"]["apiVersion"] = json!({"type": "string"});
+            schema["properties"]["kind"] = json!({"type": "string"});
+            schema["x-kubernetes-group-version-kind"] = gvk(r);
+            pending.push(OBJECT_META.into());
+            schemas.insert(
+                format!("{}.{}.{}", reverse(r.group), r.version, r.kind),
+                schema,
+            );
+        } else if let Some(def) = defs.get(r.schema) {
+            let mut schema = def.clone();
+            schema["x-kubernetes-group-version-kind"] = gvk(r);
+            collect_refs(&schema, &mut pending);
+            schemas.insert(r.schema.to_string(), schema);
+        }
+    }
+    while let Some(name) = pending.pop() {
+        if schemas.contains_key(&name) {
+            continue;
+        }
+        if let Some(def) = defs.get(&name) {
+            collect_refs(def, &mut pending);
+            schemas.insert(name, def.clone());
+        }
+    }
+    for schema in schemas.values_mut() {
+        wrap_refs(schema);
+    }
+    schemas
 }
 
-fn description(kind: &str) -> &'static str {
-    match kind {
-        "Namespace" => "Namespace provides a scope for names.",
-        "ConfigMap" => "ConfigMap holds configuration data for pods to consume.",
-        "Secret" => "Secret holds secret data of a certain type; the server stores it encrypted.",
-        "ServiceAccount" => "ServiceAccount binds together a name, secrets and pull secrets.",
-        "Service" => {
-            "Service is a named abstraction of a set of pods, with a virtual IP and ports."
+/// A reference with a description beside it becomes `allOf: [reference]`, the form
+/// Kubernetes serves (OpenAPI 3.0 ignores a `$ref`'s siblings).
+fn wrap_refs(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if m.len() > 1 {
+                if let Some(r) = m.remove("$ref") {
+                    m.insert("allOf".into(), json!([{"$ref": r}]));
+                }
+            }
+            m.values_mut().for_each(wrap_refs);
         }
-        "Endpoints" => "Endpoints is the set of addresses and ports that implement a service.",
-        "Event" => "Event is a report of an event somewhere in the cluster.",
-        _ => "",
+        Value::Array(a) => a.iter_mut().for_each(wrap_refs),
+        _ => {}
     }
 }
 
-/// An OpenAPI v3 schema for a shape (the fields `kubectl explain` walks).
-fn schema_of(shape: &crate::schema::Shape) -> Value {
-    use crate::schema::Shape;
-    match shape {
-        Shape::Any => json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
-        // A scalar whose JSON type is not pinned down yet (strings, numbers, booleans).
-        Shape::Scalar => json!({"type": "string"}),
-        Shape::Str => json!({"type": "string"}),
-        Shape::Bool => json!({"type": "boolean"}),
-        Shape::MapOf(inner) => json!({"type": "object", "additionalProperties": schema_of(inner)}),
-        Shape::ListOf(inner) => json!({"type": "array", "items": schema_of(inner)}),
-        Shape::Object(fields) => {
-            let properties: Map<String, Value> = fields
-                .iter()
-                .map(|(name, s)| (name.to_string(), schema_of(s)))
-                .collect();
-            json!({"type": "object", "properties": properties})
+const REF: &str = "#/components/schemas/";
+const OBJECT_META: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";
+
+/// `com.example.stable` for `stable.example.com`, as Kubernetes names custom schemas.
+fn reverse(group: &str) -> String {
+    group.split('.').rev().collect::<Vec<_>>().join(".")
+}
+
+fn collect_refs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("$ref", Value::String(r)) => {
+                        out.push(r.trim_start_matches(REF).to_string());
+                    }
+                    _ => collect_refs(v, out),
+                }
+            }
         }
+        Value::Array(a) => a.iter().for_each(|v| collect_refs(v, out)),
+        _ => {}
     }
 }
 
@@ -239,9 +273,11 @@ mod tests {
             "string"
         );
         assert_eq!(
-            cm["properties"]["metadata"]["properties"]["name"]["type"],
-            "string"
+            cm["properties"]["metadata"]["allOf"][0]["$ref"],
+            "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
         );
+        let meta = &schemas["io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"];
+        assert_eq!(meta["properties"]["name"]["type"], "string");
         assert!(schemas.contains_key("io.k8s.api.core.v1.Service"));
     }
 

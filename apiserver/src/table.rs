@@ -4,6 +4,8 @@ use serde_json::{json, Value};
 
 use crate::resources::Resource;
 
+mod kinds;
+
 /// Whether the client asked for a Table (`Accept: application/json;as=Table;...`).
 pub fn wanted(accept: &str) -> bool {
     accept
@@ -23,6 +25,9 @@ fn column(name: &str, kind: &str, format: &str, description: &str, priority: i32
 }
 
 pub fn columns(r: &Resource) -> Vec<Value> {
+    if let Some((defs, _)) = kinds::columns_and_cells(r, None, chrono::Utc::now()) {
+        return defs;
+    }
     let name = column(
         "Name",
         "string",
@@ -128,6 +133,16 @@ fn count(obj: &Value, fields: &[&str]) -> usize {
 
 /// A row: the cells and the object's metadata (as PartialObjectMetadata).
 pub fn row(r: &Resource, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Value {
+    if let Some((_, cells)) = kinds::columns_and_cells(r, Some(obj), now) {
+        return json!({
+            "cells": cells,
+            "object": {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
+            },
+        });
+    }
     let name = obj
         .pointer("/metadata/name")
         .cloned()
