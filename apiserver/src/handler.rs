@@ -385,6 +385,21 @@ async fn resource_request(
 ) -> Result<Response<Body>, ApiError> {
     let t = target(group, version, rest)?;
     let method = req.method().clone();
+    let mut query = query;
+    if !query.contains_key("fieldManager") {
+        // Kubernetes' default manager: the client program's name from its User-Agent.
+        let agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ua| ua.split('/').next())
+            .filter(|m| !m.is_empty())
+            .unwrap_or("unknown")
+            .chars()
+            .take(128)
+            .collect::<String>();
+        query.insert(DEFAULT_MANAGER.into(), agent);
+    }
     // A namespaced resource is only listed and watched across namespaces.
     if t.resource.namespaced && t.namespace.is_none() && method != Method::GET {
         return Err(ApiError::method_not_allowed(method.as_str()));
@@ -425,6 +440,9 @@ async fn resource_request(
                 .unwrap_or("")
                 .to_string();
             let patch = read_body(req).await?;
+            if content_type.starts_with("application/apply-patch") {
+                return server_side_apply(state, &t, name, &patch, &query).await;
+            }
             patch_object(state, &t, name, &content_type, &patch, &query).await
         }
         (&Method::DELETE, Some(name)) => {
@@ -1142,6 +1160,101 @@ fn field_validation(
     }
 }
 
+/// Where the User-Agent's manager name waits for a request that names none.
+const DEFAULT_MANAGER: &str = " manager";
+
+/// Who a write is recorded as (managedFields).
+fn writer(t: &Target, q: &HashMap<String, String>) -> crate::apply::Writer {
+    let manager = q
+        .get("fieldManager")
+        .or_else(|| q.get(DEFAULT_MANAGER))
+        .cloned()
+        .unwrap_or_else(|| "unknown".into());
+    crate::apply::Writer {
+        manager,
+        api_version: t.resource.api_version(),
+        subresource: t.sub.clone().unwrap_or_default(),
+    }
+}
+
+/// PATCH with `application/apply-patch+yaml`: server-side apply. The body is the applied
+/// configuration (kubectl sends it as JSON, which YAML includes); without the object it
+/// creates it.
+async fn server_side_apply(
+    state: &State,
+    t: &Target,
+    name: &str,
+    body: &[u8],
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    if !q.contains_key("fieldManager") {
+        return Err(ApiError::bad_request(
+            "PATCH, fieldManager: Required value: is required for apply patch",
+        ));
+    }
+    let mut applied: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the apply configuration could not be read (send it as JSON): {e}"
+        ))
+    })?;
+    check_object(t, &mut applied)?;
+    let warnings = field_validation(t, &mut applied, q)?;
+    if name_of(&applied).as_deref() != Some(name) {
+        return Err(ApiError::bad_request(
+            "the name of the object does not match the name on the URL",
+        ));
+    }
+    let force = is_true(q.get("force"));
+    let w = writer(t, q);
+    let key = t.resource.key(t.namespace.as_deref(), name);
+    for _ in 0..5 {
+        let (current, _) = state.store.get(&key).await?;
+        let Some(current) = current else {
+            let obj = crate::apply::apply(None, &applied, t.resource.kind, &w, force)?;
+            match create_checked(state, t, obj, q, true).await {
+                Err(e) if e.reason == "AlreadyExists" => continue,
+                other => return other.map(|r| with_warnings(r, &warnings)),
+            }
+        };
+        let old = decode(&state.codec, &current)?;
+        let obj = crate::apply::apply(Some(&old), &applied, t.resource.kind, &w, force)?;
+        match write_object(
+            state,
+            t,
+            name,
+            &key,
+            old,
+            obj,
+            current.mod_revision,
+            q,
+            false,
+        )
+        .await
+        {
+            Err(e)
+                if e.reason == "Conflict"
+                    && e.details
+                        .as_ref()
+                        .is_some_and(|d| d.get("causes").is_none()) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+            Ok(written) => {
+                return Ok(with_warnings(
+                    json_response(StatusCode::OK, &written),
+                    &warnings,
+                ))
+            }
+        }
+    }
+    Err(ApiError::conflict(
+        t.resource.plural,
+        t.resource.group,
+        name,
+    ))
+}
+
 /// Kinds whose `metadata.generation` counts changes to what the object asks for (kinds
 /// with a status written apart from it).
 fn tracks_generation(r: &Resource) -> bool {
@@ -1312,7 +1425,7 @@ async fn create(
 ) -> Result<Response<Body>, ApiError> {
     check_object(t, &mut obj)?;
     let warnings = field_validation(t, &mut obj, q)?;
-    create_checked(state, t, obj, q)
+    create_checked(state, t, obj, q, false)
         .await
         .map(|r| with_warnings(r, &warnings))
 }
@@ -1322,6 +1435,7 @@ async fn create_checked(
     t: &Target,
     mut obj: Value,
     q: &HashMap<String, String>,
+    applied: bool,
 ) -> Result<Response<Body>, ApiError> {
     let name = match name_of(&obj) {
         Some(n) => n,
@@ -1364,6 +1478,12 @@ async fn create_checked(
         obj["metadata"]["generation"] = json!(1);
     }
     crate::kinds::on_create(t.resource.kind, &mut obj, t.resource.has("status"));
+    if !applied {
+        if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("managedFields");
+        }
+        crate::apply::record_update(None, &mut obj, t.resource.kind, &writer(t, q));
+    }
     check_valid(t, &name, &obj, None)?;
     let key = t.resource.key(t.namespace.as_deref(), &name);
     if state.store.get(&key).await?.0.is_some() {
@@ -1487,7 +1607,7 @@ async fn write_back(
     expected: i64,
     q: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
-    let written = write_object(state, t, name, key, old, obj, expected, q).await?;
+    let written = write_object(state, t, name, key, old, obj, expected, q, true).await?;
     Ok(json_response(StatusCode::OK, &written))
 }
 
@@ -1504,6 +1624,7 @@ async fn write_object(
     mut obj: Value,
     expected: i64,
     q: &HashMap<String, String>,
+    record: bool,
 ) -> Result<Value, ApiError> {
     normalize(t, &mut obj)?;
     if t.status() {
@@ -1549,6 +1670,9 @@ async fn write_object(
             .and_then(Value::as_i64)
             .unwrap_or(0);
         obj["metadata"]["generation"] = json!(generation + 1);
+    }
+    if record {
+        crate::apply::record_update(Some(&old), &mut obj, t.resource.kind, &writer(t, q));
     }
     if !t.status() {
         check_valid(t, name, &obj, Some(&old))?;

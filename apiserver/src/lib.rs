@@ -4,6 +4,7 @@
 //! Objects are JSON under `/registry/<resource>/<namespace>/<name>`; `resourceVersion` is the
 //! store's `mod_revision`; every write is a Txn comparing it.
 
+pub mod apply;
 pub mod crypt;
 pub mod etcd;
 pub mod handler;

@@ -26,7 +26,7 @@ pub fn merge(target: &mut Value, patch: &Value) {
 
 /// The merge key of a list field, as Kubernetes' types declare it (`patchMergeKey`), for the
 /// kinds served: lists of objects keyed by it are merged element by element.
-fn merge_key(kind: &str, path: &[&str]) -> Option<&'static str> {
+pub(crate) fn merge_key(kind: &str, path: &[&str]) -> Option<&'static str> {
     let field = *path.last()?;
     Some(match field {
         "containers"
@@ -48,7 +48,7 @@ fn merge_key(kind: &str, path: &[&str]) -> Option<&'static str> {
 }
 
 /// Lists of scalars merged as sets (`patchStrategy: merge`).
-fn merged_scalar_list(path: &[&str]) -> bool {
+pub(crate) fn merged_scalar_list(path: &[&str]) -> bool {
     matches!(path.last(), Some(&"finalizers"))
 }
 

@@ -1,5 +1,5 @@
 //! Protobuf request bodies (`application/vnd.kubernetes.protobuf`), which kubectl's typed
-//! generators send (`kubectl create configmap|secret|namespace|serviceaccount`).
+//! generators send (`kubectl create configmap|secret|namespace|serviceaccount|deployment`).
 //!
 //! A body is the magic `k8s\0` and a `runtime.Unknown` { typeMeta { apiVersion, kind },
 //! raw }, where `raw` is the object in Kubernetes' protobuf schema. Each kind's message is
@@ -23,6 +23,10 @@ enum Kind {
     RepeatedMsg(&'static [Field]),
     MapStr,
     MapBytes,
+    /// `map<string, Quantity>` (a Quantity is a message holding its string form as field 1).
+    MapQuantity,
+    /// IntOrString: type (1: 0 int, 1 string), intVal (2), strVal (3).
+    IntOrStr,
 }
 
 type Field = (u64, &'static str, Kind);
@@ -90,8 +94,87 @@ static SERVICE_ACCOUNT: &[Field] = &[
     (4, "automountServiceAccountToken", Bool),
 ];
 
+static LABEL_SELECTOR_REQUIREMENT: &[Field] = &[
+    (1, "key", Str),
+    (2, "operator", Str),
+    (3, "values", RepeatedStr),
+];
+static LABEL_SELECTOR: &[Field] = &[
+    (1, "matchLabels", MapStr),
+    (
+        2,
+        "matchExpressions",
+        RepeatedMsg(LABEL_SELECTOR_REQUIREMENT),
+    ),
+];
+static CONTAINER_PORT: &[Field] = &[
+    (1, "name", Str),
+    (2, "hostPort", Int),
+    (3, "containerPort", Int),
+    (4, "protocol", Str),
+    (5, "hostIP", Str),
+];
+static ENV_VAR: &[Field] = &[(1, "name", Str), (2, "value", Str)];
+static RESOURCE_REQUIREMENTS: &[Field] =
+    &[(1, "limits", MapQuantity), (2, "requests", MapQuantity)];
+static CONTAINER: &[Field] = &[
+    (1, "name", Str),
+    (2, "image", Str),
+    (3, "command", RepeatedStr),
+    (4, "args", RepeatedStr),
+    (5, "workingDir", Str),
+    (6, "ports", RepeatedMsg(CONTAINER_PORT)),
+    (7, "env", RepeatedMsg(ENV_VAR)),
+    (8, "resources", Msg(RESOURCE_REQUIREMENTS)),
+    (13, "terminationMessagePath", Str),
+    (14, "imagePullPolicy", Str),
+    (20, "terminationMessagePolicy", Str),
+];
+static EMPTY: &[Field] = &[];
+static POD_SPEC: &[Field] = &[
+    (2, "containers", RepeatedMsg(CONTAINER)),
+    (3, "restartPolicy", Str),
+    (4, "terminationGracePeriodSeconds", Int),
+    (5, "activeDeadlineSeconds", Int),
+    (6, "dnsPolicy", Str),
+    (7, "nodeSelector", MapStr),
+    (8, "serviceAccountName", Str),
+    (9, "serviceAccount", Str),
+    (10, "nodeName", Str),
+    (11, "hostNetwork", Bool),
+    (14, "securityContext", Msg(EMPTY)),
+    (19, "schedulerName", Str),
+    (20, "initContainers", RepeatedMsg(CONTAINER)),
+];
+static POD_TEMPLATE_SPEC: &[Field] = &[
+    (1, "metadata", Msg(OBJECT_META)),
+    (2, "spec", Msg(POD_SPEC)),
+];
+static ROLLING_UPDATE_DEPLOYMENT: &[Field] =
+    &[(1, "maxUnavailable", IntOrStr), (2, "maxSurge", IntOrStr)];
+static DEPLOYMENT_STRATEGY: &[Field] = &[
+    (1, "type", Str),
+    (2, "rollingUpdate", Msg(ROLLING_UPDATE_DEPLOYMENT)),
+];
+static DEPLOYMENT_SPEC: &[Field] = &[
+    (1, "replicas", Int),
+    (2, "selector", Msg(LABEL_SELECTOR)),
+    (3, "template", Msg(POD_TEMPLATE_SPEC)),
+    (4, "strategy", Msg(DEPLOYMENT_STRATEGY)),
+    (5, "minReadySeconds", Int),
+    (6, "revisionHistoryLimit", Int),
+    (7, "paused", Bool),
+    (9, "progressDeadlineSeconds", Int),
+];
+static DEPLOYMENT: &[Field] = &[
+    (1, "metadata", Msg(OBJECT_META)),
+    (2, "spec", Msg(DEPLOYMENT_SPEC)),
+    (3, "status", Msg(EMPTY)),
+];
+
 fn message_of(kind: &str) -> Option<&'static [Field]> {
     match kind {
+        "Deployment" => Some(DEPLOYMENT),
         "ConfigMap" => Some(CONFIG_MAP),
         "Secret" => Some(SECRET),
         "Namespace" => Some(NAMESPACE),
@@ -230,6 +313,30 @@ fn decode_message(b: &[u8], fields: &[Field]) -> Result<Value, String> {
                 if let Value::Array(a) = list {
                     a.push(item);
                 }
+            }
+            (MapQuantity, Wire::Bytes(v)) => {
+                let (k, quantity) = entry(v, true)?;
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(quantity.as_str().unwrap_or(""))
+                    .map_err(|e| e.to_string())?;
+                let value = match decode_message(&raw, &[(1, "string", Str)])?.get("string") {
+                    Some(s) => s.clone(),
+                    None => Value::String("0".into()),
+                };
+                let map = out.entry(name).or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(m) = map {
+                    m.insert(k, value);
+                }
+            }
+            (IntOrStr, Wire::Bytes(v)) => {
+                let fields = [(1, "type", Int), (2, "intVal", Int), (3, "strVal", Str)];
+                let ios = decode_message(v, &fields)?;
+                let value = if ios.get("type").and_then(Value::as_i64) == Some(1) {
+                    ios.get("strVal").cloned().unwrap_or(json!(""))
+                } else {
+                    ios.get("intVal").cloned().unwrap_or(json!(0))
+                };
+                out.insert(name, value);
             }
             (MapStr | MapBytes, Wire::Bytes(v)) => {
                 let (k, val) = entry(v, matches!(kind, MapBytes))?;

@@ -72,6 +72,32 @@ impl ApiError {
         .with_details(json!({"name": name, "group": group, "kind": plural}))
     }
 
+    /// 409: a server-side apply would change fields other managers own.
+    pub fn apply_conflicts(conflicts: &[(String, String, String)]) -> ApiError {
+        let lines: Vec<String> = conflicts
+            .iter()
+            .map(|(manager, api_version, field)| {
+                format!("conflict with \"{manager}\" using {api_version}: {field}")
+            })
+            .collect();
+        let message = if lines.len() == 1 {
+            format!("Apply failed with 1 conflict: {}", lines[0])
+        } else {
+            format!(
+                "Apply failed with {} conflicts: {}",
+                lines.len(),
+                lines.join("\n")
+            )
+        };
+        ApiError::new(409, "Conflict", message).with_details(json!({
+            "causes": conflicts.iter().map(|(manager, api_version, field)| json!({
+                "reason": "FieldManagerConflict",
+                "message": format!("conflict with \"{manager}\" using {api_version}"),
+                "field": field,
+            })).collect::<Vec<_>>(),
+        }))
+    }
+
     /// 422 with one cause per bad field, as Kubernetes' validation reports them.
     pub fn invalid(kind: &str, group: &str, name: &str, causes: Vec<(String, String)>) -> ApiError {
         let summary = causes

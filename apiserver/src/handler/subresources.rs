@@ -140,7 +140,7 @@ pub(super) async fn scale(
         let mut obj = old.clone();
         obj["spec"]["replicas"] = json!(replicas);
         let expected = precondition.unwrap_or(current.mod_revision);
-        match write_object(state, t, name, &key, old, obj, expected, q).await {
+        match write_object(state, t, name, &key, old, obj, expected, q, true).await {
             Err(e) if e.reason == "Conflict" && precondition.is_none() => continue,
             Err(e) => return Err(e),
             Ok(written) => return Ok(json_response(StatusCode::OK, &scale_of(&written))),
