@@ -1160,6 +1160,35 @@ fn field_validation(
     }
 }
 
+/// What a write changes beyond its object: a CRD written changes what this server serves
+/// (the others follow through their watch).
+async fn after_write(state: &State, t: &Target) {
+    if t.resource.plural == "customresourcedefinitions" {
+        if let Err(e) = crate::crd::refresh(&state.store, &state.codec).await {
+            tracing::warn!(error = %e, "reading CustomResourceDefinitions after a change");
+        }
+    }
+}
+
+/// A deleted CRD's objects go with it.
+async fn delete_custom_objects(state: &State, crd: &Value) -> Result<(), ApiError> {
+    let (group, plural) = (
+        crd.pointer("/spec/group")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        crd.pointer("/spec/names/plural")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+    );
+    if group.is_empty() || plural.is_empty() {
+        return Ok(());
+    }
+    state
+        .store
+        .delete_prefix(&format!("/registry/{group}/{plural}/"))
+        .await
+}
+
 /// Where the User-Agent's manager name waits for a request that names none.
 const DEFAULT_MANAGER: &str = " manager";
 
@@ -1510,6 +1539,7 @@ async fn create_checked(
         ApiError::already_exists(plural, group, &name)
     })
     .await?;
+    after_write(state, t).await;
     Ok(json_response(
         StatusCode::CREATED,
         &with_revision(obj, revision),
@@ -1728,6 +1758,7 @@ async fn write_object(
     })
     .await?;
     crate::services::free_all(&state.store, &dropped, &owner).await;
+    after_write(state, t).await;
     Ok(with_revision(obj, revision))
 }
 
@@ -1985,6 +2016,10 @@ async fn delete(
                     let owner = format!("{}/{name}", t.namespace.as_deref().unwrap_or(""));
                     crate::services::release(&state.store, &obj, &owner).await;
                 }
+                if t.resource.plural == "customresourcedefinitions" {
+                    delete_custom_objects(state, &obj).await?;
+                }
+                after_write(state, t).await;
                 return Ok(json_response(
                     StatusCode::OK,
                     &json!({

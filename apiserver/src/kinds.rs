@@ -115,6 +115,7 @@ pub fn default(kind: &str, obj: &mut Value) {
             set_default(obj, "volumeBindingMode", json!("Immediate"));
         }
         "HorizontalPodAutoscaler" => set_default(child(obj, "spec"), "minReplicas", json!(1)),
+        "CustomResourceDefinition" => crate::crd::set_status(obj),
         "EndpointSlice" => each_in(obj, "ports", |p| {
             set_default(p, "protocol", json!("TCP"));
         }),
@@ -314,6 +315,7 @@ pub fn validate(kind: &str, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
                 &mut causes,
             );
         }
+        "CustomResourceDefinition" => causes.extend(crate::crd::validate(obj)),
         "ConfigMap" | "Secret" => {
             for field in ["data", "binaryData"] {
                 for key in obj

@@ -5,6 +5,7 @@
 //! store's `mod_revision`; every write is a Txn comparing it.
 
 pub mod apply;
+pub mod crd;
 pub mod crypt;
 pub mod etcd;
 pub mod handler;
@@ -142,6 +143,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         event_lease: tokio::sync::Mutex::new(None),
         lease_lost: std::sync::atomic::AtomicBool::new(false),
     });
+    // The custom resources the stored CRDs define, kept up to date.
+    tokio::spawn(crd::follow(state.store.clone(), state.codec.clone()));
     // The namespaces every cluster has; retried until the store answers.
     let bootstrap = state.clone();
     let secure_port = config.secure_port;
