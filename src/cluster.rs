@@ -33,6 +33,11 @@ pub struct ApiserverArgs {
     /// --tls-cert-file), the admin token made in --cert-dir is accepted.
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
+    /// CA bundle (PEM) for client certificates: a certificate signed by it authenticates
+    /// its CommonName as the user, its Organizations as groups. Without it (and without
+    /// --tls-cert-file), the CA made in --cert-dir is used.
+    #[arg(long)]
+    client_ca_file: Option<PathBuf>,
     /// A base64-encoded 32-byte key: secrets are stored encrypted with it (AES-256-GCM).
     /// Without it (and without --tls-cert-file), the key made in --cert-dir is used.
     #[arg(long)]
@@ -47,6 +52,7 @@ pub async fn apiserver(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let mut token_auth_file = a.token_auth_file;
+    let mut client_ca_file = a.client_ca_file;
     let mut encryption_key_file = a.encryption_key_file;
     let (cert, key) = match (a.tls_cert_file, a.tls_private_key_file) {
         (Some(c), Some(k)) => (c, k),
@@ -66,13 +72,16 @@ pub async fn apiserver(
             if encryption_key_file.is_none() {
                 encryption_key_file = Some(f.encryption_key);
             }
+            if client_ca_file.is_none() {
+                client_ca_file = Some(f.ca_cert.clone());
+            }
             (f.serving_cert, f.serving_key)
         }
         _ => anyhow::bail!("--tls-cert-file and --tls-private-key-file go together"),
     };
-    if token_auth_file.is_none() {
+    if token_auth_file.is_none() && client_ca_file.is_none() {
         tracing::warn!(
-            "no --token-auth-file: no credentials are accepted, so every request gets 401 Unauthorized"
+            "neither --token-auth-file nor --client-ca-file: no credentials are accepted, so every request gets 401 Unauthorized"
         );
     }
     let config = flotilla_apiserver::Config {
@@ -82,6 +91,7 @@ pub async fn apiserver(
         tls_cert_file: cert,
         tls_private_key_file: key,
         token_auth_file,
+        client_ca_file,
         service_cluster_ip_range: a.service_cluster_ip_range,
         encryption_key_file,
     };
@@ -142,6 +152,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         tls_cert_file: files.serving_cert,
         tls_private_key_file: files.serving_key,
         token_auth_file: Some(files.tokens),
+        client_ca_file: Some(files.ca_cert),
         service_cluster_ip_range: flotilla_apiserver::DEFAULT_SERVICE_RANGE.into(),
         encryption_key_file: Some(files.encryption_key),
     };

@@ -26,6 +26,8 @@ enum Command {
     Store(StoreArgs),
     /// Drive load against any etcd v3 endpoint and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Drive load against a Kubernetes API server (create, get, list, watch pods).
+    BenchApi(bench::api::ApiBenchArgs),
     /// Run a Kubernetes API server over a store (kube-apiserver's flags).
     Apiserver(cluster::ApiserverArgs),
     /// Run a single-machine cluster (store + apiserver) and write an admin kubeconfig.
@@ -254,6 +256,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(flotilla_store::run(config, shutdown_signal()))
         }
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::BenchApi(args) => runtime.block_on(bench::api::run(args)),
         Command::Apiserver(args) => {
             init_tracing("info");
             runtime.block_on(cluster::apiserver(args, shutdown_signal()))

@@ -154,6 +154,28 @@ spec:
   - name: http
     port: 80
     targetPort: 8080
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels:
+    app: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: web
+        image: busybox:1.36
+        ports:
+        - containerPort: 8080
 ";
 
 /// The part of the kubectl session every apiserver setup must pass.
@@ -183,7 +205,8 @@ fn session(k: &Kubectl) {
     );
     assert_eq!(
         stdout_ok(&applied, &["apply"]),
-        "configmap/web-config created\nsecret/web-secret created\nservice/web created\n"
+        "configmap/web-config created\nsecret/web-secret created\nservice/web created\n\
+         deployment.apps/web created\n"
     );
     // Applied again after an edit: a three-way merge changes what changed. (A Secret
     // given as stringData is "configured" every time, as with Kubernetes: the server keeps
@@ -191,7 +214,8 @@ fn session(k: &Kubectl) {
     let applied = k.stdin(&["apply", "-n", "shop", "-f", "-"], MANIFEST);
     assert_eq!(
         stdout_ok(&applied, &["apply"]),
-        "configmap/web-config configured\nsecret/web-secret configured\nservice/web unchanged\n"
+        "configmap/web-config configured\nsecret/web-secret configured\nservice/web unchanged\n\
+         deployment.apps/web unchanged\n"
     );
     let again = k.stdin(&["apply", "-n", "shop", "-f", "-"], MANIFEST);
     assert!(
@@ -668,6 +692,9 @@ fn session(k: &Kubectl) {
     );
     k.fails_with(&["get", "cm", "web-config", "-n", "shop"], "NotFound");
 
+    workloads(k);
+    custom_resources(k);
+
     // Deleting a namespace deletes what is in it; nothing new may be made there meanwhile.
     assert_eq!(
         k.ok(&["delete", "namespace", "shop", "--wait"]),
@@ -679,8 +706,265 @@ fn session(k: &Kubectl) {
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
     );
     assert!(again.status.success(), "{}", describe(&again));
-    let left = k.run(&["get", "cm,secret,svc,ev", "-n", "shop", "-o", "name"]);
+    let left = k.run(&["get", "cm,secret,svc,ev,deploy", "-n", "shop", "-o", "name"]);
     assert_eq!(stdout(&left), "", "{}", describe(&left));
+}
+
+/// Deployments: tables, defaults, scale, protobuf create, server-side apply and its
+/// conflicts, explain, validation with causes.
+fn workloads(k: &Kubectl) {
+    let listed = k.ok(&["get", "deploy", "-n", "shop"]);
+    let header: Vec<&str> = listed
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "{listed}"
+    );
+    assert!(listed.contains("web    0/2"), "{listed}");
+    let wide = k.ok(&["get", "deploy", "web", "-n", "shop", "-o", "wide"]);
+    assert!(
+        wide.contains("busybox:1.36") && wide.contains("app=web"),
+        "{wide}"
+    );
+    // Kubernetes' defaults are filled in.
+    let defaults = k.ok(&[
+        "get", "deploy", "web", "-n", "shop", "-o",
+        "jsonpath={.spec.strategy.rollingUpdate.maxSurge} {.spec.template.spec.containers[0].imagePullPolicy} {.spec.template.spec.restartPolicy} {.metadata.generation}",
+    ]);
+    assert_eq!(defaults, "25% IfNotPresent Always 1");
+    assert_eq!(
+        k.ok(&["scale", "deployment", "web", "-n", "shop", "--replicas=3"]),
+        "deployment.apps/web scaled\n"
+    );
+    let scaled = k.ok(&[
+        "get",
+        "deploy",
+        "web",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.spec.replicas} {.metadata.generation}",
+    ]);
+    assert_eq!(scaled, "3 2");
+    // kubectl create deployment sends protobuf.
+    assert_eq!(
+        k.ok(&[
+            "create",
+            "deployment",
+            "made",
+            "-n",
+            "shop",
+            "--image=busybox:1.36",
+            "--replicas=2",
+            "--port=80"
+        ]),
+        "deployment.apps/made created\n"
+    );
+    let made = k.ok(&[
+        "get", "deploy", "made", "-n", "shop", "-o",
+        "jsonpath={.spec.replicas} {.spec.selector.matchLabels.app} {.spec.template.spec.containers[0].ports[0].containerPort}",
+    ]);
+    assert_eq!(made, "2 made 80");
+    // A status write changes only the status; a spec write never the status.
+    let status = k.ok(&[
+        "patch",
+        "deploy",
+        "made",
+        "-n",
+        "shop",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"readyReplicas":2,"replicas":2},"spec":{"replicas":9}}"#,
+    ]);
+    assert!(status.contains("patched"), "{status}");
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "deploy",
+            "made",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.spec.replicas} {.status.readyReplicas}"
+        ]),
+        "2 2"
+    );
+    assert!(k
+        .ok(&["get", "deploy", "made", "-n", "shop"])
+        .contains("2/2"));
+
+    // Server-side apply: created, then a conflict with the manager that changed a field,
+    // then taken over with --force-conflicts.
+    let ssa = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  k: v\n  j: w\n";
+    let applied = k.stdin(&["apply", "--server-side", "-n", "shop", "-f", "-"], ssa);
+    assert_eq!(
+        stdout_ok(&applied, &["apply"]),
+        "configmap/ssa serverside-applied\n"
+    );
+    let managers = k.ok(&[
+        "get",
+        "cm",
+        "ssa",
+        "-n",
+        "shop",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={.metadata.managedFields[*].manager}:{.metadata.managedFields[*].operation}",
+    ]);
+    assert_eq!(managers, "kubectl:Apply");
+    k.ok(&[
+        "patch",
+        "cm",
+        "ssa",
+        "-n",
+        "shop",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"k":"other"}}"#,
+    ]);
+    let conflict = k.stdin(&["apply", "--server-side", "-n", "shop", "-f", "-"], ssa);
+    assert!(
+        stderr(&conflict).contains(
+            "Apply failed with 1 conflict: conflict with \"kubectl-patch\" using v1: .data.k"
+        ),
+        "{}",
+        describe(&conflict)
+    );
+    // Dropping a field from the applied configuration removes it.
+    let forced = k.stdin(
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-n",
+            "shop",
+            "-f",
+            "-",
+        ],
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  k: v\n",
+    );
+    assert!(forced.status.success(), "{}", describe(&forced));
+    assert_eq!(
+        k.ok(&["get", "cm", "ssa", "-n", "shop", "-o", "jsonpath={.data}"]),
+        r#"{"k":"v"}"#
+    );
+
+    // explain reads the schemas the server checks with.
+    let explained = k.ok(&["explain", "deployment.spec"]);
+    assert!(
+        explained.contains("replicas") && explained.contains("Number of desired pods"),
+        "{explained}"
+    );
+    // Validation: every bad field a cause, as kubectl prints them.
+    let bad = k.stdin(
+        &["create", "-n", "shop", "-f", "-"],
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: bad\nspec:\n  selector:\n    matchLabels:\n      app: one\n  template:\n    metadata:\n      labels:\n        app: two\n    spec:\n      containers:\n      - name: c\n",
+    );
+    let err = stderr(&bad);
+    assert!(
+        err.contains("The Deployment \"bad\" is invalid: ")
+            && err.contains("`selector` does not match template `labels`")
+            && err.contains("spec.template.spec.containers[0].image: Required value"),
+        "{}",
+        describe(&bad)
+    );
+    let typed = k.stdin(
+        &["create", "-n", "shop", "-f", "-"],
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: bad\nspec:\n  replicas: many\n",
+    );
+    assert!(
+        stderr(&typed).contains("spec.replicas: expected an integer, got a string"),
+        "{}",
+        describe(&typed)
+    );
+}
+
+const CRD: &str = "\
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names:
+    plural: widgets
+    singular: widget
+    kind: Widget
+    shortNames: [wd]
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size:
+                type: integer
+              colour:
+                type: string
+    additionalPrinterColumns:
+    - name: Size
+      type: integer
+      jsonPath: .spec.size
+";
+
+/// A CRD applied, its resources created, listed in its columns, checked against its
+/// schema, and gone with it.
+fn custom_resources(k: &Kubectl) {
+    let applied = k.stdin(&["apply", "-f", "-"], CRD);
+    assert_eq!(
+        stdout_ok(&applied, &["apply"]),
+        "customresourcedefinition.apiextensions.k8s.io/widgets.example.com created\n"
+    );
+    let established = k.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/widgets.example.com",
+        "--timeout=30s",
+    ]);
+    assert!(established.contains("condition met"), "{established}");
+    let widget = "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: w1\nspec:\n  size: 3\n  colour: red\n";
+    let created = k.stdin(&["apply", "-n", "shop", "-f", "-"], widget);
+    assert_eq!(
+        stdout_ok(&created, &["apply"]),
+        "widget.example.com/w1 created\n"
+    );
+    let listed = k.ok(&["get", "wd", "-n", "shop"]);
+    let header: Vec<&str> = listed
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["NAME", "SIZE", "AGE"], "{listed}");
+    assert!(listed.contains("w1     3"), "{listed}");
+    let strict = k.stdin(
+        &["create", "-n", "shop", "-f", "-"],
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: w2\nspec:\n  size: big\n  shape: round\n",
+    );
+    let err = stderr(&strict);
+    assert!(
+        err.contains("spec.size: expected an integer, got a string"),
+        "{}",
+        describe(&strict)
+    );
+    k.ok(&["delete", "crd", "widgets.example.com"]);
+    k.fails_with(
+        &["get", "widgets.example.com", "-n", "shop"],
+        "the server doesn't have a resource type",
+    );
 }
 
 /// Unpadded URL-safe base64 (continue tokens).
@@ -794,6 +1078,46 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
         describe(&anonymous)
     );
 
+    // A client certificate signed by the cluster CA: its CommonName is the user, its
+    // Organizations the groups. One from another CA does not get in.
+    let pki = data.join("pki");
+    let (ca, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
+    let cert_dir = dir.path().join("client");
+    let issued = client_certificate(&cert_dir, "jane", "devs", Some((&ca, &ca_key)));
+    let whoami = Command::new("/usr/bin/kubectl")
+        .env_clear()
+        .env("HOME", k.home.path())
+        .args([
+            &format!("--server=https://127.0.0.1:{api}"),
+            &format!("--certificate-authority={}", ca.display()),
+            &format!("--client-certificate={}", issued.0.display()),
+            &format!("--client-key={}", issued.1.display()),
+            "auth",
+            "whoami",
+        ])
+        .output()
+        .expect("kubectl");
+    let text = stdout_ok(&whoami, &["auth", "whoami"]);
+    assert!(
+        text.contains("jane") && text.contains("[devs system:authenticated]"),
+        "{text}"
+    );
+    let stranger = client_certificate(&dir.path().join("other"), "mallory", "devs", None);
+    let refused = Command::new("/usr/bin/kubectl")
+        .env_clear()
+        .env("HOME", k.home.path())
+        .args([
+            &format!("--server=https://127.0.0.1:{api}"),
+            &format!("--certificate-authority={}", ca.display()),
+            &format!("--client-certificate={}", stranger.0.display()),
+            &format!("--client-key={}", stranger.1.display()),
+            "get",
+            "ns",
+        ])
+        .output()
+        .expect("kubectl");
+    assert!(!refused.status.success(), "{}", describe(&refused));
+
     // Ctrl-C, then the same cluster again.
     let pid = up.0.id().to_string();
     let _ = Command::new("kill").args(["-INT", &pid]).status();
@@ -806,6 +1130,65 @@ fn kubectl_session_against_flotilla_up_which_comes_back_after_a_restart() {
         k.ok(&["get", "secret", "pw", "-n", "tools", "-o", "name"]),
         "secret/pw\n"
     );
+}
+
+/// A client key and certificate for `cn` in organization `org` (with openssl), signed by
+/// `ca` (certificate, key) or self-signed; returns (certificate, key) paths.
+fn client_certificate(
+    dir: &Path,
+    cn: &str,
+    org: &str,
+    ca: Option<(&Path, &Path)>,
+) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let (cert, key, csr) = (dir.join("c.crt"), dir.join("c.key"), dir.join("c.csr"));
+    let subject = format!("/CN={cn}/O={org}");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+    };
+    let (k, c, r) = (
+        key.display().to_string(),
+        cert.display().to_string(),
+        csr.display().to_string(),
+    );
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &k,
+    ]);
+    match ca {
+        Some((ca_cert, ca_key)) => {
+            run(&["req", "-new", "-key", &k, "-subj", &subject, "-out", &r]);
+            let (cc, ck) = (ca_cert.display().to_string(), ca_key.display().to_string());
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &r,
+                "-CA",
+                &cc,
+                "-CAkey",
+                &ck,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &c,
+            ]);
+        }
+        None => run(&[
+            "req", "-x509", "-new", "-key", &k, "-subj", &subject, "-days", "1", "-out", &c,
+        ]),
+    }
+    (cert, key)
 }
 
 /// `flotilla apiserver` with its own serving certificate and kubeconfig under `dir`, and

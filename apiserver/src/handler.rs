@@ -139,11 +139,12 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
 /// Serves one request; every failure becomes a Status.
 pub async fn handle(
     state: Arc<State>,
+    cert_user: Arc<Option<User>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let resp = match route(&state, req).await {
+    let resp = match route(&state, cert_user.as_ref().as_ref(), req).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
@@ -151,16 +152,36 @@ pub async fn handle(
     Ok(resp)
 }
 
-fn authenticate(state: &State, req: &Request<Incoming>) -> Option<User> {
-    let auth = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let token = auth.strip_prefix("Bearer ")?.trim();
+/// The request's user: from its bearer token if it has one (a bad token is refused even
+/// with a good certificate, as Kubernetes does), else from its client certificate.
+fn authenticate(state: &State, cert_user: Option<&User>, req: &Request<Incoming>) -> Option<User> {
+    let Some(auth) = req.headers().get(header::AUTHORIZATION) else {
+        return cert_user.cloned();
+    };
+    let token = auth.to_str().ok()?.strip_prefix("Bearer ")?.trim();
     if token.is_empty() {
         return None;
     }
     state.tokens.get(token).cloned()
 }
 
-async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// `kubectl auth whoami`: the user the server sees.
+fn self_subject_review(user: &User) -> Value {
+    let mut groups = user.groups.clone();
+    groups.push("system:authenticated".into());
+    json!({
+        "kind": "SelfSubjectReview",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "status": {"userInfo": {"username": user.name, "groups": groups}},
+    })
+}
+
+async fn route(
+    state: &Arc<State>,
+    cert_user: Option<&User>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     // Health checks answer anyone (load balancers probe them without credentials).
@@ -172,7 +193,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
         _ => {}
     }
-    let Some(_user) = authenticate(state, &req) else {
+    let Some(user) = authenticate(state, cert_user, &req) else {
         return Err(ApiError::unauthorized());
     };
     let query = parse_query(req.uri().query().unwrap_or(""));
@@ -224,6 +245,21 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
                 .map(|d| json_response(StatusCode::OK, &d))
                 .ok_or_else(ApiError::not_found_path)
         }
+        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"]
+            if req.method() == Method::POST =>
+        {
+            Ok(json_response(
+                StatusCode::CREATED,
+                &self_subject_review(&user),
+            ))
+        }
+        ["apis", "authentication.k8s.io", "v1"] => Ok(json_response(
+            StatusCode::OK,
+            &json!({"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": "authentication.k8s.io/v1",
+                "resources": [{"name": "selfsubjectreviews", "singularName": "selfsubjectreview",
+                    "namespaced": false, "kind": "SelfSubjectReview", "verbs": ["create"]}]}),
+        )),
         ["apis", group, version] if served(group, version) => Ok(json_response(
             StatusCode::OK,
             &resource_list(group, version),
@@ -266,6 +302,10 @@ fn api_groups() -> Value {
             let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
             json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
         })
+        .chain(std::iter::once({
+            let gv = json!({"groupVersion": "authentication.k8s.io/v1", "version": "v1"});
+            json!({"name": "authentication.k8s.io", "versions": [gv.clone()], "preferredVersion": gv})
+        }))
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }

@@ -9,7 +9,10 @@ pub type Cause = (String, String);
 
 fn set_default(obj: &mut Value, field: &str, value: Value) {
     if let Some(m) = obj.as_object_mut() {
-        if m.get(field).is_none_or(Value::is_null) {
+        // An empty string is unset too (Go's zero value, which protobuf bodies carry).
+        if m.get(field)
+            .is_none_or(|v| v.is_null() || v.as_str() == Some(""))
+        {
             m.insert(field.to_string(), value);
         }
     }

@@ -49,6 +49,9 @@ pub struct Config {
     pub tls_private_key_file: PathBuf,
     /// `token,user,uid,"group1,group2"` per line.
     pub token_auth_file: Option<PathBuf>,
+    /// CA certificates (PEM) client certificates must chain to: the user is the
+    /// certificate's CommonName, its groups the Organizations.
+    pub client_ca_file: Option<PathBuf>,
     /// Where Services' cluster IPs come from (the first is the `kubernetes` Service's).
     pub service_cluster_ip_range: String,
     /// A base64 AES-256 key: secrets are encrypted with it before they reach the store.
@@ -98,7 +101,11 @@ pub fn read_tokens(path: &Path) -> anyhow::Result<HashMap<String, User>> {
     Ok(out)
 }
 
-fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let open = |p: &Path| -> anyhow::Result<std::io::BufReader<std::fs::File>> {
         Ok(std::io::BufReader::new(
             std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
@@ -111,18 +118,66 @@ fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
         .with_context(|| format!("reading {}", key.display()))?
         .with_context(|| format!("{} holds no PEM private key", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        // Client certificates are asked for, not required: tokens still work.
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut open(ca)?) {
+                roots
+                    .add(c.with_context(|| format!("reading {}", ca.display()))?)
+                    .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+            }
+            if roots.is_empty() {
+                bail!("{} holds no PEM certificate", ca.display());
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .context("the client CA")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .context("the serving certificate and key do not form a usable pair")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The user a client certificate names: CommonName, with the Organizations as groups
+/// (kube-apiserver's x509 authenticator).
+pub fn user_of_certificate(der: &[u8]) -> Option<User> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())?
+        .to_string();
+    if name.is_empty() {
+        return None;
+    }
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok())
+        .map(str::to_string)
+        .collect();
+    Some(User { name, groups })
+}
+
 /// Serves the Kubernetes API on `bind_address:secure_port` until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let acceptor = tls_acceptor(&config.tls_cert_file, &config.tls_private_key_file)?;
+    let acceptor = tls_acceptor(
+        &config.tls_cert_file,
+        &config.tls_private_key_file,
+        config.client_ca_file.as_deref(),
+    )?;
     let tokens = match &config.token_auth_file {
         Some(p) => read_tokens(p)?,
         None => HashMap::new(),
@@ -200,8 +255,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
                     }
                     Err(_) => return,
                 };
-            let service =
-                hyper::service::service_fn(move |req| handler::handle(state.clone(), req));
+            // A verified client certificate names the connection's user.
+            let cert_user = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|c| user_of_certificate(c.as_ref()));
+            let cert_user = Arc::new(cert_user);
+            let service = hyper::service::service_fn(move |req| {
+                handler::handle(state.clone(), cert_user.clone(), req)
+            });
             // Idle and slow clients are dropped: a header must arrive within 30 s, and
             // HTTP/2 connections must answer pings.
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

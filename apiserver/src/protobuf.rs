@@ -16,6 +16,8 @@ const MAGIC: &[u8; 4] = b"k8s\0";
 enum Kind {
     Str,
     Int,
+    /// A plain (not pointer) Go integer whose JSON omits zero.
+    IntOmitZero,
     Bool,
     Time,
     Msg(&'static [Field]),
@@ -109,7 +111,7 @@ static LABEL_SELECTOR: &[Field] = &[
 ];
 static CONTAINER_PORT: &[Field] = &[
     (1, "name", Str),
-    (2, "hostPort", Int),
+    (2, "hostPort", IntOmitZero),
     (3, "containerPort", Int),
     (4, "protocol", Str),
     (5, "hostIP", Str),
@@ -286,10 +288,13 @@ fn decode_message(b: &[u8], fields: &[Field]) -> Result<Value, String> {
         };
         let name = name.to_string();
         match (kind, w) {
+            // Go writes a plain string field even when empty; its JSON leaves it out.
+            (Str, Wire::Bytes(v)) if v.is_empty() => {}
             (Str, Wire::Bytes(v)) => {
                 out.insert(name, Value::String(utf8(v)?));
             }
-            (Int, Wire::Varint(v)) => {
+            (IntOmitZero, Wire::Varint(0)) => {}
+            (Int | IntOmitZero, Wire::Varint(v)) => {
                 out.insert(name, json!(v as i64));
             }
             (Bool, Wire::Varint(v)) => {

@@ -5,6 +5,7 @@
 //! stalled server is not hidden by clients that stopped sending). Latencies go into HDR
 //! histograms; errors are counted by kind, and a run with errors exits non-zero.
 
+pub mod api;
 mod load;
 mod report;
 mod watch;
