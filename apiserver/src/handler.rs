@@ -69,6 +69,8 @@ pub struct State {
     pub event_lease: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
     /// Set when a write met "requested lease not found": the next event gets a new lease.
     pub lease_lost: std::sync::atomic::AtomicBool,
+    /// One store watch per resource, shared by the client watches.
+    pub caches: crate::watch_cache::Caches,
 }
 
 /// How long events live (kube-apiserver's --event-ttl).
@@ -227,9 +229,11 @@ async fn route(
             if protobuf {
                 let mut resp =
                     Response::new(Full::new(Bytes::from(crate::openapi::v2_protobuf())).boxed());
+                // As kube-apiserver answers it (Go's mime parser refuses the `@` of the
+                // media type kubectl asks for).
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    header::HeaderValue::from_static(crate::openapi::V2_PROTOBUF),
+                    header::HeaderValue::from_static("application/octet-stream"),
                 );
                 Ok(resp)
             } else {
@@ -884,11 +888,18 @@ async fn watch(
         .try_acquire_owned()
         .map_err(|_| ApiError::too_many_requests())?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WATCH_BUFFER);
+    let cache = state
+        .caches
+        .get(&t.resource.prefix(None), &state.store, &state.codec);
     // Without a resourceVersion (or "0"), a watch starts with the current objects as ADDED,
-    // read in pages at one revision; the store watch follows from the next.
+    // read in pages at one revision (the cache's, if it has started); changes follow from
+    // the next.
     let (initial, from) = match q.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => {
-            let (_, _, revision) = state.store.list(&prefix, &[], 1, 0).await?;
+            let revision = match cache.revision() {
+                0 => state.store.list(&prefix, &[], 1, 0).await?.2,
+                r => r,
+            };
             (Some(revision), revision + 1)
         }
         Some(rv) => {
@@ -899,8 +910,16 @@ async fn watch(
             (None, n.saturating_add(1))
         }
     };
-    let (mut events, progress) = state.store.watch(&prefix, from).await?;
     let bookmarks = is_true(q.get("allowWatchBookmarks"));
+    // Served from the watch cache when it holds every change since `from`; else from a
+    // store watch of its own.
+    let source = match cache.subscribe(from - 1) {
+        Some(sub) => Source::Cache(sub),
+        None => {
+            let (events, progress) = state.store.watch(&prefix, from).await?;
+            Source::Store(events, progress)
+        }
+    };
     let codec = state.codec.clone();
     let store = state.store.clone();
     let (kind, api_version) = (t.resource.kind, t.resource.api_version());
@@ -941,6 +960,21 @@ async fn watch(
                 }
             }
         }
+        let (mut events, progress) = match source {
+            Source::Cache(sub) => {
+                let watcher = CacheWatcher {
+                    filter: &filter,
+                    prefix: &prefix,
+                    tx: &tx,
+                    shape: &shape,
+                    kind,
+                    api_version: &api_version,
+                };
+                watcher.run(sub, bookmarks, deadline).await;
+                return;
+            }
+            Source::Store(events, progress) => (events, progress),
+        };
         // Bookmarks about once a minute when asked for: the store reports the revision it has
         // reached, which becomes the BOOKMARK's resourceVersion.
         let mut bookmark_tick = tokio::time::interval(BOOKMARK_INTERVAL);
@@ -1036,6 +1070,106 @@ async fn watch(
 }
 
 use futures::StreamExt;
+
+/// Where a watch's changes come from.
+enum Source {
+    Cache(crate::watch_cache::Subscription),
+    Store(
+        tonic::Streaming<flotilla_proto::etcdserverpb::WatchResponse>,
+        crate::etcd::ProgressRequester,
+    ),
+}
+
+/// One client watch fed by the watch cache.
+struct CacheWatcher<'a, F: Fn(Value) -> Value> {
+    filter: &'a Filter,
+    /// The watch's key prefix (the resource's, or one namespace's).
+    prefix: &'a str,
+    tx: &'a tokio::sync::mpsc::Sender<Bytes>,
+    shape: &'a F,
+    kind: &'static str,
+    api_version: &'a str,
+}
+
+impl<F: Fn(Value) -> Value> CacheWatcher<'_, F> {
+    /// The event a change is for this watcher, if any (selector transitions as ADDED and
+    /// DELETED, as with a store watch).
+    fn event(&self, c: &crate::watch_cache::Change) -> Option<Bytes> {
+        if !c.key.starts_with(self.prefix) {
+            return None;
+        }
+        let prev_matched = c.prev.as_ref().is_some_and(|p| self.filter.matches(p));
+        let kind = if c.deleted {
+            if !prev_matched {
+                return None;
+            }
+            "DELETED"
+        } else {
+            match (self.filter.matches(&c.object), prev_matched) {
+                (true, true) => "MODIFIED",
+                (true, false) => "ADDED",
+                (false, true) => "DELETED",
+                (false, false) => return None,
+            }
+        };
+        Some(watch_event(kind, (self.shape)(c.object.clone())))
+    }
+
+    async fn run(
+        &self,
+        sub: crate::watch_cache::Subscription,
+        bookmarks: bool,
+        mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) {
+        use crate::watch_cache::Item;
+        use tokio::sync::broadcast::error::RecvError;
+        let mut seen = 0i64;
+        for c in &sub.backlog {
+            seen = seen.max(c.revision);
+            if let Some(ev) = self.event(c) {
+                if self.tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let mut live = sub.live;
+        let mut bookmark_tick = tokio::time::interval(BOOKMARK_INTERVAL);
+        bookmark_tick.tick().await;
+        loop {
+            let item = tokio::select! {
+                i = live.recv() => i,
+                _ = &mut deadline => return,
+                _ = self.tx.closed() => return,
+                _ = bookmark_tick.tick(), if bookmarks && seen > 0 => {
+                    let mark = json!({
+                        "kind": self.kind,
+                        "apiVersion": self.api_version,
+                        "metadata": {"resourceVersion": seen.to_string()},
+                    });
+                    if self.tx.send(watch_event("BOOKMARK", mark)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match item {
+                Ok(Item::Change(c)) => {
+                    seen = seen.max(c.revision);
+                    // A watcher that does not keep up is cut off; it re-watches from its
+                    // last resourceVersion.
+                    if let Some(ev) = self.event(&c) {
+                        if self.tx.try_send(ev).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Item::Progress(r)) => seen = seen.max(r),
+                // Fallen too far behind, or the cache started over: the client re-watches.
+                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
 
 fn random_suffix(n: usize) -> String {
     use rand::Rng;

@@ -19,6 +19,7 @@ pub mod schema;
 pub mod services;
 pub mod status;
 pub mod table;
+pub mod watch_cache;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -197,6 +198,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         watches: Arc::new(tokio::sync::Semaphore::new(handler::MAX_WATCHES)),
         event_lease: tokio::sync::Mutex::new(None),
         lease_lost: std::sync::atomic::AtomicBool::new(false),
+        caches: Default::default(),
     });
     // The custom resources the stored CRDs define, kept up to date.
     tokio::spawn(crd::follow(state.store.clone(), state.codec.clone()));

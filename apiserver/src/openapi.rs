@@ -12,9 +12,6 @@ use serde_json::{json, Map, Value};
 
 use crate::resources::{self, Resource};
 
-/// The protobuf form kubectl asks for first.
-pub const V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
-
 /// The v2 document, as protobuf (gnostic's `openapi.v2.Document`): `swagger` (field 1) and
 /// `info` (field 2: `title` 1, `version` 2).
 pub fn v2_protobuf() -> Vec<u8> {
@@ -204,7 +201,8 @@ fn schemas_of(served: &[&Resource]) -> Map<String, Value> {
 fn wrap_refs(v: &mut Value) {
     match v {
         Value::Object(m) => {
-            if m.len() > 1 {
+            // (A `$ref` that is not a string is a property named so: JSONSchemaProps has one.)
+            if m.len() > 1 && m.get("$ref").is_some_and(Value::is_string) {
                 if let Some(r) = m.remove("$ref") {
                     m.insert("allOf".into(), json!([{"$ref": r}]));
                 }
@@ -279,6 +277,15 @@ mod tests {
         let meta = &schemas["io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"];
         assert_eq!(meta["properties"]["name"]["type"], "string");
         assert!(schemas.contains_key("io.k8s.api.core.v1.Service"));
+    }
+
+    #[test]
+    fn a_property_named_ref_stays_a_property() {
+        let doc = v3_group_version("apiextensions.k8s.io", "v1").expect("served");
+        let props = &doc["components"]["schemas"]
+            ["io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.JSONSchemaProps"]
+            ["properties"];
+        assert_eq!(props["$ref"]["type"], "string");
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct ApiBenchArgs {
     /// Requests in all (create: pods to create).
     #[arg(long, default_value_t = 1000)]
     pub total: u64,
+    /// The first pod number create uses (to add to pods made by an earlier run).
+    #[arg(long, default_value_t = 0)]
+    pub first: u64,
     /// Namespaces the pods are spread over (bench-0, bench-1, ...).
     #[arg(long, default_value_t = 10)]
     pub namespaces: u64,
@@ -283,6 +286,8 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
                     let t = Instant::now();
                     let result = match args.op {
                         Op::Create => {
+                            let n = n + args.first;
+                            let ns = format!("bench-{}", n % args.namespaces.max(1));
                             let name = format!("bench-{n}");
                             let path = format!("/api/v1/namespaces/{ns}/pods");
                             c.expect(Method::POST, &path, Some(&pod(&name, &ns)), &[201])
