@@ -1168,6 +1168,14 @@ fn client_certificate(
         Some((ca_cert, ca_key)) => {
             run(&["req", "-new", "-key", &k, "-subj", &subject, "-out", &r]);
             let (cc, ck) = (ca_cert.display().to_string(), ca_key.display().to_string());
+            // Extensions make it an X.509 v3 certificate (v1 ones are refused).
+            let ext = dir.join("ext");
+            std::fs::write(
+                &ext,
+                "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n",
+            )
+            .expect("extensions file");
+            let e = ext.display().to_string();
             run(&[
                 "x509",
                 "-req",
@@ -1180,6 +1188,8 @@ fn client_certificate(
                 "-CAcreateserial",
                 "-days",
                 "1",
+                "-extfile",
+                &e,
                 "-out",
                 &c,
             ]);
