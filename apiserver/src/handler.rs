@@ -744,6 +744,11 @@ struct Filter {
 }
 
 impl Filter {
+    /// Whether the filter selects everything.
+    fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+
     fn from_query(q: &HashMap<String, String>, resource: &Resource) -> Result<Filter, ApiError> {
         Ok(Filter {
             labels: parse_label_selector(q.get("labelSelector").map_or("", String::as_str))?,
@@ -817,19 +822,51 @@ async fn list(
             other => other?,
         };
     let read_at = if revision > 0 { revision } else { read_at };
-    let mut items = Vec::with_capacity(kvs.len());
-    for kv in &kvs {
-        let obj = decode(&state.codec, kv)?;
-        if filter.matches(&obj) {
-            items.push(obj);
-        }
-    }
     let mut meta = json!({"resourceVersion": read_at.to_string()});
     if more {
         if let Some(last) = kvs.last() {
             let mut next = last.key.clone();
             next.push(0);
             meta["continue"] = Value::String(encode_continue(read_at, &next));
+        }
+    }
+    // Without selectors or a Table, items go out as stored, only their resourceVersion
+    // added: no object is parsed whole (most of a list's cost otherwise).
+    if !as_table && filter.is_empty() {
+        let head = json!({
+            "kind": format!("{}List", t.resource.kind),
+            "apiVersion": t.resource.api_version(),
+            "metadata": meta,
+        });
+        let mut out = serde_json::to_vec(&head).unwrap_or_default();
+        out.pop();
+        out.extend_from_slice(b",\"items\":[");
+        for (i, kv) in kvs.iter().enumerate() {
+            let value = state.codec.open(&kv.key, &kv.value)?;
+            if i > 0 {
+                out.push(b',');
+            }
+            match raw_with_revision(&value, kv.mod_revision) {
+                Some(raw) => out.extend_from_slice(&raw),
+                None => {
+                    let obj = decode(&state.codec, kv)?;
+                    out.extend_from_slice(&serde_json::to_vec(&obj).unwrap_or_default());
+                }
+            }
+        }
+        out.extend_from_slice(b"]}");
+        let mut resp = Response::new(Full::new(Bytes::from(out)).boxed());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        return Ok(resp);
+    }
+    let mut items = Vec::with_capacity(kvs.len());
+    for kv in &kvs {
+        let obj = decode(&state.codec, kv)?;
+        if filter.matches(&obj) {
+            items.push(obj);
         }
     }
     if as_table {
@@ -847,6 +884,37 @@ async fn list(
             "items": items,
         }),
     ))
+}
+
+/// A stored object (JSON) with `metadata.resourceVersion` set, rewritten at the top two
+/// levels only; None if it is not an object with an object `metadata`.
+fn raw_with_revision(stored: &[u8], revision: i64) -> Option<Vec<u8>> {
+    use serde_json::value::RawValue;
+    let top: Vec<(String, &RawValue)> =
+        serde_json::from_slice::<std::collections::BTreeMap<String, &RawValue>>(stored)
+            .ok()?
+            .into_iter()
+            .collect();
+    let mut out = Vec::with_capacity(stored.len() + 32);
+    out.push(b'{');
+    for (i, (k, v)) in top.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&serde_json::to_vec(k).ok()?);
+        out.push(b':');
+        if k == "metadata" {
+            let mut meta: std::collections::BTreeMap<String, &RawValue> =
+                serde_json::from_str(v.get()).ok()?;
+            let rv = RawValue::from_string(format!("\"{revision}\"")).ok()?;
+            meta.insert("resourceVersion".into(), &rv);
+            out.extend_from_slice(&serde_json::to_vec(&meta).ok()?);
+        } else {
+            out.extend_from_slice(v.get().as_bytes());
+        }
+    }
+    out.push(b'}');
+    top.iter().any(|(k, _)| k == "metadata").then_some(out)
 }
 
 fn watch_event(kind: &str, object: Value) -> Bytes {
@@ -2273,6 +2341,18 @@ mod tests {
         assert!(!m("tier notin (front)"));
         assert!(m("!missing"));
         assert!(m(""));
+    }
+
+    #[test]
+    fn raw_items_get_their_revision_and_nothing_else_changes() {
+        let stored = br#"{"apiVersion":"v1","kind":"Pod","metadata":{"labels":{"a":"b"},"name":"p"},"spec":{"x":[1,{"y":"\"z"}]}}"#;
+        let raw = raw_with_revision(stored, 42).expect("an object");
+        let got: Value = serde_json::from_slice(&raw).expect("JSON");
+        let mut want: Value = serde_json::from_slice(stored).expect("JSON");
+        want["metadata"]["resourceVersion"] = json!("42");
+        assert_eq!(got, want);
+        assert!(raw_with_revision(b"[1]", 1).is_none());
+        assert!(raw_with_revision(br#"{"kind":"X"}"#, 1).is_none());
     }
 
     #[test]

@@ -218,10 +218,12 @@ fn qos_class(spec: &Value) -> &'static str {
     }
 }
 
-/// What a create sets that clients do not: the status starts empty (pods: Pending); a Job's
-/// selector and labels tie it to its pods by uid.
+/// What a create sets that clients do not: the status starts empty (pods, volumes and
+/// claims: Pending; a node registers with its own); a Job's selector and labels tie it to
+/// its pods by uid.
 pub fn on_create(kind: &str, obj: &mut Value, has_status: bool) {
-    if has_status && kind != "Namespace" && kind != "CustomResourceDefinition" {
+    let keeps_status = matches!(kind, "Namespace" | "CustomResourceDefinition" | "Node");
+    if has_status && !keeps_status {
         if let Some(m) = obj.as_object_mut() {
             m.remove("status");
         }
@@ -232,6 +234,7 @@ pub fn on_create(kind: &str, obj: &mut Value, has_status: bool) {
             obj["status"] = json!({"phase": "Pending", "qosClass": qos});
         }
         "Service" => obj["status"] = json!({"loadBalancer": {}}),
+        "PersistentVolume" | "PersistentVolumeClaim" => obj["status"] = json!({"phase": "Pending"}),
         "Job" => {
             let uid = obj["metadata"]["uid"].clone();
             let name = obj["metadata"]["name"].clone();

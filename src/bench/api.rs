@@ -116,6 +116,9 @@ fn read_kubeconfig(path: &std::path::Path) -> anyhow::Result<Kubeconfig> {
 
 type Sender = SendRequest<Full<Bytes>>;
 
+/// Watches per HTTP/2 connection.
+const WATCHES_PER_CONN: usize = 200;
+
 async fn connect(k: &Kubeconfig) -> anyhow::Result<Sender> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut k.ca_pem.as_slice()) {
@@ -238,9 +241,22 @@ async fn list_all(c: &mut Client, base: &str, page: u64) -> Result<usize, String
             }
         }
         let bytes = c.expect(Method::GET, &path, None, &[200]).await?;
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("list body: {e}"))?;
-        count += v["items"].as_array().map_or(0, Vec::len);
-        cont = v["metadata"]["continue"].as_str().unwrap_or("").to_string();
+        // Only the count and the continue token: the items are skipped, not built.
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            #[serde(default, rename = "continue")]
+            cont: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Page {
+            metadata: Meta,
+            #[serde(default)]
+            items: Vec<serde::de::IgnoredAny>,
+        }
+        let page_read: Page =
+            serde_json::from_slice(&bytes).map_err(|e| format!("list body: {e}"))?;
+        count += page_read.items.len();
+        cont = page_read.metadata.cont;
         if cont.is_empty() || page == 0 {
             return Ok(count);
         }
@@ -268,7 +284,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         }
     }
     let outcome = if args.op == Op::Watch {
-        watch(&args, &client).await?
+        watch(&args, &k, &client).await?
     } else {
         let next = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
@@ -336,13 +352,26 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
 
 /// Watchers spread over the namespaces; one writer per client updates pods' annotations
 /// with the send time; each watcher records now - sent for events in its namespace.
-async fn watch(args: &ApiBenchArgs, client: &dyn Fn(usize) -> Client) -> anyhow::Result<Outcome> {
+async fn watch(
+    args: &ApiBenchArgs,
+    k: &Kubeconfig,
+    client: &dyn Fn(usize) -> Client,
+) -> anyhow::Result<Outcome> {
     let origin = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<u64, String>>();
+    // Watchers get connections of their own, 200 streams each (servers allow 250 or so),
+    // so the writers' requests never queue behind them.
+    let mut watch_conns = Vec::new();
+    for _ in 0..args.watchers.max(1).div_ceil(WATCHES_PER_CONN) {
+        watch_conns.push(connect(k).await?);
+    }
     let mut watchers = Vec::new();
     for w in 0..args.watchers.max(1) {
         let ns = format!("bench-{}", w as u64 % args.namespaces.max(1));
-        let mut c = client(w);
+        let mut c = Client {
+            sender: watch_conns[w / WATCHES_PER_CONN].clone(),
+            token: k.token.clone(),
+        };
         let tx = tx.clone();
         // Each watcher starts from now (resourceVersion of a fresh list).
         let bytes = c
