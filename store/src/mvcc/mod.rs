@@ -73,6 +73,13 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The `version` field of an encoded `KvRecord` (bincode: create_revision, then version,
+/// each 8 bytes little-endian) without decoding the rest; 0 marks a tombstone.
+fn raw_version(raw: &[u8]) -> Option<i64> {
+    let bytes: [u8; 8] = raw.get(8..16)?.try_into().ok()?;
+    Some(i64::from_le_bytes(bytes))
+}
+
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     bincode::serialize(value).expect("bincode encoding of in-memory records cannot fail")
 }
@@ -350,11 +357,31 @@ impl Mvcc {
         revision: i64,
         visit: &mut dyn FnMut(Vec<u8>, i64, KvRecord) -> ControlFlow<()>,
     ) -> Result<(), StorageError> {
+        self.scan_raw(key, end, revision, &mut |k, rev, raw| {
+            if raw_version(raw) == Some(0) {
+                return Ok(ControlFlow::Continue(()));
+            }
+            let record: KvRecord = decode("kv", raw)?;
+            if record.is_tombstone() {
+                return Ok(ControlFlow::Continue(()));
+            }
+            Ok(visit(k, rev, record))
+        })
+    }
+
+    /// Visits the version of every key in `[key, end)` visible at `revision` (tombstones
+    /// too), undecoded: callers that only count need not copy values.
+    fn scan_raw(
+        &self,
+        key: &[u8],
+        end: RangeEnd<'_>,
+        revision: i64,
+        visit: &mut dyn FnMut(Vec<u8>, i64, &[u8]) -> Result<ControlFlow<()>, StorageError>,
+    ) -> Result<(), StorageError> {
         if let RangeEnd::Single = end {
             if let Some((rev, record)) = self.get_record(key, revision)? {
-                if !record.is_tombstone() {
-                    let _ = visit(key.to_vec(), rev, record);
-                }
+                let raw = encode(&record);
+                let _ = visit(key.to_vec(), rev, &raw)?;
             }
             return Ok(());
         }
@@ -379,11 +406,9 @@ impl Mvcc {
                 it.seek(kv_key(&user_key, revision));
                 continue; // re-examine: either this key at an older revision, or the next key
             }
-            let record: KvRecord = decode("kv", it.value().unwrap_or_default())?;
-            if !record.is_tombstone() {
-                if let ControlFlow::Break(()) = visit(user_key.clone(), rev, record) {
-                    return Ok(());
-                }
+            let flow = visit(user_key.clone(), rev, it.value().unwrap_or_default())?;
+            if let ControlFlow::Break(()) = flow {
+                return Ok(());
             }
             // Older versions usually sit right behind; step before seeking.
             let mut stepped = 0;
@@ -408,16 +433,29 @@ impl Mvcc {
         let plan = RangePlan::of(req);
         let mut kvs = Vec::new();
         let mut count = 0i64;
-        self.scan(
+        // Every live key is counted (the response's `count`); only those returned are
+        // decoded: past the limit a key costs a look at its version field.
+        self.scan_raw(
             &req.key,
             RangeEnd::of(&req.range_end),
             revision,
-            &mut |key, rev, record| {
+            &mut |key, rev, raw| {
+                if raw_version(raw) == Some(0) {
+                    return Ok(ControlFlow::Continue(()));
+                }
+                if plan.count_only || plan.enough(kvs.len()) {
+                    count += 1;
+                    return Ok(ControlFlow::Continue(()));
+                }
+                let record: KvRecord = decode("kv", raw)?;
+                if record.is_tombstone() {
+                    return Ok(ControlFlow::Continue(()));
+                }
                 count += 1;
-                if !plan.count_only && plan.wants(rev, &record) && !plan.enough(kvs.len()) {
+                if plan.wants(rev, &record) {
                     kvs.push(to_key_value(key, rev, record));
                 }
-                ControlFlow::Continue(())
+                Ok(ControlFlow::Continue(()))
             },
         )?;
         Ok(plan.finish(kvs, count, revision))

@@ -386,3 +386,16 @@ fn compaction_keeps_what_reads_at_or_after_it_see() {
         Some(5)
     );
 }
+
+#[test]
+fn the_version_field_is_read_without_decoding_the_record() {
+    let live = keys::KvRecord {
+        create_revision: 3,
+        version: 7,
+        lease: 9,
+        value: vec![1; 100],
+    };
+    assert_eq!(super::raw_version(&super::encode(&live)), Some(7));
+    let dead = keys::KvRecord { version: 0, ..live };
+    assert_eq!(super::raw_version(&super::encode(&dead)), Some(0));
+}
