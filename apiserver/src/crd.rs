@@ -18,9 +18,29 @@ fn prefix() -> String {
         .unwrap_or_else(|| "/registry/apiextensions.k8s.io/customresourcedefinitions/".into())
 }
 
-/// Validates a CRD as Kubernetes does, the parts that matter for serving it.
-pub fn validate(crd: &Value) -> Vec<Cause> {
+/// Validates a CRD as Kubernetes does, the parts that matter for serving it; `old` is the
+/// stored CRD on update.
+pub fn validate(crd: &Value, old: Option<&Value>) -> Vec<Cause> {
     let mut causes = Vec::new();
+    if let Some(old) = old {
+        for field in ["scope", "group"] {
+            if old["spec"][field] != crd["spec"][field] {
+                causes.push((
+                    format!("spec.{field}"),
+                    format!("Invalid value: {}: field is immutable", crd["spec"][field]),
+                ));
+            }
+        }
+        if old["spec"]["names"]["plural"] != crd["spec"]["names"]["plural"] {
+            causes.push((
+                "spec.names.plural".into(),
+                format!(
+                    "Invalid value: {}: field is immutable",
+                    crd["spec"]["names"]["plural"]
+                ),
+            ));
+        }
+    }
     let spec = &crd["spec"];
     let text = |v: &Value| v.as_str().unwrap_or("").to_string();
     let (group, plural, kind) = (
@@ -125,7 +145,7 @@ pub fn set_status(crd: &mut Value) {
 
 /// What a stored CRD serves: one entry per served version.
 fn served(crd: &Value) -> Vec<(CustomDef, crate::schema::Schema, Value, Vec<Value>)> {
-    if !validate(crd).is_empty() {
+    if !validate(crd, None).is_empty() {
         return Vec::new();
     }
     let spec = &crd["spec"];
@@ -148,7 +168,9 @@ fn served(crd: &Value) -> Vec<(CustomDef, crate::schema::Schema, Value, Vec<Valu
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|v| v["served"] != json!(false))
+        // The storage version only: objects are kept as written, with no conversion between
+        // versions yet, so another version would read them back under the wrong apiVersion.
+        .filter(|v| v["served"] != json!(false) && v["storage"] == json!(true))
         .map(|v| {
             let mut subresources = Vec::new();
             if v["subresources"].get("status").is_some() {
@@ -241,7 +263,7 @@ mod tests {
     #[test]
     fn a_good_crd_serves_its_versions() {
         let crd = widget();
-        assert!(validate(&crd).is_empty());
+        assert!(validate(&crd, None).is_empty());
         let served = served(&crd);
         assert_eq!(served.len(), 1);
         let (def, _, _, columns) = &served[0];
@@ -258,7 +280,7 @@ mod tests {
         let mut crd = widget();
         crd["metadata"]["name"] = json!("widgets");
         crd["spec"]["versions"][0]["storage"] = json!(false);
-        let fields: Vec<String> = validate(&crd).into_iter().map(|c| c.0).collect();
+        let fields: Vec<String> = validate(&crd, None).into_iter().map(|c| c.0).collect();
         assert_eq!(fields, ["metadata.name", "spec.versions"]);
     }
 }

@@ -370,6 +370,7 @@ impl Store {
 }
 
 /// Asks a store watch for a progress notification (the revision it has reached).
+#[derive(Clone)]
 pub struct ProgressRequester(tokio::sync::mpsc::Sender<WatchRequest>);
 
 impl ProgressRequester {

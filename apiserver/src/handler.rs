@@ -36,6 +36,8 @@ pub const MAX_INFLIGHT: usize = 400;
 const MAX_PAGE: i64 = 10_000;
 /// A watch without timeoutSeconds ends after this long (clients re-watch).
 const MAX_WATCH: Duration = Duration::from_secs(1800);
+/// How long a watch waits for the watch cache to reach the revision it starts from.
+const CACHE_CATCH_UP: Duration = Duration::from_secs(3);
 /// Events a slow watcher may have waiting before it is cut off.
 const WATCH_BUFFER: usize = 1024;
 /// How often a watch that allows bookmarks gets one (kube-apiserver: about a minute).
@@ -214,6 +216,15 @@ async fn route(
     };
     match segments.as_slice() {
         ["version"] => Ok(json_response(StatusCode::OK, &version())),
+        ["api"] | ["apis"] if wants_aggregated(&req) => {
+            let core = segments == ["api"];
+            let mut resp = json_response(StatusCode::OK, &crate::discovery::aggregated(core));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(crate::discovery::AGGREGATED),
+            );
+            Ok(resp)
+        }
         ["api"] => Ok(json_response(
             StatusCode::OK,
             &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
@@ -277,6 +288,20 @@ async fn route(
         }
         _ => Err(ApiError::not_found_path()),
     }
+}
+
+/// Whether the client takes aggregated discovery (apidiscovery.k8s.io/v2) first.
+fn wants_aggregated(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.split(',').next())
+        .is_some_and(|first| {
+            let params: Vec<&str> = first.split(';').map(str::trim).collect();
+            params.contains(&"g=apidiscovery.k8s.io")
+                && params.contains(&"v=v2")
+                && params.contains(&"as=APIGroupDiscoveryList")
+        })
 }
 
 fn served(group: &str, version: &str) -> bool {
@@ -981,7 +1006,15 @@ async fn watch(
     let bookmarks = is_true(q.get("allowWatchBookmarks"));
     // Served from the watch cache when it holds every change since `from`; else from a
     // store watch of its own.
-    let source = match cache.subscribe(from - 1) {
+    let mut sub = cache.subscribe(from - 1);
+    if sub.is_none() && cache.revision() > 0 && from - 1 > cache.revision() {
+        // The client read at a revision the cache has not reached yet (other resources'
+        // writes move the store's revision on): give it a moment to catch up.
+        if cache.caught_up(from - 1, CACHE_CATCH_UP).await {
+            sub = cache.subscribe(from - 1);
+        }
+    }
+    let source = match sub {
         Some(sub) => Source::Cache(sub),
         None => {
             let (events, progress) = state.store.watch(&prefix, from).await?;
@@ -1031,6 +1064,8 @@ async fn watch(
         let (mut events, progress) = match source {
             Source::Cache(sub) => {
                 let watcher = CacheWatcher {
+                    cache: &cache,
+                    after: from - 1,
                     filter: &filter,
                     prefix: &prefix,
                     tx: &tx,
@@ -1150,6 +1185,9 @@ enum Source {
 
 /// One client watch fed by the watch cache.
 struct CacheWatcher<'a, F: Fn(Value) -> Value> {
+    cache: &'a crate::watch_cache::Cache,
+    /// The revision the watch starts after.
+    after: i64,
     filter: &'a Filter,
     /// The watch's key prefix (the resource's, or one namespace's).
     prefix: &'a str,
@@ -1191,19 +1229,31 @@ impl<F: Fn(Value) -> Value> CacheWatcher<'_, F> {
     ) {
         use crate::watch_cache::Item;
         use tokio::sync::broadcast::error::RecvError;
-        let mut seen = 0i64;
-        for c in &sub.backlog {
-            seen = seen.max(c.revision);
-            if let Some(ev) = self.event(c) {
-                if self.tx.send(ev).await.is_err() {
-                    return;
-                }
-            }
-        }
+        // Delivered so far: the highest revision, and the keys changed at it (a revision may
+        // change several keys; a resumed feed must not repeat or skip any).
+        let mut seen = self.after;
+        let mut at_seen: Vec<String> = Vec::new();
+        let mut backlog = sub.backlog;
         let mut live = sub.live;
         let mut bookmark_tick = tokio::time::interval(BOOKMARK_INTERVAL);
         bookmark_tick.tick().await;
         loop {
+            for c in std::mem::take(&mut backlog) {
+                if c.revision < seen || (c.revision == seen && at_seen.contains(&c.key)) {
+                    continue;
+                }
+                if c.revision > seen {
+                    seen = c.revision;
+                    at_seen.clear();
+                }
+                at_seen.push(c.key.clone());
+                if let Some(ev) = self.event(&c) {
+                    tokio::select! {
+                        sent = self.tx.send(ev) => if sent.is_err() { return },
+                        _ = &mut deadline => return,
+                    }
+                }
+            }
             let item = tokio::select! {
                 i = live.recv() => i,
                 _ = &mut deadline => return,
@@ -1221,19 +1271,24 @@ impl<F: Fn(Value) -> Value> CacheWatcher<'_, F> {
                 }
             };
             match item {
-                Ok(Item::Change(c)) => {
-                    seen = seen.max(c.revision);
-                    // A watcher that does not keep up is cut off; it re-watches from its
-                    // last resourceVersion.
-                    if let Some(ev) = self.event(&c) {
-                        if self.tx.try_send(ev).is_err() {
-                            return;
-                        }
+                Ok(Item::Change(c)) => backlog.push(c),
+                Ok(Item::Progress(r)) => {
+                    if r > seen {
+                        seen = r;
+                        at_seen.clear();
                     }
                 }
-                Ok(Item::Progress(r)) => seen = seen.max(r),
-                // Fallen too far behind, or the cache started over: the client re-watches.
-                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return,
+                // Fallen behind the live feed: resume from the window, if it still reaches
+                // back far enough; else the client re-watches.
+                Err(RecvError::Lagged(_)) => match self.cache.subscribe(seen - 1) {
+                    Some(again) => {
+                        backlog = again.backlog;
+                        live = again.live;
+                    }
+                    None => return,
+                },
+                // The cache started over (its store watch broke): the client re-watches.
+                Err(RecvError::Closed) => return,
             }
         }
     }
@@ -1412,8 +1467,8 @@ async fn after_write(state: &State, t: &Target) {
     }
 }
 
-/// A deleted CRD's objects go with it.
-async fn delete_custom_objects(state: &State, crd: &Value) -> Result<(), ApiError> {
+/// A deleted CRD's objects go with it: deleted in the background, retried until done.
+fn delete_custom_objects(state: &State, crd: &Value) {
     let (group, plural) = (
         crd.pointer("/spec/group")
             .and_then(Value::as_str)
@@ -1423,12 +1478,17 @@ async fn delete_custom_objects(state: &State, crd: &Value) -> Result<(), ApiErro
             .unwrap_or(""),
     );
     if group.is_empty() || plural.is_empty() {
-        return Ok(());
+        return;
     }
-    state
-        .store
-        .delete_prefix(&format!("/registry/{group}/{plural}/"))
-        .await
+    let (store, prefix) = (state.store.clone(), format!("/registry/{group}/{plural}/"));
+    tokio::spawn(async move {
+        let mut pause = Duration::from_millis(200);
+        while let Err(e) = store.delete_prefix(&prefix).await {
+            tracing::warn!(%prefix, error = %e, "deleting a CRD's objects; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
+    });
 }
 
 /// Where the User-Agent's manager name waits for a request that names none.
@@ -1481,6 +1541,13 @@ async fn server_side_apply(
     for _ in 0..5 {
         let (current, _) = state.store.get(&key).await?;
         let Some(current) = current else {
+            if t.status() {
+                return Err(ApiError::not_found(
+                    t.resource.plural,
+                    t.resource.group,
+                    name,
+                ));
+            }
             let obj = crate::apply::apply(None, &applied, t.resource.kind, &w, force)?;
             match create_checked(state, t, obj, q, true).await {
                 Err(e) if e.reason == "AlreadyExists" => continue,
@@ -1900,10 +1967,14 @@ async fn write_object(
 ) -> Result<Value, ApiError> {
     normalize(t, &mut obj)?;
     if t.status() {
-        // A status write changes the status only.
+        // A status write changes the status only (and, for an apply, who owns it).
         let status = obj.get("status").cloned().unwrap_or(Value::Null);
+        let managed = obj.pointer("/metadata/managedFields").cloned();
         obj = old.clone();
         obj["status"] = status;
+        if let (false, Some(m)) = (record, managed) {
+            obj["metadata"]["managedFields"] = m;
+        }
     } else {
         if t.resource.has("status") {
             // ...and any other write everything but the status.
@@ -1982,6 +2053,10 @@ async fn write_object(
                 if plural == "services" {
                     crate::services::release(&state.store, &old, &owner).await;
                 }
+                if plural == "customresourcedefinitions" {
+                    delete_custom_objects(state, &old);
+                }
+                after_write(state, t).await;
                 Ok(obj)
             }
             Written::Conflict(current) => Err(if current.is_some() {
@@ -2102,9 +2177,6 @@ async fn patch_object(
 /// A DELETE's options, from its body (DeleteOptions) or query.
 #[derive(Default)]
 struct DeleteOptions {
-    /// Orphan or Foreground: a finalizer the garbage collector acts on; Background (the
-    /// default): the object goes now and the collector deletes its dependents after.
-    propagation: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
 }
@@ -2132,8 +2204,8 @@ impl DeleteOptions {
                 )));
             }
         }
+        // (propagationPolicy is checked; every policy deletes at once for now, see `delete`.)
         Ok(DeleteOptions {
-            propagation,
             uid: text(&body["preconditions"]["uid"]),
             resource_version: text(&body["preconditions"]["resourceVersion"]),
         })
@@ -2194,26 +2266,17 @@ async fn delete(
         if dry_run(q) {
             return Ok(json_response(StatusCode::OK, &obj));
         }
-        // Orphan and Foreground deletions wait on the garbage collector's finalizers.
-        let wanted = match options.propagation.as_deref() {
-            Some("Orphan") => Some("orphan"),
-            Some("Foreground") => Some("foregroundDeletion"),
-            _ => None,
-        };
+        // Orphan and Foreground deletions are Kubernetes' `orphan` and `foregroundDeletion`
+        // finalizers, which a garbage collector acts on. None runs yet, so they delete at
+        // once, as Background does (dependents stay, as with Orphan).
         let finalizers = obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        if t.resource.plural != "namespaces" && (!finalizers.is_empty() || wanted.is_some()) {
+        if t.resource.plural != "namespaces" && !finalizers.is_empty() {
             // An object with finalizers is marked and stays until they are all removed.
             let meta = &mut obj["metadata"];
-            let mut finalizers = finalizers;
-            if let Some(f) = wanted {
-                if !finalizers.iter().any(|x| x == f) {
-                    finalizers.push(json!(f));
-                }
-            }
             meta["finalizers"] = Value::Array(finalizers);
             if meta.get("deletionTimestamp").is_none() {
                 meta["deletionTimestamp"] = Value::String(now_rfc3339());
@@ -2259,7 +2322,7 @@ async fn delete(
                     crate::services::release(&state.store, &obj, &owner).await;
                 }
                 if t.resource.plural == "customresourcedefinitions" {
-                    delete_custom_objects(state, &obj).await?;
+                    delete_custom_objects(state, &obj);
                 }
                 after_write(state, t).await;
                 return Ok(json_response(

@@ -321,7 +321,7 @@ pub fn validate(kind: &str, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
                 &mut causes,
             );
         }
-        "CustomResourceDefinition" => causes.extend(crate::crd::validate(obj)),
+        "CustomResourceDefinition" => causes.extend(crate::crd::validate(obj, old)),
         "ConfigMap" | "Secret" => {
             for field in ["data", "binaryData"] {
                 for key in obj

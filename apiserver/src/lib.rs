@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod crd;
 pub mod crypt;
+pub mod discovery;
 pub mod etcd;
 pub mod handler;
 pub mod kinds;

@@ -72,7 +72,7 @@ impl Resource {
             "singularName": self.singular,
             "namespaced": self.namespaced,
             "kind": self.kind,
-            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
             "shortNames": self.short_names,
             "categories": self.categories,
             "storageVersionHash": "",

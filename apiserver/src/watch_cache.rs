@@ -56,6 +56,10 @@ struct Inner {
 /// The cache of one resource.
 pub struct Cache {
     inner: Mutex<Inner>,
+    /// The revision reached, for waiters.
+    reached: tokio::sync::watch::Sender<i64>,
+    /// Asks the store watch for progress (set while it runs).
+    progress: Mutex<Option<crate::etcd::ProgressRequester>>,
 }
 
 /// A watcher's start: the changes after its revision, then the live feed.
@@ -65,6 +69,24 @@ pub struct Subscription {
 }
 
 impl Cache {
+    /// Waits (up to `limit`) until the cache has seen everything up to `revision`, asking
+    /// the store for progress: a client that read at the store's latest revision (a list)
+    /// then watches from it, and other resources' writes move that revision on.
+    pub async fn caught_up(&self, revision: i64, limit: std::time::Duration) -> bool {
+        let mut reached = self.reached.subscribe();
+        if let Some(p) = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            p.request();
+        }
+        tokio::time::timeout(limit, reached.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// The revision the cache has seen everything up to (0: not started).
     pub fn revision(&self) -> i64 {
         self.inner
@@ -114,6 +136,8 @@ impl Caches {
                 revision: 0,
                 live,
             }),
+            reached: tokio::sync::watch::channel(0).0,
+            progress: Mutex::new(None),
         });
         map.insert(prefix.to_string(), cache.clone());
         tokio::spawn(feed(
@@ -160,10 +184,12 @@ async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>
             }
         };
         pause = std::time::Duration::from_millis(100);
+        *cache.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(progress.clone());
         {
             let mut inner = cache.inner.lock().unwrap_or_else(|e| e.into_inner());
             inner.window.clear();
             inner.complete_after = revision;
+            cache.reached.send_replace(revision);
             inner.revision = revision;
             // Watchers of the last run end: their feed has a gap.
             let (live, _) = broadcast::channel(FANOUT);
@@ -186,6 +212,11 @@ async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>
             };
             if resp.canceled {
                 break;
+            }
+            // The answer to the watch's creation carries the store's revision, not one this
+            // watch has delivered everything up to.
+            if resp.created && resp.events.is_empty() {
+                continue;
             }
             let header_rev = resp.header.as_ref().map_or(0, |h| h.revision);
             let mut changes = Vec::new();
@@ -240,9 +271,10 @@ async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>
             if resp.events.is_empty() && header_rev > inner.revision {
                 inner.revision = header_rev;
             }
-            if resp.events.is_empty() && !resp.created {
+            if resp.events.is_empty() {
                 let _ = inner.live.send(Item::Progress(inner.revision));
             }
+            cache.reached.send_replace(inner.revision);
         }
         tracing::debug!(%prefix, "a watch cache's store watch ended; starting over");
         tokio::time::sleep(pause).await;
@@ -274,6 +306,8 @@ mod tests {
                 revision,
                 live,
             }),
+            reached: tokio::sync::watch::channel(revision).0,
+            progress: Mutex::new(None),
         }
     }
 

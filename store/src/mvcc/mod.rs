@@ -433,6 +433,17 @@ impl Mvcc {
         let plan = RangePlan::of(req);
         let mut kvs = Vec::new();
         let mut count = 0i64;
+        if let RangeEnd::Single = RangeEnd::of(&req.range_end) {
+            if let Some((rev, record)) = self.get_record(&req.key, revision)? {
+                if !record.is_tombstone() {
+                    count = 1;
+                    if !plan.count_only && plan.wants(rev, &record) {
+                        kvs.push(to_key_value(req.key.clone(), rev, record));
+                    }
+                }
+            }
+            return Ok(plan.finish(kvs, count, revision));
+        }
         // Every live key is counted (the response's `count`); only those returned are
         // decoded: past the limit a key costs a look at its version field.
         self.scan_raw(
@@ -440,8 +451,13 @@ impl Mvcc {
             RangeEnd::of(&req.range_end),
             revision,
             &mut |key, rev, raw| {
-                if raw_version(raw) == Some(0) {
-                    return Ok(ControlFlow::Continue(()));
+                match raw_version(raw) {
+                    Some(0) => return Ok(ControlFlow::Continue(())),
+                    Some(_) => {}
+                    // Too short to be a record: decoding it reports the corruption.
+                    None => {
+                        let _: KvRecord = decode("kv", raw)?;
+                    }
                 }
                 if plan.count_only || plan.enough(kvs.len()) {
                     count += 1;
