@@ -799,6 +799,42 @@ fn workloads(k: &Kubectl) {
         .ok(&["get", "deploy", "made", "-n", "shop"])
         .contains("2/2"));
 
+    // A pod: defaulted, Pending, and only some of its spec may change.
+    let pod = k.stdin(
+        &["create", "-n", "shop", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: solo\nspec:\n  containers:\n  - name: c\n    image: busybox:1.36\n",
+    );
+    assert!(pod.status.success(), "{}", describe(&pod));
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "pod",
+            "solo",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.status.phase} {.status.qosClass} {.spec.serviceAccountName}"
+        ]),
+        "Pending BestEffort default"
+    );
+    let forbidden = k.run(&[
+        "patch",
+        "pod",
+        "solo",
+        "-n",
+        "shop",
+        "-p",
+        r#"{"spec":{"restartPolicy":"Never"}}"#,
+    ]);
+    assert!(
+        stderr(&forbidden).contains(
+            "The Pod \"solo\" is invalid: spec: Forbidden: pod updates may not change fields"
+        ),
+        "{}",
+        describe(&forbidden)
+    );
+    k.ok(&["delete", "pod", "solo", "-n", "shop"]);
+
     // Server-side apply: created, then a conflict with the manager that changed a field,
     // then taken over with --force-conflicts.
     let ssa = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  k: v\n  j: w\n";

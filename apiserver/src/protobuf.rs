@@ -174,8 +174,15 @@ static DEPLOYMENT: &[Field] = &[
     (3, "status", Msg(EMPTY)),
 ];
 
+static POD: &[Field] = &[
+    (1, "metadata", Msg(OBJECT_META)),
+    (2, "spec", Msg(POD_SPEC)),
+    (3, "status", Msg(EMPTY)),
+];
+
 fn message_of(kind: &str) -> Option<&'static [Field]> {
     match kind {
+        "Pod" => Some(POD),
         "Deployment" => Some(DEPLOYMENT),
         "ConfigMap" => Some(CONFIG_MAP),
         "Secret" => Some(SECRET),
