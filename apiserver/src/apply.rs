@@ -76,17 +76,26 @@ pub fn fields_of(obj: &Value, kind: &str, status: bool) -> Set {
     out
 }
 
+/// The fields of an object (a struct, a map or a keyed list item), each under `f:<name>`.
+fn walk_fields<'a>(
+    m: &'a Map<String, Value>,
+    kind: &str,
+    names: &mut Vec<&'a str>,
+    path: &mut Path,
+    out: &mut Set,
+) {
+    for (k, child) in m {
+        names.push(k);
+        path.push(format!("f:{k}"));
+        walk(child, kind, names, path, out);
+        path.pop();
+        names.pop();
+    }
+}
+
 fn walk<'a>(v: &'a Value, kind: &str, names: &mut Vec<&'a str>, path: &mut Path, out: &mut Set) {
     match v {
-        Value::Object(m) if !m.is_empty() => {
-            for (k, child) in m {
-                names.push(k);
-                path.push(format!("f:{k}"));
-                walk(child, kind, names, path, out);
-                path.pop();
-                names.pop();
-            }
-        }
+        Value::Object(m) if !m.is_empty() => walk_fields(m, kind, names, path, out),
         Value::Array(items) if !items.is_empty() => {
             if let Some(key) = list_key(kind, names) {
                 if items.iter().all(|i| i.get(key).is_some()) {
@@ -94,13 +103,7 @@ fn walk<'a>(v: &'a Value, kind: &str, names: &mut Vec<&'a str>, path: &mut Path,
                         path.push(item_key(key, item));
                         out.insert(path.clone());
                         if let Some(m) = item.as_object() {
-                            for (k, child) in m {
-                                names.push(k);
-                                path.push(format!("f:{k}"));
-                                walk(child, kind, names, path, out);
-                                path.pop();
-                                names.pop();
-                            }
+                            walk_fields(m, kind, names, path, out);
                         }
                         path.pop();
                     }

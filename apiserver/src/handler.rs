@@ -502,12 +502,7 @@ async fn resource_request(
             update(state, &t, name, body, &query).await
         }
         (&Method::PATCH, Some(name)) => {
-            let content_type = req
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
+            let content_type = content_type(&req);
             let patch = read_body(req).await?;
             if content_type.starts_with("application/apply-patch") {
                 return server_side_apply(state, &t, name, &patch, &query).await;
@@ -521,6 +516,15 @@ async fn resource_request(
         }
         _ => Err(ApiError::method_not_allowed(method.as_str())),
     }
+}
+
+/// The request's Content-Type ("" if none).
+fn content_type(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
@@ -537,12 +541,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
-        .to_string();
+    let content_type = content_type(&req);
     let media = content_type
         .split(';')
         .next()

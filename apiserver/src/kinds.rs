@@ -422,6 +422,16 @@ fn workload_valid(spec: &Value, causes: &mut Vec<Cause>) {
     );
 }
 
+/// The `values` of a LabelSelector requirement.
+pub fn requirement_values(requirement: &Value) -> Vec<&str> {
+    requirement["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 /// Whether a LabelSelector (matchLabels and matchExpressions) selects these labels.
 pub fn selector_matches(selector: &Value, labels: &Value) -> bool {
     let label = |k: &str| labels.get(k).and_then(Value::as_str);
@@ -438,12 +448,7 @@ pub fn selector_matches(selector: &Value, labels: &Value) -> bool {
         .flatten()
         .all(|e| {
             let key = e["key"].as_str().unwrap_or("");
-            let values: Vec<&str> = e["values"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+            let values = requirement_values(e);
             match e["operator"].as_str().unwrap_or("") {
                 "In" => label(key).is_some_and(|v| values.contains(&v)),
                 "NotIn" => label(key).is_none_or(|v| !values.contains(&v)),

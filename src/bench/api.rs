@@ -116,6 +116,8 @@ fn read_kubeconfig(path: &std::path::Path) -> anyhow::Result<Kubeconfig> {
 
 type Sender = SendRequest<Full<Bytes>>;
 
+/// Deliveries queued for counting at most.
+const DELIVERY_QUEUE: usize = 1 << 16;
 /// Watches per HTTP/2 connection.
 const WATCHES_PER_CONN: usize = 200;
 
@@ -358,7 +360,8 @@ async fn watch(
     client: &dyn Fn(usize) -> Client,
 ) -> anyhow::Result<Outcome> {
     let origin = Instant::now();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<u64, String>>();
+    // Deliveries waiting to be counted; a full queue holds the watchers back.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<u64, String>>(DELIVERY_QUEUE);
     // Watchers get connections of their own, 200 streams each (servers allow 250 or so),
     // so the writers' requests never queue behind them.
     let mut watch_conns = Vec::new();
@@ -401,11 +404,13 @@ async fn watch(
             let resp = match c.sender.send_request(req).await {
                 Ok(r) if r.status() == StatusCode::OK => r,
                 Ok(r) => {
-                    let _ = tx.send(Err(format!("watch: HTTP {}", r.status().as_u16())));
+                    let _ = tx
+                        .send(Err(format!("watch: HTTP {}", r.status().as_u16())))
+                        .await;
                     return;
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(format!("watch: {e}")));
+                    let _ = tx.send(Err(format!("watch: {e}"))).await;
                     return;
                 }
             };
@@ -426,7 +431,7 @@ async fn watch(
                         .and_then(|s| s.parse::<u64>().ok())
                     {
                         let now = origin.elapsed().as_micros() as u64;
-                        let _ = tx.send(Ok(now.saturating_sub(sent).max(1)));
+                        let _ = tx.send(Ok(now.saturating_sub(sent).max(1))).await;
                     }
                 }
             }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use http::{header, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
@@ -30,12 +30,7 @@ fn selector_string(selector: &Value) -> String {
         .flatten()
     {
         let key = e["key"].as_str().unwrap_or("");
-        let values: Vec<&str> = e["values"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let values = crate::kinds::requirement_values(e);
         terms.push(match e["operator"].as_str().unwrap_or("") {
             "In" => format!("{key} in ({})", values.join(",")),
             "NotIn" => format!("{key} notin ({})", values.join(",")),
@@ -76,12 +71,7 @@ pub(super) async fn scale(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let method = req.method().clone();
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
-        .to_string();
+    let content_type = super::content_type(&req);
     let body = read_body(req).await?;
     let (plural, group) = (t.resource.plural, t.resource.group);
     let key = t.resource.key(t.namespace.as_deref(), name);
