@@ -271,6 +271,20 @@ struct Entry {
     set: Set,
 }
 
+impl Entry {
+    /// A new entry for `w`, stamped now.
+    fn new(w: &Writer, operation: &str, set: Set) -> Entry {
+        Entry {
+            manager: w.manager.clone(),
+            operation: operation.into(),
+            api_version: w.api_version.clone(),
+            subresource: w.subresource.clone(),
+            time: now(),
+            set,
+        }
+    }
+}
+
 fn entries_of(obj: &Value) -> Vec<Entry> {
     obj.pointer("/metadata/managedFields")
         .and_then(Value::as_array)
@@ -370,14 +384,7 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, kind: &str, w: &Write
                 e.time = now();
                 e.api_version = w.api_version.clone();
             }
-            None => entries.push(Entry {
-                manager: w.manager.clone(),
-                operation: "Update".into(),
-                api_version: w.api_version.clone(),
-                subresource: w.subresource.clone(),
-                time: now(),
-                set: changed,
-            }),
+            None => entries.push(Entry::new(w, "Update", changed)),
         }
     }
     store_entries(new, entries);
@@ -402,17 +409,7 @@ pub fn apply(
     let wanted = fields_of(applied, kind, status);
     let Some(live) = live else {
         let mut obj = applied.clone();
-        store_entries(
-            &mut obj,
-            vec![Entry {
-                manager: w.manager.clone(),
-                operation: "Apply".into(),
-                api_version: w.api_version.clone(),
-                subresource: w.subresource.clone(),
-                time: now(),
-                set: wanted,
-            }],
-        );
+        store_entries(&mut obj, vec![Entry::new(w, "Apply", wanted)]);
         return Ok(obj);
     };
     let mut entries = entries_of(live);
@@ -464,14 +461,7 @@ pub fn apply(
     }
     merge(&mut obj, applied, kind, &mut Vec::new());
     entries.retain(|e| !mine(e));
-    entries.push(Entry {
-        manager: w.manager.clone(),
-        operation: "Apply".into(),
-        api_version: w.api_version.clone(),
-        subresource: w.subresource.clone(),
-        time: now(),
-        set: wanted,
-    });
+    entries.push(Entry::new(w, "Apply", wanted));
     store_entries(&mut obj, entries);
     Ok(obj)
 }

@@ -131,17 +131,22 @@ fn count(obj: &Value, fields: &[&str]) -> usize {
         .sum()
 }
 
+/// A Table row: cells and the object's metadata (as PartialObjectMetadata).
+fn row_of(cells: Vec<Value>, obj: &Value) -> Value {
+    json!({
+        "cells": cells,
+        "object": {
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
+        },
+    })
+}
+
 /// A row: the cells and the object's metadata (as PartialObjectMetadata).
 pub fn row(r: &Resource, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Value {
     if let Some((_, cells)) = kinds::columns_and_cells(r, Some(obj), now) {
-        return json!({
-            "cells": cells,
-            "object": {
-                "kind": "PartialObjectMetadata",
-                "apiVersion": "meta.k8s.io/v1",
-                "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
-            },
-        });
+        return row_of(cells, obj);
     }
     let name = obj
         .pointer("/metadata/name")
@@ -175,14 +180,14 @@ pub fn row(r: &Resource, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Val
             text("/involvedObject/kind").to_lowercase(),
             text("/involvedObject/name")
         );
-        return json!({
-            "cells": [seen, text("/type"), text("/reason"), object, text("/message")],
-            "object": {
-                "kind": "PartialObjectMetadata",
-                "apiVersion": "meta.k8s.io/v1",
-                "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
-            },
-        });
+        let cells = [
+            seen,
+            text("/type"),
+            text("/reason"),
+            object,
+            text("/message"),
+        ];
+        return row_of(cells.into_iter().map(Value::String).collect(), obj);
     }
     let mut cells = vec![name];
     match r.plural {
@@ -237,14 +242,7 @@ pub fn row(r: &Resource, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Val
             };
             cells.push(Value::String(age));
             cells.push(json!(selector));
-            return json!({
-                "cells": cells,
-                "object": {
-                    "kind": "PartialObjectMetadata",
-                    "apiVersion": "meta.k8s.io/v1",
-                    "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
-                },
-            });
+            return row_of(cells, obj);
         }
         "endpoints" => {
             let mut eps = Vec::new();
@@ -283,14 +281,7 @@ pub fn row(r: &Resource, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Val
         _ => {}
     }
     cells.push(Value::String(age));
-    json!({
-        "cells": cells,
-        "object": {
-            "kind": "PartialObjectMetadata",
-            "apiVersion": "meta.k8s.io/v1",
-            "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
-        },
-    })
+    row_of(cells, obj)
 }
 
 /// A Table of `items`, with the list's metadata (resourceVersion, continue).
