@@ -570,6 +570,71 @@ fn session(k: &Kubectl) {
     ]);
     assert_eq!(paged.lines().count(), 12, "{paged}");
 
+    // A paged list reads one revision throughout: writes between its pages do not show;
+    // a new list sees them at once; an exact resourceVersion reads the past.
+    let raw_list = |query: &str| -> serde_json::Value {
+        let out = k.ok(&[
+            "get",
+            "--raw",
+            &format!("/api/v1/namespaces/shop/configmaps?labelSelector=set%3Dpages&{query}"),
+        ]);
+        serde_json::from_str(&out).expect("a list")
+    };
+    let names = |list: &serde_json::Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let first = raw_list("limit=5");
+    assert_eq!(
+        names(&first),
+        ["page-00", "page-01", "page-02", "page-03", "page-04"]
+    );
+    let read_at = first["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("rv")
+        .to_string();
+    let token = first["metadata"]["continue"]
+        .as_str()
+        .expect("a continue token")
+        .to_string();
+    let doc =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: page-12\n  labels: {set: pages}\n";
+    let out = k.stdin(&["create", "-n", "shop", "-f", "-"], doc);
+    assert!(out.status.success(), "{}", describe(&out));
+    k.ok(&["delete", "cm", "page-11", "-n", "shop"]);
+    let rest = raw_list(&format!("continue={token}"));
+    assert_eq!(rest["metadata"]["resourceVersion"], read_at.as_str());
+    assert_eq!(
+        names(&rest),
+        ["page-05", "page-06", "page-07", "page-08", "page-09", "page-10", "page-11"],
+        "the rest of the list at its first page's revision"
+    );
+    let now = names(&raw_list(""));
+    assert!(
+        now.contains(&"page-12".to_string()) && !now.contains(&"page-11".to_string()),
+        "{now:?}"
+    );
+    let then = names(&raw_list(&format!(
+        "resourceVersion={read_at}&resourceVersionMatch=Exact"
+    )));
+    assert!(
+        then.contains(&"page-11".to_string()) && !then.contains(&"page-12".to_string()),
+        "{then:?}"
+    );
+    assert_eq!(names(&raw_list("resourceVersion=0")).len(), 12);
+    k.fails_with(
+        &[
+            "get",
+            "--raw",
+            "/api/v1/configmaps?resourceVersion=1&resourceVersionMatch=Newest",
+        ],
+        "resourceVersionMatch: Unsupported value: \"Newest\"",
+    );
+
     // Errors as kubectl prints them for Kubernetes.
     k.fails_with(
         &["get", "cm", "nope", "-n", "shop"],

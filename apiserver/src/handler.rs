@@ -807,6 +807,180 @@ fn decode_continue(token: &str) -> Result<(i64, Vec<u8>), ApiError> {
     Ok((rv, start))
 }
 
+/// Where a list reads: the watch cache at a revision it holds, or the store.
+enum ListFrom {
+    Cache(i64, crate::watch_cache::Snapshot),
+    /// The store, at a revision (0: the latest).
+    Store(i64),
+}
+
+/// Chooses where a list reads, by Kubernetes' resourceVersion rules: unset is a quorum
+/// read (the cache serves it once it has reached the store's current revision), "0" is
+/// any state (the cache as it is), N is "not older than N" (or exactly N with
+/// `resourceVersionMatch=Exact`, from the store); a continued list reads at its token's
+/// revision (a kept snapshot, else the store).
+async fn list_source(
+    state: &State,
+    t: &Target,
+    q: &HashMap<String, String>,
+    continued: Option<i64>,
+) -> Result<ListFrom, ApiError> {
+    let cache = state.caches.get(t.resource, &state.store, &state.codec);
+    let rv = q.get("resourceVersion").map(String::as_str).unwrap_or("");
+    let exact = match q.get("resourceVersionMatch").map(String::as_str) {
+        None | Some("") | Some("NotOlderThan") => false,
+        Some("Exact") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "resourceVersionMatch: Unsupported value: \"{other}\": supported values: \
+                 \"Exact\", \"NotOlderThan\""
+            )))
+        }
+    };
+    if q.contains_key("resourceVersionMatch") && rv.is_empty() {
+        return Err(ApiError::bad_request(
+            "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless \
+             resourceVersion is provided",
+        ));
+    }
+    if let Some(revision) = continued {
+        if !rv.is_empty() {
+            return Err(ApiError::bad_request(
+                "specifying resource version is not allowed when using continue",
+            ));
+        }
+        return Ok(match cache.snapshot_at(revision) {
+            Some(s) => ListFrom::Cache(revision, s),
+            None => ListFrom::Store(revision),
+        });
+    }
+    let wanted = match rv {
+        "" => state.store.get(&t.resource.prefix(None)).await?.1,
+        "0" if exact => {
+            return Err(ApiError::bad_request(
+                "resourceVersionMatch: Forbidden: resourceVersionMatch \"exact\" is forbidden \
+                 for resourceVersion \"0\"",
+            ))
+        }
+        "0" => 1,
+        n => match n.parse::<i64>() {
+            Ok(n) if n > 0 && exact => return Ok(ListFrom::Store(n)),
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid resourceVersion {n:?}"
+                )))
+            }
+        },
+    };
+    if cache.caught_up(wanted, CACHE_CATCH_UP).await {
+        if let Some((revision, s)) = cache.snapshot() {
+            return Ok(ListFrom::Cache(revision, s));
+        }
+    }
+    Ok(ListFrom::Store(0))
+}
+
+/// One page of a list, as the JSON texts of its items (resourceVersion set); with the
+/// revision it was read at and where the next page starts, if one follows.
+struct Page {
+    items: Vec<Bytes>,
+    revision: i64,
+    next: Option<Vec<u8>>,
+}
+
+/// A page from a cache snapshot: up to `limit` (0: all) matching objects under `prefix`
+/// from `start`.
+fn page_from_snapshot(
+    snapshot: &crate::watch_cache::Snapshot,
+    revision: i64,
+    prefix: &str,
+    start: &[u8],
+    limit: i64,
+    filter: &Filter,
+) -> Page {
+    let from = if start > prefix.as_bytes() {
+        String::from_utf8_lossy(start).into_owned()
+    } else {
+        prefix.to_string()
+    };
+    let mut items = Vec::new();
+    let mut next = None;
+    let mut last: Option<&String> = None;
+    for (key, entry) in snapshot.range(from..) {
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if limit > 0 && items.len() as i64 >= limit {
+            // More follow: the next page starts just after the last key looked at.
+            next = last.map(|k| {
+                let mut n = k.clone().into_bytes();
+                n.push(0);
+                n
+            });
+            break;
+        }
+        last = Some(key);
+        if filter.matches(&entry.selectable) {
+            items.push(entry.json.clone());
+        }
+    }
+    Page {
+        items,
+        revision,
+        next,
+    }
+}
+
+/// A page from the store at `revision` (0: now).
+async fn page_from_store(
+    state: &State,
+    prefix: &str,
+    start: &[u8],
+    limit: i64,
+    revision: i64,
+    filter: &Filter,
+) -> Result<Page, ApiError> {
+    let (kvs, more, read_at) = match state.store.list(prefix, start, limit, revision).await {
+        Err(e) if e.code == 410 && revision > 0 => {
+            return Err(ApiError::gone(
+                "The provided continue parameter is too old to display a consistent list \
+                 result. You can start a new list without the continue parameter.",
+            ))
+        }
+        other => other?,
+    };
+    let mut items = Vec::with_capacity(kvs.len());
+    for kv in &kvs {
+        let value = state.codec.open(&kv.key, &kv.value)?;
+        if filter.is_empty() {
+            // No selector to read: the stored text goes out with only its resourceVersion
+            // added, no object parsed whole.
+            if let Some(raw) = raw_with_revision(&value, kv.mod_revision) {
+                items.push(Bytes::from(raw));
+                continue;
+            }
+        }
+        let obj = decode(&state.codec, kv)?;
+        if filter.matches(&obj) {
+            items.push(Bytes::from(serde_json::to_vec(&obj).unwrap_or_default()));
+        }
+    }
+    let next = match (more, kvs.last()) {
+        (true, Some(last)) => {
+            let mut next = last.key.clone();
+            next.push(0);
+            Some(next)
+        }
+        _ => None,
+    };
+    Ok(Page {
+        items,
+        revision: if revision > 0 { revision } else { read_at },
+        next,
+    })
+}
+
 async fn list(
     state: &State,
     t: &Target,
@@ -824,7 +998,7 @@ async fn list(
             ))
         }
     };
-    let (revision, start) = match q.get("continue").filter(|c| !c.is_empty()) {
+    let continued = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(token) => {
             let (rv, start) = decode_continue(token)?;
             // A token only continues the list it came from.
@@ -833,81 +1007,62 @@ async fn list(
                     "continue key is not valid: it does not belong to this list",
                 ));
             }
-            (rv, start)
+            Some((rv, start))
         }
-        None => (0, Vec::new()),
+        None => None,
     };
-    let (kvs, more, read_at) =
-        match state.store.list(&prefix, &start, limit, revision).await {
-            Err(e) if e.code == 410 && revision > 0 => return Err(ApiError::gone(
-                "The provided continue parameter is too old to display a consistent list result. \
-                 You can start a new list without the continue parameter.",
-            )),
-            other => other?,
-        };
-    let read_at = if revision > 0 { revision } else { read_at };
-    let mut meta = json!({"resourceVersion": read_at.to_string()});
-    if more {
-        if let Some(last) = kvs.last() {
-            let mut next = last.key.clone();
-            next.push(0);
-            meta["continue"] = Value::String(encode_continue(read_at, &next));
-        }
-    }
-    // Without selectors or a Table, items go out as stored, only their resourceVersion
-    // added: no object is parsed whole (most of a list's cost otherwise).
-    if !as_table && filter.is_empty() {
-        let head = json!({
-            "kind": format!("{}List", t.resource.kind),
-            "apiVersion": t.resource.api_version(),
-            "metadata": meta,
-        });
-        let mut out = serde_json::to_vec(&head).unwrap_or_default();
-        out.pop();
-        out.extend_from_slice(b",\"items\":[");
-        for (i, kv) in kvs.iter().enumerate() {
-            let value = state.codec.open(&kv.key, &kv.value)?;
-            if i > 0 {
-                out.push(b',');
+    let start = continued.as_ref().map_or(&[][..], |(_, s)| s.as_slice());
+    let page = match list_source(state, t, q, continued.as_ref().map(|c| c.0)).await? {
+        ListFrom::Cache(revision, snapshot) => {
+            let page = page_from_snapshot(&snapshot, revision, &prefix, start, limit, &filter);
+            if page.next.is_some() {
+                state
+                    .caches
+                    .get(t.resource, &state.store, &state.codec)
+                    .keep(revision, snapshot);
             }
-            match raw_with_revision(&value, kv.mod_revision) {
-                Some(raw) => out.extend_from_slice(&raw),
-                None => {
-                    let obj = decode(&state.codec, kv)?;
-                    out.extend_from_slice(&serde_json::to_vec(&obj).unwrap_or_default());
-                }
-            }
+            page
         }
-        out.extend_from_slice(b"]}");
-        let mut resp = Response::new(Full::new(Bytes::from(out)).boxed());
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        return Ok(resp);
-    }
-    let mut items = Vec::with_capacity(kvs.len());
-    for kv in &kvs {
-        let obj = decode(&state.codec, kv)?;
-        if filter.matches(&obj) {
-            items.push(obj);
+        ListFrom::Store(revision) => {
+            page_from_store(state, &prefix, start, limit, revision, &filter).await?
         }
+    };
+    let mut meta = json!({"resourceVersion": page.revision.to_string()});
+    if let Some(next) = &page.next {
+        meta["continue"] = Value::String(encode_continue(page.revision, next));
     }
     if as_table {
+        let items: Vec<Value> = page
+            .items
+            .iter()
+            .filter_map(|b| serde_json::from_slice(b).ok())
+            .collect();
         return Ok(json_response(
             StatusCode::OK,
             &crate::table::table(t.resource, &items, meta),
         ));
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "kind": format!("{}List", t.resource.kind),
-            "apiVersion": t.resource.api_version(),
-            "metadata": meta,
-            "items": items,
-        }),
-    ))
+    let head = json!({
+        "kind": format!("{}List", t.resource.kind),
+        "apiVersion": t.resource.api_version(),
+        "metadata": meta,
+    });
+    let mut out = serde_json::to_vec(&head).unwrap_or_default();
+    out.pop();
+    out.extend_from_slice(b",\"items\":[");
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item);
+    }
+    out.extend_from_slice(b"]}");
+    let mut resp = Response::new(Full::new(Bytes::from(out)).boxed());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
 }
 
 /// A stored object (JSON) with `metadata.resourceVersion` set, rewritten at the top two
@@ -980,32 +1135,36 @@ async fn watch(
         .try_acquire_owned()
         .map_err(|_| ApiError::too_many_requests())?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WATCH_BUFFER);
-    let cache = state
-        .caches
-        .get(&t.resource.prefix(None), &state.store, &state.codec);
-    // Without a resourceVersion (or "0"), a watch starts with the current objects as ADDED,
-    // read in pages at one revision (the cache's, if it has started); changes follow from
-    // the next.
-    let (initial, from) = match q.get("resourceVersion").map(String::as_str) {
-        None | Some("") | Some("0") => {
-            let revision = match cache.revision() {
-                0 => state.store.list(&prefix, &[], 1, 0).await?.2,
-                r => r,
-            };
-            (Some(revision), revision + 1)
+    let cache = state.caches.get(t.resource, &state.store, &state.codec);
+    // Without a resourceVersion (or "0"), a watch starts with the current objects as ADDED:
+    // the cache's, taken together with its feed; read from the store in pages if the
+    // cache has not loaded. Changes follow from the next revision.
+    let rv = q.get("resourceVersion").map(String::as_str).unwrap_or("");
+    let (initial, from, mut sub) = if rv.is_empty() || rv == "0" {
+        if cache.revision() == 0 {
+            cache.caught_up(1, CACHE_CATCH_UP).await;
         }
-        Some(rv) => {
-            let n =
-                rv.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                    ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
-                })?;
-            (None, n.saturating_add(1))
+        match cache.start() {
+            Some((revision, snapshot, sub)) => (Initial::Cache(snapshot), revision + 1, Some(sub)),
+            None => {
+                let revision = state.store.get(&t.resource.prefix(None)).await?.1;
+                (Initial::Store(revision), revision + 1, None)
+            }
         }
+    } else {
+        let n = rv
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?;
+        (Initial::None, n.saturating_add(1), None)
     };
     let bookmarks = is_true(q.get("allowWatchBookmarks"));
     // Served from the watch cache when it holds every change since `from`; else from a
     // store watch of its own.
-    let mut sub = cache.subscribe(from - 1);
+    if sub.is_none() {
+        sub = cache.subscribe(from - 1);
+    }
     if sub.is_none() && cache.revision() > 0 && from - 1 > cache.revision() {
         // The client read at a revision the cache has not reached yet (other resources'
         // writes move the store's revision on): give it a moment to catch up.
@@ -1027,7 +1186,23 @@ async fn watch(
         let _permit = permit;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
-        if let Some(revision) = initial {
+        let watcher = CacheWatcher {
+            cache: &cache,
+            after: from - 1,
+            filter: &filter,
+            prefix: &prefix,
+            tx: &tx,
+            shape: &shape,
+            as_table,
+            kind,
+            api_version: &api_version,
+        };
+        if let Initial::Cache(snapshot) = &initial {
+            if !watcher.initial(snapshot, deadline.as_mut()).await {
+                return;
+            }
+        }
+        if let Initial::Store(revision) = initial {
             let mut start: Vec<u8> = Vec::new();
             loop {
                 let page = tokio::select! {
@@ -1062,16 +1237,6 @@ async fn watch(
         }
         let (mut events, progress) = match source {
             Source::Cache(sub) => {
-                let watcher = CacheWatcher {
-                    cache: &cache,
-                    after: from - 1,
-                    filter: &filter,
-                    prefix: &prefix,
-                    tx: &tx,
-                    shape: &shape,
-                    kind,
-                    api_version: &api_version,
-                };
                 watcher.run(sub, bookmarks, deadline).await;
                 return;
             }
@@ -1173,6 +1338,16 @@ async fn watch(
 
 use futures::StreamExt;
 
+/// What a watch sends before its changes.
+enum Initial {
+    /// Nothing: it starts after a resourceVersion.
+    None,
+    /// The cache's objects.
+    Cache(crate::watch_cache::Snapshot),
+    /// The store's objects at a revision.
+    Store(i64),
+}
+
 /// Where a watch's changes come from.
 enum Source {
     Cache(crate::watch_cache::Subscription),
@@ -1192,6 +1367,8 @@ struct CacheWatcher<'a, F: Fn(Value) -> Value> {
     prefix: &'a str,
     tx: &'a tokio::sync::mpsc::Sender<Bytes>,
     shape: &'a F,
+    /// Events carry one-row Tables (`shape` makes them) instead of the objects' text.
+    as_table: bool,
     kind: &'static str,
     api_version: &'a str,
 }
@@ -1203,21 +1380,59 @@ impl<F: Fn(Value) -> Value> CacheWatcher<'_, F> {
         if !c.key.starts_with(self.prefix) {
             return None;
         }
-        let prev_matched = c.prev.as_ref().is_some_and(|p| self.filter.matches(p));
+        let prev_matched = c
+            .prev
+            .as_ref()
+            .is_some_and(|p| self.filter.matches(&p.selectable));
         let kind = if c.deleted {
             if !prev_matched {
                 return None;
             }
             "DELETED"
         } else {
-            match (self.filter.matches(&c.object), prev_matched) {
+            match (self.filter.matches(&c.object.selectable), prev_matched) {
                 (true, true) => "MODIFIED",
                 (true, false) => "ADDED",
                 (false, true) => "DELETED",
                 (false, false) => return None,
             }
         };
-        Some(watch_event(kind, (self.shape)(c.object.clone())))
+        Some(self.encode(kind, &c.object))
+    }
+
+    fn encode(&self, kind: &str, entry: &crate::watch_cache::Entry) -> Bytes {
+        if self.as_table {
+            return watch_event(kind, (self.shape)(entry.object()));
+        }
+        let mut line = Vec::with_capacity(entry.json.len() + 32);
+        line.extend_from_slice(b"{\"type\":\"");
+        line.extend_from_slice(kind.as_bytes());
+        line.extend_from_slice(b"\",\"object\":");
+        line.extend_from_slice(&entry.json);
+        line.extend_from_slice(b"}\n");
+        Bytes::from(line)
+    }
+
+    /// Sends every object of `snapshot` the watch selects as ADDED; false if the watch
+    /// ended meanwhile.
+    async fn initial(
+        &self,
+        snapshot: &crate::watch_cache::Snapshot,
+        mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> bool {
+        for (key, entry) in snapshot.range(self.prefix.to_string()..) {
+            if !key.starts_with(self.prefix) {
+                break;
+            }
+            if !self.filter.matches(&entry.selectable) {
+                continue;
+            }
+            tokio::select! {
+                sent = self.tx.send(self.encode("ADDED", entry)) => if sent.is_err() { return false },
+                _ = &mut deadline => return false,
+            }
+        }
+        true
     }
 
     async fn run(

@@ -1,14 +1,21 @@
 //! The watch cache: one store watch per resource per apiserver, shared by every client
-//! watch of that resource.
+//! list and watch of that resource.
 //!
-//! Each event is read and decoded once, kept in a window of recent events (for watches that
-//! start from a resourceVersion) and fanned out to the watchers. A watch that starts from a
-//! revision older than the window (or before the cache began) is served by a store watch of
-//! its own instead, so nothing a client may ask for is refused that the store could give.
+//! The cache loads every object of its resource once, then follows the store's changes.
+//! It holds the objects (a persistent ordered map, so a snapshot at one revision costs a
+//! pointer copy and is kept for the pages of a list that continue it) and a window of
+//! recent changes (for watches that start from a resourceVersion), and fans changes out
+//! to the watchers. Each object is decoded once and kept as the JSON a client receives,
+//! with the few fields selectors read beside it: lists and watch events are written from
+//! those bytes, not re-encoded per client. A watch that starts older than the window is
+//! served by a store watch of its own, a list the cache cannot serve consistently by the
+//! store, so nothing a client may ask for is refused that the store could give.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use flotilla_proto::mvccpb::event::EventType;
 use serde_json::Value;
 use tokio::sync::broadcast;
@@ -21,18 +28,75 @@ const WINDOW: usize = 10_000;
 /// Events a live watcher may fall behind by before it is cut off (it re-watches from its
 /// last resourceVersion, served from the window).
 const FANOUT: usize = 4096;
+/// Objects read per store request while the cache loads.
+const LOAD_PAGE: i64 = 2_000;
+/// Snapshots kept for lists that continue in pages, and for how long.
+const KEEP: usize = 16;
+const KEEP_FOR: Duration = Duration::from_secs(75);
 
-/// One change, decoded.
+/// One object as the cache holds it.
+#[derive(Debug)]
+pub struct Entry {
+    /// The object's JSON as a client receives it (resourceVersion set).
+    pub json: Bytes,
+    /// What selectors read: `metadata.labels`, `.name`, `.namespace` and the resource's
+    /// field labels, at their places in the object.
+    pub selectable: Value,
+}
+
+impl Entry {
+    /// `obj` (resourceVersion set) with the selectable `fields` of its resource.
+    pub fn new(obj: &Value, fields: &[&str]) -> Entry {
+        let mut selectable = serde_json::json!({"metadata": {}});
+        for field in ["metadata.labels", "metadata.name", "metadata.namespace"]
+            .iter()
+            .chain(fields)
+        {
+            let pointer = format!("/{}", field.replace('.', "/"));
+            if let Some(v) = obj.pointer(&pointer) {
+                let mut at = &mut selectable;
+                let mut parts = field.split('.').peekable();
+                while let Some(part) = parts.next() {
+                    if !at.is_object() {
+                        break;
+                    }
+                    if parts.peek().is_none() {
+                        at[part] = v.clone();
+                    } else {
+                        if at.get(part).is_none() {
+                            at[part] = serde_json::json!({});
+                        }
+                        at = &mut at[part];
+                    }
+                }
+            }
+        }
+        Entry {
+            json: Bytes::from(serde_json::to_vec(obj).unwrap_or_default()),
+            selectable,
+        }
+    }
+
+    /// The whole object, decoded (for Tables).
+    pub fn object(&self) -> Value {
+        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+    }
+}
+
+/// Every object of a resource at one revision, by store key.
+pub type Snapshot = imbl::OrdMap<String, Arc<Entry>>;
+
+/// One change.
 #[derive(Debug)]
 pub struct Change {
     /// The store revision of the change.
     pub revision: i64,
     pub key: String,
     pub deleted: bool,
-    /// The object after the change (before it, for a delete), resourceVersion set.
-    pub object: Value,
+    /// The object after the change (before it, for a delete, with the delete's revision).
+    pub object: Arc<Entry>,
     /// The object before the change, if any.
-    pub prev: Option<Value>,
+    pub prev: Option<Arc<Entry>>,
 }
 
 /// What a watcher receives: a change, or word that the store has reached a revision.
@@ -43,14 +107,18 @@ pub enum Item {
 }
 
 struct Inner {
-    /// Changes after `start` up to `revision`, oldest first.
+    /// Every object at `revision`.
+    objects: Snapshot,
+    /// Changes after `complete_after` up to `revision`, oldest first.
     window: VecDeque<Arc<Change>>,
-    /// Every change after this revision is in the window: the revision the cache began at,
-    /// or that of the last change to age out.
+    /// Every change after this revision is in the window: the revision the cache loaded
+    /// at, or that of the last change to age out.
     complete_after: i64,
-    /// The revision the cache has seen everything up to.
+    /// The revision the cache has seen everything up to (0: not loaded yet).
     revision: i64,
     live: broadcast::Sender<Item>,
+    /// Snapshots that lists continue from, newest last.
+    kept: VecDeque<(i64, Instant, Snapshot)>,
 }
 
 /// The cache of one resource.
@@ -60,6 +128,8 @@ pub struct Cache {
     reached: tokio::sync::watch::Sender<i64>,
     /// Asks the store watch for progress (set while it runs).
     progress: Mutex<Option<crate::etcd::ProgressRequester>>,
+    /// The resource's field labels.
+    fields: &'static [&'static str],
 }
 
 /// A watcher's start: the changes after its revision, then the live feed.
@@ -69,11 +139,35 @@ pub struct Subscription {
 }
 
 impl Cache {
+    fn new(fields: &'static [&'static str], revision: i64) -> Cache {
+        let (live, _) = broadcast::channel(FANOUT);
+        Cache {
+            inner: Mutex::new(Inner {
+                objects: Snapshot::new(),
+                window: VecDeque::new(),
+                complete_after: revision,
+                revision,
+                live,
+                kept: VecDeque::new(),
+            }),
+            reached: tokio::sync::watch::channel(revision).0,
+            progress: Mutex::new(None),
+            fields,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Waits (up to `limit`) until the cache has seen everything up to `revision`, asking
-    /// the store for progress: a client that read at the store's latest revision (a list)
-    /// then watches from it, and other resources' writes move that revision on.
-    pub async fn caught_up(&self, revision: i64, limit: std::time::Duration) -> bool {
+    /// the store for progress: a client that read at the store's latest revision then
+    /// lists or watches, and other resources' writes move that revision on.
+    pub async fn caught_up(&self, revision: i64, limit: Duration) -> bool {
         let mut reached = self.reached.subscribe();
+        if *reached.borrow() >= revision.max(1) {
+            return true;
+        }
         if let Some(p) = self
             .progress
             .lock()
@@ -82,23 +176,67 @@ impl Cache {
         {
             p.request();
         }
-        tokio::time::timeout(limit, reached.wait_for(|r| *r >= revision))
+        tokio::time::timeout(limit, reached.wait_for(|r| *r >= revision.max(1)))
             .await
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// The revision the cache has seen everything up to (0: not started).
+    /// The revision the cache has seen everything up to (0: not loaded).
     pub fn revision(&self) -> i64 {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .revision
+        self.lock().revision
+    }
+
+    /// Every object at the cache's revision, or None if it has not loaded.
+    pub fn snapshot(&self) -> Option<(i64, Snapshot)> {
+        let inner = self.lock();
+        (inner.revision > 0).then(|| (inner.revision, inner.objects.clone()))
+    }
+
+    /// The objects at `revision`, if the cache is there or kept a snapshot of it.
+    pub fn snapshot_at(&self, revision: i64) -> Option<Snapshot> {
+        let inner = self.lock();
+        if inner.revision == revision && revision > 0 {
+            return Some(inner.objects.clone());
+        }
+        inner
+            .kept
+            .iter()
+            .find(|(r, at, _)| *r == revision && at.elapsed() < KEEP_FOR)
+            .map(|(_, _, s)| s.clone())
+    }
+
+    /// Keeps a snapshot a list continues from, for a while.
+    pub fn keep(&self, revision: i64, snapshot: Snapshot) {
+        let mut inner = self.lock();
+        inner
+            .kept
+            .retain(|(r, at, _)| *r != revision && at.elapsed() < KEEP_FOR);
+        if inner.kept.len() >= KEEP {
+            inner.kept.pop_front();
+        }
+        inner.kept.push_back((revision, Instant::now(), snapshot));
+    }
+
+    /// Every object at the cache's revision and every change after it, taken together
+    /// (a watch that starts with the current objects); None if it has not loaded.
+    pub fn start(&self) -> Option<(i64, Snapshot, Subscription)> {
+        let inner = self.lock();
+        (inner.revision > 0).then(|| {
+            (
+                inner.revision,
+                inner.objects.clone(),
+                Subscription {
+                    backlog: Vec::new(),
+                    live: inner.live.subscribe(),
+                },
+            )
+        })
     }
 
     /// Changes after `after` and everything from then on, or None if `after` is older than
     /// the window (the caller then watches the store itself).
     pub fn subscribe(&self, after: i64) -> Option<Subscription> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = self.lock();
         if inner.revision == 0 || after < inner.complete_after || after > inner.revision {
             return None;
         }
@@ -115,37 +253,28 @@ impl Cache {
     }
 }
 
-/// The caches of this apiserver, by resource prefix; started on first use.
+/// The caches of this apiserver, by resource; started on first use.
 #[derive(Default)]
 pub struct Caches {
     by_prefix: Mutex<HashMap<String, Arc<Cache>>>,
 }
 
 impl Caches {
-    /// The cache of the resource under `prefix`, started if it was not.
-    pub fn get(&self, prefix: &str, store: &Store, codec: &Arc<Codec>) -> Arc<Cache> {
+    /// The cache of `resource`, started if it was not.
+    pub fn get(
+        &self,
+        resource: &crate::resources::Resource,
+        store: &Store,
+        codec: &Arc<Codec>,
+    ) -> Arc<Cache> {
+        let prefix = resource.prefix(None);
         let mut map = self.by_prefix.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(prefix) {
+        if let Some(c) = map.get(&prefix) {
             return c.clone();
         }
-        let (live, _) = broadcast::channel(FANOUT);
-        let cache = Arc::new(Cache {
-            inner: Mutex::new(Inner {
-                window: VecDeque::new(),
-                complete_after: 0,
-                revision: 0,
-                live,
-            }),
-            reached: tokio::sync::watch::channel(0).0,
-            progress: Mutex::new(None),
-        });
-        map.insert(prefix.to_string(), cache.clone());
-        tokio::spawn(feed(
-            cache.clone(),
-            prefix.to_string(),
-            store.clone(),
-            codec.clone(),
-        ));
+        let cache = Arc::new(Cache::new(resource.field_labels, 0));
+        map.insert(prefix.clone(), cache.clone());
+        tokio::spawn(feed(cache.clone(), prefix, store.clone(), codec.clone()));
         cache
     }
 }
@@ -153,51 +282,85 @@ impl Caches {
 fn decode(codec: &Codec, key: &[u8], value: &[u8], revision: i64) -> Option<Value> {
     let value = codec.open(key, value).ok()?;
     let mut obj: Value = serde_json::from_slice(&value).ok()?;
+    set_revision(&mut obj, revision);
+    Some(obj)
+}
+
+fn set_revision(obj: &mut Value, revision: i64) {
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert(
             "resourceVersion".into(),
             Value::String(revision.to_string()),
         );
     }
-    Some(obj)
 }
 
-/// Follows the store for one resource, for the life of the process. On any break it
-/// starts over from the current revision with an empty window, ending its watchers (they
-/// re-watch, from the store if their revision is older than the new window).
+/// Every object under `prefix` at one revision, read in pages.
+async fn load(
+    store: &Store,
+    codec: &Codec,
+    prefix: &str,
+    fields: &[&str],
+) -> Result<(i64, Snapshot), crate::status::ApiError> {
+    let mut objects = Snapshot::new();
+    let (mut start, mut revision) = (Vec::new(), 0);
+    loop {
+        let (kvs, more, read_at) = store.list(prefix, &start, LOAD_PAGE, revision).await?;
+        revision = read_at;
+        for kv in &kvs {
+            if let Some(obj) = decode(codec, &kv.key, &kv.value, kv.mod_revision) {
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                objects.insert(key, Arc::new(Entry::new(&obj, fields)));
+            }
+        }
+        match (more, kvs.last()) {
+            (true, Some(last)) => {
+                start = last.key.clone();
+                start.push(0);
+            }
+            _ => return Ok((revision, objects)),
+        }
+    }
+}
+
+/// Follows the store for one resource, for the life of the process. On any break it loads
+/// the objects again and starts over from their revision with an empty window, ending its
+/// watchers (they re-watch, from the store if their revision is older than the new window).
 async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>) {
-    let mut pause = std::time::Duration::from_millis(100);
+    let mut pause = Duration::from_millis(100);
     loop {
         let started = async {
-            let (_, _, revision) = store.list(&prefix, &[], 1, 0).await?;
+            let (revision, objects) = load(&store, &codec, &prefix, cache.fields).await?;
             let (events, progress) = store.watch(&prefix, revision + 1).await?;
-            Ok::<_, crate::status::ApiError>((revision, events, progress))
+            Ok::<_, crate::status::ApiError>((revision, objects, events, progress))
         }
         .await;
-        let (revision, mut events, progress) = match started {
+        let (revision, objects, mut events, progress) = match started {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(%prefix, error = %e, "starting a watch cache; retrying");
+                tracing::debug!(%prefix, error = %e, "loading a watch cache; retrying");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                pause = (pause * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        pause = std::time::Duration::from_millis(100);
+        pause = Duration::from_millis(100);
         *cache.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(progress.clone());
         {
-            let mut inner = cache.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = cache.lock();
+            inner.objects = objects;
             inner.window.clear();
+            inner.kept.clear();
             inner.complete_after = revision;
-            cache.reached.send_replace(revision);
             inner.revision = revision;
             // Watchers of the last run end: their feed has a gap.
             let (live, _) = broadcast::channel(FANOUT);
             inner.live = live;
+            cache.reached.send_replace(revision);
         }
         // Progress is asked for now and then, so an idle resource's revision keeps up and
         // bookmarks carry a recent one.
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             let msg = tokio::select! {
                 m = events.message() => m,
@@ -219,47 +382,43 @@ async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>
                 continue;
             }
             let header_rev = resp.header.as_ref().map_or(0, |h| h.revision);
-            let mut changes = Vec::new();
+            // Decoded before the lock is taken; the previous object of a put is the cache's.
+            let mut decoded = Vec::new();
             for ev in &resp.events {
                 let Some(kv) = ev.kv.as_ref() else { continue };
                 let key = String::from_utf8_lossy(&kv.key).into_owned();
-                let prev = ev
-                    .prev_kv
-                    .as_ref()
-                    .and_then(|p| decode(&codec, &p.key, &p.value, p.mod_revision));
-                let deleted = ev.r#type == EventType::Delete as i32;
-                let object = if deleted {
-                    match &prev {
-                        Some(p) => {
-                            let mut p = p.clone();
-                            if let Some(meta) = p.get_mut("metadata").and_then(Value::as_object_mut)
-                            {
-                                meta.insert(
-                                    "resourceVersion".into(),
-                                    Value::String(kv.mod_revision.to_string()),
-                                );
-                            }
-                            p
-                        }
+                let entry = if ev.r#type == EventType::Delete as i32 {
+                    let Some(p) = ev.prev_kv.as_ref() else {
+                        continue;
+                    };
+                    match decode(&codec, &p.key, &p.value, kv.mod_revision) {
+                        Some(o) => (true, Entry::new(&o, cache.fields)),
                         None => continue,
                     }
                 } else {
                     match decode(&codec, &kv.key, &kv.value, kv.mod_revision) {
-                        Some(o) => o,
+                        Some(o) => (false, Entry::new(&o, cache.fields)),
                         None => continue,
                     }
                 };
-                changes.push(Arc::new(Change {
-                    revision: kv.mod_revision,
+                decoded.push((kv.mod_revision, key, entry));
+            }
+            let mut inner = cache.lock();
+            for (revision, key, (deleted, entry)) in decoded {
+                let object = Arc::new(entry);
+                let prev = if deleted {
+                    inner.objects.remove(&key).or_else(|| Some(object.clone()))
+                } else {
+                    inner.objects.insert(key.clone(), object.clone())
+                };
+                let c = Arc::new(Change {
+                    revision,
                     key,
                     deleted,
                     object,
                     prev,
-                }));
-            }
-            let mut inner = cache.inner.lock().unwrap_or_else(|e| e.into_inner());
-            for c in changes {
-                inner.revision = inner.revision.max(c.revision);
+                });
+                inner.revision = inner.revision.max(revision);
                 inner.window.push_back(c.clone());
                 if inner.window.len() > WINDOW {
                     if let Some(old) = inner.window.pop_front() {
@@ -285,30 +444,32 @@ async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>
 mod tests {
     use super::*;
 
+    fn change(revision: i64, key: &str, deleted: bool) -> Arc<Change> {
+        let obj = serde_json::json!({
+            "metadata": {"name": key, "namespace": "default", "labels": {"app": "a"},
+                         "resourceVersion": revision.to_string()},
+            "spec": {"nodeName": "n1", "containers": []},
+        });
+        Arc::new(Change {
+            revision,
+            key: format!("/registry/pods/default/{key}"),
+            deleted,
+            object: Arc::new(Entry::new(&obj, &["spec.nodeName"])),
+            prev: None,
+        })
+    }
+
     fn cache(changes: &[i64], complete_after: i64, revision: i64) -> Cache {
-        let (live, _) = broadcast::channel(16);
-        let window = changes
-            .iter()
-            .map(|&r| {
-                Arc::new(Change {
-                    revision: r,
-                    key: format!("/registry/pods/default/p{r}"),
-                    deleted: false,
-                    object: Value::Null,
-                    prev: None,
-                })
-            })
-            .collect();
-        Cache {
-            inner: Mutex::new(Inner {
-                window,
-                complete_after,
-                revision,
-                live,
-            }),
-            reached: tokio::sync::watch::channel(revision).0,
-            progress: Mutex::new(None),
+        let c = Cache::new(&[], revision);
+        {
+            let mut inner = c.lock();
+            inner.complete_after = complete_after;
+            inner.window = changes
+                .iter()
+                .map(|&r| change(r, &format!("p{r}"), false))
+                .collect();
         }
+        c
     }
 
     #[test]
@@ -324,5 +485,41 @@ mod tests {
         );
         assert!(c.subscribe(17).is_none(), "newer than the cache has seen");
         assert!(cache(&[], 0, 0).subscribe(0).is_none(), "not started");
+    }
+
+    #[test]
+    fn entries_keep_what_selectors_read_and_the_json_clients_get() {
+        let e = &change(7, "p", false).object;
+        assert_eq!(
+            e.selectable,
+            serde_json::json!({
+                "metadata": {"name": "p", "namespace": "default", "labels": {"app": "a"}},
+                "spec": {"nodeName": "n1"},
+            })
+        );
+        assert_eq!(e.object()["metadata"]["resourceVersion"], "7");
+        assert_eq!(e.object()["spec"]["containers"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn snapshots_are_kept_for_continued_lists() {
+        let c = cache(&[], 0, 5);
+        let mut snap = Snapshot::new();
+        snap.insert(
+            "/registry/pods/default/a".into(),
+            change(3, "a", false).object.clone(),
+        );
+        c.keep(4, snap);
+        assert_eq!(c.snapshot_at(4).map(|s| s.len()), Some(1));
+        assert_eq!(
+            c.snapshot_at(5).map(|s| s.len()),
+            Some(0),
+            "the current state"
+        );
+        assert!(c.snapshot_at(3).is_none(), "never kept");
+        for r in 10..10 + KEEP as i64 {
+            c.keep(r, Snapshot::new());
+        }
+        assert!(c.snapshot_at(4).is_none(), "the oldest gives way");
     }
 }
