@@ -759,6 +759,7 @@ fn session(k: &Kubectl) {
 
     workloads(k);
     custom_resources(k);
+    both_event_apis(k);
 
     // Deleting a namespace deletes what is in it; nothing new may be made there meanwhile.
     assert_eq!(
@@ -1066,6 +1067,102 @@ fn custom_resources(k: &Kubectl) {
         &["get", "widgets.example.com", "-n", "shop"],
         "the server doesn't have a resource type",
     );
+}
+
+/// Events through both APIs: one object, two forms.
+fn both_event_apis(k: &Kubectl) {
+    let new_form = r#"
+apiVersion: events.k8s.io/v1
+kind: Event
+metadata: {name: started.1, namespace: shop}
+eventTime: "2026-01-01T00:00:00.000000Z"
+reportingController: flotilla.dev/agent
+reportingInstance: node-1
+action: Started
+reason: Started
+type: Normal
+note: container web started
+regarding: {kind: Pod, namespace: shop, name: web-0, apiVersion: v1}
+"#;
+    let out = k.stdin(&["create", "-f", "-"], new_form);
+    assert!(out.status.success(), "{}", describe(&out));
+    // The core API reads it in its own form.
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "events.v1.",
+            "started.1",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.message}/{.involvedObject.name}/{.reportingComponent}",
+        ]),
+        "container web started/web-0/flotilla.dev/agent"
+    );
+    // A core Event reads in the events.k8s.io form, selected by its regarding object.
+    let core_form = "apiVersion: v1\nkind: Event\nmetadata: {name: pulled.1, namespace: shop}\n\
+        involvedObject: {kind: Pod, namespace: shop, name: web-1}\nreason: Pulled\n\
+        message: image pulled\ntype: Normal\ncount: 2\n";
+    let out = k.stdin(&["create", "-f", "-"], core_form);
+    assert!(out.status.success(), "{}", describe(&out));
+    let raw = k.ok(&[
+        "get",
+        "--raw",
+        "/apis/events.k8s.io/v1/namespaces/shop/events?fieldSelector=regarding.name%3Dweb-1",
+    ]);
+    let list: serde_json::Value = serde_json::from_str(&raw).expect("a list");
+    let items = list["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{raw}");
+    assert_eq!(items[0]["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(items[0]["note"], "image pulled");
+    assert_eq!(items[0]["deprecatedCount"], 2);
+    assert!(items[0].get("message").is_none(), "{raw}");
+    // Tables, patches and errors in the events.k8s.io form.
+    let table = k.ok(&["get", "events.v1.events.k8s.io", "-n", "shop"]);
+    assert!(
+        table.contains("container web started") && table.contains("image pulled"),
+        "{table}"
+    );
+    k.ok(&[
+        "patch",
+        "events.v1.events.k8s.io",
+        "pulled.1",
+        "-n",
+        "shop",
+        "--type=merge",
+        "-p",
+        r#"{"note":"image pulled again"}"#,
+    ]);
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "events.v1.",
+            "pulled.1",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.message}"
+        ]),
+        "image pulled again"
+    );
+    k.fails_with(
+        &["get", "events.v1.events.k8s.io", "gone.1", "-n", "shop"],
+        "Error from server (NotFound): events.events.k8s.io \"gone.1\" not found",
+    );
+    let incomplete =
+        "apiVersion: events.k8s.io/v1\nkind: Event\nmetadata: {name: bad.1, namespace: shop}\n\
+        reason: Started\ntype: Info\n";
+    let out = k.stdin(&["create", "-f", "-"], incomplete);
+    let text = describe(&out);
+    assert!(!out.status.success(), "{text}");
+    for needle in [
+        "The Event \"bad.1\" is invalid",
+        "eventTime: Required value",
+        "reportingController: Required value",
+        "type: Unsupported value: \"Info\"",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
 }
 
 /// Unpadded URL-safe base64 (continue tokens).

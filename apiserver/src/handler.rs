@@ -393,11 +393,11 @@ fn is_true(v: Option<&String>) -> bool {
 
 /// Where a request points: a resource, maybe a namespace, maybe one object, maybe one of
 /// its subresources (`status`, `scale`, `binding`).
-struct Target {
-    resource: &'static Resource,
-    namespace: Option<String>,
-    name: Option<String>,
-    sub: Option<String>,
+pub struct Target {
+    pub resource: &'static Resource,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
 }
 
 impl Target {
@@ -478,41 +478,69 @@ async fn resource_request(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(crate::table::wanted);
-    match (t.sub.as_deref(), &method, &t.name) {
-        (Some("scale"), _, Some(name)) => return scale(state, &t, name, &query, req).await,
+    let content_type = content_type(&req);
+    let body = read_body(req).await?;
+    if crate::events::is_converted(t.resource) {
+        let watch = method == Method::GET && t.name.is_none() && is_true(query.get("watch"));
+        return crate::events::serve(
+            state,
+            t,
+            &method,
+            query,
+            &content_type,
+            body,
+            as_table,
+            watch,
+        )
+        .await;
+    }
+    serve(state, &t, &method, &query, &content_type, body, as_table).await
+}
+
+/// Serves a request for a resource, its body read.
+pub async fn serve(
+    state: &Arc<State>,
+    t: &Target,
+    method: &Method,
+    query: &HashMap<String, String>,
+    content_type: &str,
+    body: Bytes,
+    as_table: bool,
+) -> Result<Response<Body>, ApiError> {
+    match (t.sub.as_deref(), method, &t.name) {
+        (Some("scale"), _, Some(name)) => {
+            return scale(state, t, name, query, method, content_type, body).await
+        }
         (Some("binding"), &Method::POST, Some(name)) => {
-            let body = read_json(req).await?;
-            return bind(state, &t, name, body).await;
+            let body = parse_json(content_type, &body)?;
+            return bind(state, t, name, body).await;
         }
         (Some("status"), &Method::GET | &Method::PUT | &Method::PATCH, Some(_)) | (None, _, _) => {}
         _ => return Err(ApiError::method_not_allowed(method.as_str())),
     }
-    match (&method, &t.name) {
-        (&Method::GET, Some(name)) => get(state, &t, name, as_table).await,
+    match (method, &t.name) {
+        (&Method::GET, Some(name)) => get(state, t, name, as_table).await,
         (&Method::GET, None) if is_true(query.get("watch")) => {
-            watch(state, &t, &query, as_table).await
+            watch(state, t, query, as_table).await
         }
-        (&Method::GET, None) => list(state, &t, &query, as_table).await,
+        (&Method::GET, None) => list(state, t, query, as_table).await,
         (&Method::POST, None) => {
-            let body = read_json(req).await?;
-            create(state, &t, body, &query).await
+            let body = parse_json(content_type, &body)?;
+            create(state, t, body, query).await
         }
         (&Method::PUT, Some(name)) => {
-            let body = read_json(req).await?;
-            update(state, &t, name, body, &query).await
+            let body = parse_json(content_type, &body)?;
+            update(state, t, name, body, query).await
         }
         (&Method::PATCH, Some(name)) => {
-            let content_type = content_type(&req);
-            let patch = read_body(req).await?;
             if content_type.starts_with("application/apply-patch") {
-                return server_side_apply(state, &t, name, &patch, &query).await;
+                return server_side_apply(state, t, name, &body, query).await;
             }
-            patch_object(state, &t, name, &content_type, &patch, &query).await
+            patch_object(state, t, name, content_type, &body, query).await
         }
         (&Method::DELETE, Some(name)) => {
-            let body = read_body(req).await?;
-            let options = DeleteOptions::parse(&body, &query)?;
-            delete(state, &t, name, &query, &options).await
+            let options = DeleteOptions::parse(&body, query)?;
+            delete(state, t, name, query, &options).await
         }
         _ => Err(ApiError::method_not_allowed(method.as_str())),
     }
@@ -540,24 +568,18 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     }
 }
 
-async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
-    let content_type = content_type(&req);
-    let media = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string();
+/// A request body as JSON (or Kubernetes' protobuf envelope), by its Content-Type.
+pub fn parse_json(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
     if media != "application/json" && media != crate::protobuf::CONTENT_TYPE && !media.is_empty() {
-        return Err(ApiError::unsupported_media_type(&content_type));
+        return Err(ApiError::unsupported_media_type(content_type));
     }
-    let body = read_body(req).await?;
     if media == crate::protobuf::CONTENT_TYPE {
-        return crate::protobuf::decode(&body).map_err(|e| {
+        return crate::protobuf::decode(body).map_err(|e| {
             ApiError::bad_request(format!("the protobuf body could not be decoded: {e}"))
         });
     }
-    serde_json::from_slice(&body).map_err(|e| {
+    serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "the object provided is unrecognized (must be of type JSON): {e}"
         ))

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod crypt;
 pub mod discovery;
 pub mod etcd;
+pub mod events;
 pub mod handler;
 pub mod kinds;
 pub mod openapi;
@@ -201,6 +202,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         lease_lost: std::sync::atomic::AtomicBool::new(false),
         caches: Default::default(),
     });
+    // Every built-in resource's watch cache loads now, as Kubernetes' do, so no client
+    // waits for one on first use.
+    for r in resources::RESOURCES {
+        state.caches.get(r, &state.store, &state.codec);
+    }
     // The custom resources the stored CRDs define, kept up to date.
     tokio::spawn(crd::follow(state.store.clone(), state.codec.clone()));
     // The namespaces every cluster has; retried until the store answers.

@@ -462,6 +462,18 @@ pub const RESOURCES: &[Resource] = &[
             "io.k8s.api.autoscaling.v2.HorizontalPodAutoscaler",
         )
     },
+    // The same Events as the core group's, converted at the edge (events.rs).
+    builtin(
+        "events.k8s.io",
+        "v1",
+        "events",
+        "event",
+        "Event",
+        true,
+        &["ev"],
+        &[],
+        "io.k8s.api.events.v1.Event",
+    ),
     builtin(
         "coordination.k8s.io",
         "v1",

@@ -3,13 +3,12 @@
 
 use std::collections::HashMap;
 
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::{
-    apply_patch, decode, json_response, now_rfc3339, parse_patch, read_body, write_object, Body,
-    State, Target,
+    apply_patch, decode, json_response, now_rfc3339, parse_patch, write_object, Body, State, Target,
 };
 use crate::etcd::Written;
 use crate::status::ApiError;
@@ -68,15 +67,14 @@ pub(super) async fn scale(
     t: &Target,
     name: &str,
     q: &HashMap<String, String>,
-    req: Request<Incoming>,
+    method: &Method,
+    content_type: &str,
+    body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
-    let method = req.method().clone();
-    let content_type = super::content_type(&req);
-    let body = read_body(req).await?;
     let (plural, group) = (t.resource.plural, t.resource.group);
     let key = t.resource.key(t.namespace.as_deref(), name);
-    let patch = match method {
-        Method::PATCH => Some(parse_patch(&content_type, &body)?),
+    let patch = match *method {
+        Method::PATCH => Some(parse_patch(content_type, &body)?),
         Method::PUT => None,
         Method::GET => {
             let (current, _) = state.store.get(&key).await?;
