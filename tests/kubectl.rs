@@ -901,6 +901,64 @@ fn workloads(k: &Kubectl) {
     );
     k.ok(&["delete", "pod", "solo", "-n", "shop"]);
 
+    // A pod on a node is given its grace period (which a second delete may shorten); a
+    // forced delete ends it at once.
+    let pod = k.stdin(
+        &["create", "-n", "shop", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bound\nspec:\n  nodeName: node-9\n  \
+         terminationGracePeriodSeconds: 45\n  containers:\n  - name: c\n    image: busybox:1.36\n",
+    );
+    assert!(pod.status.success(), "{}", describe(&pod));
+    let grace = |k: &Kubectl| {
+        k.ok(&[
+            "get",
+            "pod",
+            "bound",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.metadata.deletionGracePeriodSeconds}",
+        ])
+    };
+    k.ok(&["delete", "pod", "bound", "-n", "shop", "--wait=false"]);
+    assert_eq!(grace(k), "45");
+    assert!(k
+        .ok(&["get", "pod", "bound", "-n", "shop"])
+        .contains("Terminating"));
+    k.ok(&[
+        "delete",
+        "pod",
+        "bound",
+        "-n",
+        "shop",
+        "--wait=false",
+        "--grace-period=60",
+    ]);
+    assert_eq!(grace(k), "45", "a grace period is never lengthened");
+    k.ok(&[
+        "delete",
+        "pod",
+        "bound",
+        "-n",
+        "shop",
+        "--wait=false",
+        "--grace-period=5",
+    ]);
+    assert_eq!(grace(k), "5");
+    k.ok(&[
+        "delete",
+        "pod",
+        "bound",
+        "-n",
+        "shop",
+        "--grace-period=0",
+        "--force",
+    ]);
+    k.fails_with(
+        &["get", "pod", "bound", "-n", "shop"],
+        "Error from server (NotFound): pods \"bound\" not found",
+    );
+
     // Server-side apply: created, then a conflict with the manager that changed a field,
     // then taken over with --force-conflicts.
     let ssa = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  k: v\n  j: w\n";

@@ -2415,6 +2415,8 @@ async fn patch_object(
 struct DeleteOptions {
     uid: Option<String>,
     resource_version: Option<String>,
+    /// Seconds a pod is given to stop (None: its own terminationGracePeriodSeconds).
+    grace_period: Option<i64>,
 }
 
 impl DeleteOptions {
@@ -2441,7 +2443,17 @@ impl DeleteOptions {
             }
         }
         // (propagationPolicy is checked; every policy deletes at once for now, see `delete`.)
+        let grace_period = match (&body["gracePeriodSeconds"], q.get("gracePeriodSeconds")) {
+            (Value::Null, None) => None,
+            (Value::Null, Some(g)) => Some(g.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!("gracePeriodSeconds: invalid value {g:?}"))
+            })?),
+            (v, _) => Some(v.as_i64().ok_or_else(|| {
+                ApiError::bad_request(format!("gracePeriodSeconds: invalid value {v}"))
+            })?),
+        };
         Ok(DeleteOptions {
+            grace_period,
             uid: text(&body["preconditions"]["uid"]),
             resource_version: text(&body["preconditions"]["resourceVersion"]),
         })
@@ -2501,6 +2513,50 @@ async fn delete(
         }
         if dry_run(q) {
             return Ok(json_response(StatusCode::OK, &obj));
+        }
+        if t.resource.plural == "pods" {
+            let grace = pod_grace_period(&obj, options.grace_period);
+            if grace > 0 {
+                // A pod on a node is marked and given its grace period: the node's agent stops
+                // its containers, then deletes it for good (grace 0).
+                let meta = &mut obj["metadata"];
+                let requested_at = match (
+                    meta["deletionTimestamp"].as_str(),
+                    meta["deletionGracePeriodSeconds"].as_i64(),
+                ) {
+                    // A second delete may shorten the grace period, never lengthen it.
+                    (Some(_), Some(old)) if grace >= old => {
+                        return Ok(json_response(
+                            StatusCode::OK,
+                            &with_revision(obj, current.mod_revision),
+                        ))
+                    }
+                    (Some(at), Some(old)) => {
+                        chrono::DateTime::parse_from_rfc3339(at)
+                            .map(|t| t.with_timezone(&chrono::Utc))
+                            .unwrap_or_else(|_| chrono::Utc::now())
+                            - chrono::Duration::seconds(old)
+                    }
+                    _ => chrono::Utc::now(),
+                };
+                let due = requested_at + chrono::Duration::seconds(grace);
+                meta["deletionTimestamp"] =
+                    Value::String(due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                meta["deletionGracePeriodSeconds"] = json!(grace);
+                let sealed = state
+                    .codec
+                    .seal(t.resource.plural, &key, stored_form(&obj))?;
+                match state
+                    .store
+                    .put_if(&key, sealed, current.mod_revision)
+                    .await?
+                {
+                    Written::Done { revision } => {
+                        return Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
+                    }
+                    Written::Conflict(_) => continue,
+                }
+            }
         }
         // Orphan and Foreground deletions are Kubernetes' `orphan` and `foregroundDeletion`
         // finalizers, which a garbage collector acts on. None runs yet, so they delete at
@@ -2587,6 +2643,30 @@ async fn delete(
     ))
 }
 
+/// The seconds a deleted pod is given to stop, by Kubernetes' rules: the request's, else
+/// the pod's `terminationGracePeriodSeconds` (30 by default); negative is 1; none for a pod
+/// on no node or one that has finished (nothing runs it).
+fn pod_grace_period(pod: &Value, requested: Option<i64>) -> i64 {
+    let own = pod
+        .pointer("/spec/terminationGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(30);
+    let grace = requested.unwrap_or(own);
+    let unscheduled = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty);
+    let finished = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    match grace {
+        _ if unscheduled || finished => 0,
+        g if g < 0 => 1,
+        g => g,
+    }
+}
+
 /// Creates the `kubernetes` Service in `default` if it does not exist.
 pub async fn ensure_kubernetes_service(state: &State, secure_port: u16) -> Result<(), ApiError> {
     let Some(r) = resources::find("", "v1", "services") else {
@@ -2652,6 +2732,21 @@ mod tests {
         assert_eq!(got, want);
         assert!(raw_with_revision(b"[1]", 1).is_none());
         assert!(raw_with_revision(br#"{"kind":"X"}"#, 1).is_none());
+    }
+
+    #[test]
+    fn pods_get_a_grace_period_only_when_something_runs_them() {
+        let pod = |node: &str, phase: &str, own: Option<i64>| {
+            json!({"spec": {"nodeName": node, "terminationGracePeriodSeconds": own},
+                   "status": {"phase": phase}})
+        };
+        assert_eq!(pod_grace_period(&pod("n1", "Running", None), None), 30);
+        assert_eq!(pod_grace_period(&pod("n1", "Running", Some(5)), None), 5);
+        assert_eq!(pod_grace_period(&pod("n1", "Running", Some(5)), Some(2)), 2);
+        assert_eq!(pod_grace_period(&pod("n1", "Running", None), Some(0)), 0);
+        assert_eq!(pod_grace_period(&pod("n1", "Running", None), Some(-3)), 1);
+        assert_eq!(pod_grace_period(&pod("", "Pending", None), None), 0);
+        assert_eq!(pod_grace_period(&pod("n1", "Succeeded", None), None), 0);
     }
 
     #[test]
