@@ -209,6 +209,26 @@ pub async fn run(
     let ids: Vec<String> = nodes.keys().map(|i| i.to_string()).collect();
     let cluster_id = fnv64(&[ids.join(",").as_bytes(), token.as_bytes()]);
 
+    // Listening starts before the data is opened: a client or peer that connects meanwhile
+    // waits in the accept queue instead of being refused and backing off (a gRPC client
+    // waits a second before it tries again).
+    let mut peer_listeners = Vec::new();
+    for url in &config.listen_peer_urls {
+        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for peers on {url}"))?;
+        peer_listeners.push((url.clone(), listener));
+    }
+    let mut client_listeners = Vec::new();
+    for url in &config.listen_client_urls {
+        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for clients on {url}"))?;
+        client_listeners.push((url.clone(), listener));
+    }
+
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let db = open_db(&config.data_dir.join("db"))?;
@@ -326,7 +346,7 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = tokio::task::JoinSet::new();
-    for url in &config.listen_peer_urls {
+    for (url, listener) in peer_listeners {
         let tls = if url.starts_with("https://") {
             let Some(acceptor) = peer_acceptor.clone() else {
                 bail!("{url}: an https peer URL needs --peer-cert-file, --peer-key-file and --peer-trusted-ca-file");
@@ -335,10 +355,6 @@ pub async fn run(
         } else {
             None
         };
-        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening for peers on {url}"))?;
         let m = member.clone();
         let s = stopped(stop_rx.clone());
         tasks.spawn(async move {
@@ -351,8 +367,7 @@ pub async fn run(
         Some(files) => Some(server::tls::acceptor(files).context("client TLS")?),
         None => None,
     };
-    for url in &config.listen_client_urls {
-        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
+    for (url, listener) in client_listeners {
         let tls = if url.starts_with("https://") {
             let Some(acceptor) = client_tls.clone() else {
                 bail!("{url}: an https client URL needs --cert-file and --key-file");
@@ -361,9 +376,6 @@ pub async fn run(
         } else {
             None
         };
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening for clients on {url}"))?;
         let m = member.clone();
         let s = stopped(stop_rx.clone());
         tasks.spawn(async move {
