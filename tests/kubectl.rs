@@ -901,8 +901,21 @@ fn workloads(k: &Kubectl) {
     );
     k.ok(&["delete", "pod", "solo", "-n", "shop"]);
 
-    // A pod on a node is given its grace period (which a second delete may shorten); a
-    // forced delete ends it at once.
+    // A pod on a node is given its grace period (which a second delete may shorten, and a
+    // status write during which does not end); a forced delete ends it at once. A pod on a
+    // node that does not exist goes at once.
+    let node = k.stdin(
+        &["create", "-f", "-"],
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-9\n",
+    );
+    assert!(node.status.success(), "{}", describe(&node));
+    let orphan = k.stdin(
+        &["create", "-n", "shop", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: orphan\nspec:\n  nodeName: node-404\n  \
+         containers:\n  - name: c\n    image: busybox:1.36\n",
+    );
+    assert!(orphan.status.success(), "{}", describe(&orphan));
+    k.ok(&["delete", "pod", "orphan", "-n", "shop", "--timeout=20s"]);
     let pod = k.stdin(
         &["create", "-n", "shop", "-f", "-"],
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bound\nspec:\n  nodeName: node-9\n  \
@@ -922,6 +935,22 @@ fn workloads(k: &Kubectl) {
     };
     k.ok(&["delete", "pod", "bound", "-n", "shop", "--wait=false"]);
     assert_eq!(grace(k), "45");
+    k.ok(&[
+        "patch",
+        "pod",
+        "bound",
+        "-n",
+        "shop",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running"}}"#,
+    ]);
+    assert_eq!(
+        grace(k),
+        "45",
+        "a status write does not end the grace period"
+    );
     assert!(k
         .ok(&["get", "pod", "bound", "-n", "shop"])
         .contains("Terminating"));
@@ -1078,6 +1107,20 @@ spec:
     - name: Size
       type: integer
       jsonPath: .spec.size
+  - name: v1beta1
+    served: true
+    storage: false
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size:
+                type: integer
+              colour:
+                type: string
 ";
 
 /// A CRD applied, its resources created, listed in its columns, checked against its
@@ -1110,6 +1153,43 @@ fn custom_resources(k: &Kubectl) {
         .collect();
     assert_eq!(header, ["NAME", "SIZE", "AGE"], "{listed}");
     assert!(listed.contains("w1     3"), "{listed}");
+    // Every served version reads and writes the same objects, each under its own apiVersion.
+    let beta =
+        "apiVersion: example.com/v1beta1\nkind: Widget\nmetadata:\n  name: w3\nspec:\n  size: 5\n";
+    let created = k.stdin(&["create", "-n", "shop", "-f", "-"], beta);
+    assert!(created.status.success(), "{}", describe(&created));
+    let version_of = |resource: &str, name: &str| {
+        k.ok(&[
+            "get",
+            resource,
+            name,
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.apiVersion}",
+        ])
+    };
+    assert_eq!(version_of("wd", "w3"), "example.com/v1");
+    assert_eq!(
+        version_of("widgets.v1beta1.example.com", "w1"),
+        "example.com/v1beta1"
+    );
+    let raw = k.ok(&[
+        "get",
+        "--raw",
+        "/apis/example.com/v1beta1/namespaces/shop/widgets",
+    ]);
+    let list: serde_json::Value = serde_json::from_str(&raw).expect("a list");
+    assert_eq!(list["apiVersion"], "example.com/v1beta1", "{raw}");
+    assert!(
+        list["items"]
+            .as_array()
+            .is_some_and(|items| items.len() == 2
+                && items
+                    .iter()
+                    .all(|i| i["apiVersion"] == "example.com/v1beta1")),
+        "{raw}"
+    );
     let strict = k.stdin(
         &["create", "-n", "shop", "-f", "-"],
         "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: w2\nspec:\n  size: big\n  shape: round\n",

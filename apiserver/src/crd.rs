@@ -164,13 +164,24 @@ fn served(crd: &Value) -> Vec<(CustomDef, crate::schema::Schema, Value, Vec<Valu
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .unwrap_or_else(|| kind.to_lowercase());
+    let storage_version = spec["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["storage"] == json!(true))
+        .and_then(|v| v["name"].as_str())
+        .unwrap_or("")
+        .to_string();
+    // Versions differ only in apiVersion (conversion strategy None, converted at the edge:
+    // convert.rs); a conversion webhook cannot be called, so such a CRD serves its storage
+    // version only.
+    let webhook = spec["conversion"]["strategy"] == "Webhook";
     spec["versions"]
         .as_array()
         .into_iter()
         .flatten()
-        // The storage version only: objects are kept as written, with no conversion between
-        // versions yet, so another version would read them back under the wrong apiVersion.
-        .filter(|v| v["served"] != json!(false) && v["storage"] == json!(true))
+        .filter(|v| v["served"] != json!(false))
+        .filter(|v| !webhook || v["storage"] == json!(true))
         .map(|v| {
             let mut subresources = Vec::new();
             if v["subresources"].get("status").is_some() {
@@ -186,6 +197,7 @@ fn served(crd: &Value) -> Vec<(CustomDef, crate::schema::Schema, Value, Vec<Valu
                 short_names: strings(&names["shortNames"]),
                 categories: strings(&names["categories"]),
                 subresources,
+                storage_version: storage_version.clone(),
             };
             let openapi = v["schema"]["openAPIV3Schema"].clone();
             let schema = crate::schema::from_json(&openapi);

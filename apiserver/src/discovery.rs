@@ -56,18 +56,25 @@ fn resource(r: &Resource) -> Value {
 pub fn aggregated(core: bool) -> Value {
     let all = resources::all();
     let mut items = Vec::new();
-    for (group, version) in resources::group_versions() {
+    for (group, versions) in resources::groups() {
         if group.is_empty() != core {
             continue;
         }
-        let list: Vec<Value> = all
+        // Most preferred first.
+        let versions: Vec<Value> = versions
             .iter()
-            .filter(|r| r.group == group && r.version == version)
-            .map(|r| resource(r))
+            .map(|version| {
+                let list: Vec<Value> = all
+                    .iter()
+                    .filter(|r| r.group == group && r.version == *version)
+                    .map(|r| resource(r))
+                    .collect();
+                json!({"version": version, "resources": list, "freshness": "Current"})
+            })
             .collect();
         items.push(json!({
             "metadata": {"name": group, "creationTimestamp": null},
-            "versions": [{"version": version, "resources": list, "freshness": "Current"}],
+            "versions": versions,
         }));
     }
     if !core {

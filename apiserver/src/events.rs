@@ -6,16 +6,9 @@
 //!
 //! Not converted: managedFields entries keep the core field names they were recorded with.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::Frame;
-use hyper::{Method, Response};
 use serde_json::{Map, Value};
 
-use crate::handler::{Body, State};
 use crate::status::ApiError;
 
 /// Top-level fields named differently: (events.k8s.io/v1, core/v1).
@@ -30,11 +23,6 @@ const RENAMES: [(&str, &str); 7] = [
 ];
 
 pub const API_VERSION: &str = "events.k8s.io/v1";
-
-/// Whether `resource` is the events.k8s.io form of Events.
-pub fn is_converted(resource: &crate::resources::Resource) -> bool {
-    resource.group == "events.k8s.io"
-}
 
 fn core_name(name: &str) -> &str {
     RENAMES
@@ -132,7 +120,7 @@ pub fn validate(obj: &Value) -> Vec<(String, String)> {
 
 /// A field selector's field names in the core form (`regarding.name` is
 /// `involvedObject.name`).
-fn core_field_selector(s: &str) -> String {
+pub fn core_field_selector(s: &str) -> String {
     s.split(',')
         .map(|term| {
             let t = term.trim_start();
@@ -148,11 +136,18 @@ fn core_field_selector(s: &str) -> String {
 }
 
 /// A patch in the core form: a JSON patch's paths, or a merge patch's top-level keys.
-fn core_patch(content_type: &str, body: &[u8]) -> Result<Bytes, ApiError> {
+pub fn core_patch(content_type: &str, body: &[u8]) -> Result<Bytes, ApiError> {
     let mut patch: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the patch could not be read as JSON: {e}")))?;
     if content_type.starts_with("application/json-patch+json") {
         for op in patch.as_array_mut().into_iter().flatten() {
+            // An operation on the whole document carries a whole Event.
+            if op.get("path").and_then(Value::as_str) == Some("") {
+                if let Some(v) = op.get_mut("value") {
+                    to_core(v);
+                }
+                continue;
+            }
             for field in ["path", "from"] {
                 if let Some(path) = op.get(field).and_then(Value::as_str) {
                     let rest = path.strip_prefix('/').unwrap_or(path);
@@ -170,7 +165,7 @@ fn core_patch(content_type: &str, body: &[u8]) -> Result<Bytes, ApiError> {
 }
 
 /// An error from the core resource as the events.k8s.io resource reports it.
-fn error_from_core(mut e: ApiError) -> ApiError {
+pub fn error_from_core(mut e: ApiError) -> ApiError {
     for (core, new) in [
         ("events \"", "events.events.k8s.io \""),
         ("Event \"", "Event.events.k8s.io \""),
@@ -201,114 +196,13 @@ fn error_from_core(mut e: ApiError) -> ApiError {
     e
 }
 
-/// A JSON answer from the core resource in the events.k8s.io form: an Event, an
-/// EventList's items, a watch event's object.
-fn answer_from_core(v: &mut Value) {
-    match v.get("kind").and_then(Value::as_str) {
-        Some("Event") if v.get("apiVersion").and_then(Value::as_str) == Some("v1") => from_core(v),
-        Some("EventList") => {
-            v["apiVersion"] = Value::String(API_VERSION.into());
-            for item in v
-                .get_mut("items")
-                .and_then(Value::as_array_mut)
-                .into_iter()
-                .flatten()
-            {
-                from_core(item);
-            }
-        }
-        None if v.get("type").is_some() => {
-            if let Some(obj) = v.get_mut("object") {
-                answer_from_core(obj);
-            }
-        }
-        _ => {}
+/// A JSON object answered by the core resource in the events.k8s.io form.
+pub fn answer_from_core(v: &mut Value) {
+    if v.get("kind").and_then(Value::as_str) == Some("Event")
+        && v.get("apiVersion").and_then(Value::as_str) == Some("v1")
+    {
+        from_core(v)
     }
-}
-
-fn bytes_from_core(b: &Bytes) -> Bytes {
-    match serde_json::from_slice::<Value>(b) {
-        Ok(mut v) => {
-            answer_from_core(&mut v);
-            let mut out = serde_json::to_vec(&v).unwrap_or_default();
-            if b.ends_with(b"\n") {
-                out.push(b'\n');
-            }
-            Bytes::from(out)
-        }
-        Err(_) => b.clone(),
-    }
-}
-
-/// Serves a request for events.k8s.io/v1 Events through the core resource.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve(
-    state: &Arc<State>,
-    mut t: crate::handler::Target,
-    method: &Method,
-    mut query: HashMap<String, String>,
-    content_type: &str,
-    body: Bytes,
-    as_table: bool,
-    watch: bool,
-) -> Result<Response<Body>, ApiError> {
-    let name = t.name.clone().unwrap_or_default();
-    t.resource = crate::resources::find("", "v1", "events").ok_or_else(ApiError::not_found_path)?;
-    if let Some(s) = query.get_mut("fieldSelector") {
-        *s = core_field_selector(s);
-    }
-    let body = match *method {
-        Method::POST | Method::PUT => {
-            let mut obj = crate::handler::parse_json(content_type, &body)?;
-            if obj.get("apiVersion").and_then(Value::as_str) == Some(API_VERSION)
-                && obj.get("kind").and_then(Value::as_str) == Some("Event")
-            {
-                let causes = validate(&obj);
-                if !causes.is_empty() {
-                    let named = obj
-                        .pointer("/metadata/name")
-                        .and_then(Value::as_str)
-                        .unwrap_or(&name);
-                    return Err(ApiError::invalid("Event", "events.k8s.io", named, causes));
-                }
-                to_core(&mut obj);
-            }
-            // Anything else is refused by the core resource as the wrong kind.
-            Bytes::from(serde_json::to_vec(&obj).unwrap_or_default())
-        }
-        Method::PATCH => core_patch(content_type, &body)?,
-        _ => body,
-    };
-    let content_type = if *method == Method::POST || *method == Method::PUT {
-        "application/json"
-    } else {
-        content_type
-    };
-    let resp = crate::handler::serve(state, &t, method, &query, content_type, body, as_table)
-        .await
-        .map_err(error_from_core)?;
-    let (parts, body) = resp.into_parts();
-    if watch {
-        let body = body.map_frame(|f| match f.into_data() {
-            Ok(b) => Frame::data(bytes_from_core(&b)),
-            Err(f) => f,
-        });
-        return Ok(Response::from_parts(parts, BodyExt::boxed(body)));
-    }
-    let bytes = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let out = if as_table {
-        bytes
-    } else {
-        bytes_from_core(&bytes)
-    };
-    Ok(Response::from_parts(
-        parts,
-        http_body_util::Full::new(out).boxed(),
-    ))
 }
 
 #[cfg(test)]
@@ -376,13 +270,5 @@ mod tests {
         assert_eq!(&p[..], br#"{"message":"n"}"#);
         let e = error_from_core(ApiError::not_found("events", "", "e1"));
         assert_eq!(e.message, "events.events.k8s.io \"e1\" not found");
-        let mut watch_line = Bytes::from(
-            "{\"type\":\"ADDED\",\"object\":{\"kind\":\"Event\",\"apiVersion\":\"v1\",\"message\":\"m\"}}\n",
-        );
-        watch_line = bytes_from_core(&watch_line);
-        let v: Value = serde_json::from_slice(&watch_line).expect("json");
-        assert_eq!(v["object"]["note"], "m");
-        assert_eq!(v["object"]["apiVersion"], API_VERSION);
-        assert!(watch_line.ends_with(b"\n"));
     }
 }

@@ -324,12 +324,15 @@ fn version() -> Value {
 }
 
 fn api_groups() -> Value {
-    let groups: Vec<Value> = resources::group_versions()
+    let groups: Vec<Value> = resources::groups()
         .into_iter()
         .filter(|(g, _)| !g.is_empty())
-        .map(|(g, v)| {
-            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
-            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        .map(|(g, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                .collect();
+            json!({"name": g, "preferredVersion": versions[0].clone(), "versions": versions})
         })
         .chain(std::iter::once({
             let gv = json!({"groupVersion": "authentication.k8s.io/v1", "version": "v1"});
@@ -480,11 +483,13 @@ async fn resource_request(
         .is_some_and(crate::table::wanted);
     let content_type = content_type(&req);
     let body = read_body(req).await?;
-    if crate::events::is_converted(t.resource) {
+    if let Some((conversion, stored)) = crate::convert::of(t.resource) {
         let watch = method == Method::GET && t.name.is_none() && is_true(query.get("watch"));
-        return crate::events::serve(
+        return crate::convert::serve(
             state,
             t,
+            conversion,
+            stored,
             &method,
             query,
             &content_type,
@@ -859,14 +864,14 @@ async fn list_source(
             )))
         }
     };
-    if q.contains_key("resourceVersionMatch") && rv.is_empty() {
+    if q.get("resourceVersionMatch").is_some_and(|m| !m.is_empty()) && rv.is_empty() {
         return Err(ApiError::bad_request(
             "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless \
              resourceVersion is provided",
         ));
     }
     if let Some(revision) = continued {
-        if !rv.is_empty() {
+        if !rv.is_empty() && rv != "0" {
             return Err(ApiError::bad_request(
                 "specifying resource version is not allowed when using continue",
             ));
@@ -898,6 +903,13 @@ async fn list_source(
     if cache.caught_up(wanted, CACHE_CATCH_UP).await {
         if let Some((revision, s)) = cache.snapshot() {
             return Ok(ListFrom::Cache(revision, s));
+        }
+    }
+    if !rv.is_empty() && rv != "0" {
+        // Not older than a revision the store has not reached: Kubernetes answers 504.
+        let current = state.store.get(&t.resource.prefix(None)).await?.1;
+        if wanted > current {
+            return Err(ApiError::too_large_resource_version(wanted, current));
         }
     }
     Ok(ListFrom::Store(0))
@@ -964,6 +976,11 @@ async fn page_from_store(
     filter: &Filter,
 ) -> Result<Page, ApiError> {
     let (kvs, more, read_at) = match state.store.list(prefix, start, limit, revision).await {
+        Err(e) if e.code == 410 && revision > 0 && start.is_empty() => {
+            return Err(ApiError::gone(
+                "The resourceVersion for the provided list is too old.",
+            ))
+        }
         Err(e) if e.code == 410 && revision > 0 => {
             return Err(ApiError::gone(
                 "The provided continue parameter is too old to display a consistent list \
@@ -1469,6 +1486,9 @@ impl<F: Fn(Value) -> Value> CacheWatcher<'_, F> {
         // change several keys; a resumed feed must not repeat or skip any).
         let mut seen = self.after;
         let mut at_seen: Vec<String> = Vec::new();
+        // Whether every change at `seen` was delivered (true at the start: the watch begins
+        // after `after`; and after a progress notification).
+        let mut all_at_seen = true;
         let mut backlog = sub.backlog;
         let mut live = sub.live;
         let mut bookmark_tick = tokio::time::interval(BOOKMARK_INTERVAL);
@@ -1481,6 +1501,7 @@ impl<F: Fn(Value) -> Value> CacheWatcher<'_, F> {
                 if c.revision > seen {
                     seen = c.revision;
                     at_seen.clear();
+                    all_at_seen = false;
                 }
                 at_seen.push(c.key.clone());
                 if let Some(ev) = self.event(&c) {
@@ -1513,16 +1534,26 @@ impl<F: Fn(Value) -> Value> CacheWatcher<'_, F> {
                         seen = r;
                         at_seen.clear();
                     }
+                    if r >= seen {
+                        all_at_seen = true;
+                    }
                 }
                 // Fallen behind the live feed: resume from the window, if it still reaches
-                // back far enough; else the client re-watches.
-                Err(RecvError::Lagged(_)) => match self.cache.subscribe(seen - 1) {
-                    Some(again) => {
-                        backlog = again.backlog;
-                        live = again.live;
+                // back far enough; else the client re-watches. Changes at `seen` are asked
+                // for again only if some may not have been delivered (those that were are
+                // skipped by key).
+                Err(RecvError::Lagged(_)) => {
+                    match self
+                        .cache
+                        .subscribe(if all_at_seen { seen } else { seen - 1 })
+                    {
+                        Some(again) => {
+                            backlog = again.backlog;
+                            live = again.live;
+                        }
+                        None => return,
                     }
-                    None => return,
-                },
+                }
                 // The cache started over (its store watch broke): the client re-watches.
                 Err(RecvError::Closed) => return,
             }
@@ -2277,11 +2308,18 @@ async fn write_object(
         return Ok(obj);
     }
     let (plural, group) = (t.resource.plural, t.resource.group);
+    // An object being deleted whose last finalizer is gone goes, unless it is in a grace
+    // period (a pod its node is stopping: the node deletes it when done).
     let finalized = obj.pointer("/metadata/deletionTimestamp").is_some()
         && obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty);
+            .is_none_or(Vec::is_empty)
+        && old
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            == 0;
     if finalized && plural != "namespaces" {
         // The last finalizer of an object being deleted is gone: the object goes.
         return match state.store.delete_if(key, expected).await? {
@@ -2515,31 +2553,39 @@ async fn delete(
             return Ok(json_response(StatusCode::OK, &obj));
         }
         if t.resource.plural == "pods" {
-            let grace = pod_grace_period(&obj, options.grace_period);
-            if grace > 0 {
-                // A pod on a node is marked and given its grace period: the node's agent stops
-                // its containers, then deletes it for good (grace 0).
-                let meta = &mut obj["metadata"];
-                let requested_at = match (
-                    meta["deletionTimestamp"].as_str(),
-                    meta["deletionGracePeriodSeconds"].as_i64(),
-                ) {
-                    // A second delete may shorten the grace period, never lengthen it.
-                    (Some(_), Some(old)) if grace >= old => {
-                        return Ok(json_response(
-                            StatusCode::OK,
-                            &with_revision(obj, current.mod_revision),
-                        ))
-                    }
-                    (Some(at), Some(old)) => {
-                        chrono::DateTime::parse_from_rfc3339(at)
-                            .map(|t| t.with_timezone(&chrono::Utc))
-                            .unwrap_or_else(|_| chrono::Utc::now())
-                            - chrono::Duration::seconds(old)
-                    }
-                    _ => chrono::Utc::now(),
+            let mut grace = pod_grace_period(&obj, options.grace_period);
+            if grace > 0 && !node_exists(state, &obj).await? {
+                // Nothing runs a pod bound to a node that does not exist (Kubernetes' pod
+                // garbage collector deletes such pods too).
+                grace = 0;
+            }
+            let meta = &mut obj["metadata"];
+            let marked = meta.get("deletionTimestamp").is_some_and(|v| !v.is_null());
+            let old_grace = meta["deletionGracePeriodSeconds"].as_i64().unwrap_or(0);
+            if marked && grace >= old_grace {
+                // A second delete may shorten the grace period, never lengthen it.
+                if grace > 0 {
+                    return Ok(json_response(
+                        StatusCode::OK,
+                        &with_revision(obj, current.mod_revision),
+                    ));
+                }
+            } else if grace > 0 {
+                // A pod on a node is marked and given its grace period: the node's agent
+                // stops its containers, then deletes it for good (grace 0).
+                let requested_at = match meta["deletionTimestamp"].as_str() {
+                    Some(at) => chrono::DateTime::parse_from_rfc3339(at)
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .unwrap_or_else(|_| chrono::Utc::now())
+                        .checked_sub_signed(
+                            chrono::TimeDelta::try_seconds(old_grace).unwrap_or_default(),
+                        )
+                        .unwrap_or_else(chrono::Utc::now),
+                    None => chrono::Utc::now(),
                 };
-                let due = requested_at + chrono::Duration::seconds(grace);
+                let due = requested_at
+                    .checked_add_signed(chrono::TimeDelta::try_seconds(grace).unwrap_or_default())
+                    .unwrap_or(requested_at);
                 meta["deletionTimestamp"] =
                     Value::String(due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                 meta["deletionGracePeriodSeconds"] = json!(grace);
@@ -2556,6 +2602,10 @@ async fn delete(
                     }
                     Written::Conflict(_) => continue,
                 }
+            }
+            if marked {
+                // Grace 0 on a marked pod: it goes now, or once its finalizers are gone.
+                obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
             }
         }
         // Orphan and Foreground deletions are Kubernetes' `orphan` and `foregroundDeletion`
@@ -2643,6 +2693,18 @@ async fn delete(
     ))
 }
 
+/// Whether the node a pod is bound to exists.
+async fn node_exists(state: &State, pod: &Value) -> Result<bool, ApiError> {
+    let node = pod.pointer("/spec/nodeName").and_then(Value::as_str);
+    let (Some(node), Some(nodes)) = (node, resources::find("", "v1", "nodes")) else {
+        return Ok(false);
+    };
+    Ok(state.store.get(&nodes.key(None, node)).await?.0.is_some())
+}
+
+/// The most seconds a pod may be given to stop (a century; a larger request is cut to it).
+const MAX_GRACE_SECONDS: i64 = 100 * 365 * 24 * 3600;
+
 /// The seconds a deleted pod is given to stop, by Kubernetes' rules: the request's, else
 /// the pod's `terminationGracePeriodSeconds` (30 by default); negative is 1; none for a pod
 /// on no node or one that has finished (nothing runs it).
@@ -2663,7 +2725,7 @@ fn pod_grace_period(pod: &Value, requested: Option<i64>) -> i64 {
     match grace {
         _ if unscheduled || finished => 0,
         g if g < 0 => 1,
-        g => g,
+        g => g.min(MAX_GRACE_SECONDS),
     }
 }
 
@@ -2747,6 +2809,10 @@ mod tests {
         assert_eq!(pod_grace_period(&pod("n1", "Running", None), Some(-3)), 1);
         assert_eq!(pod_grace_period(&pod("", "Pending", None), None), 0);
         assert_eq!(pod_grace_period(&pod("n1", "Succeeded", None), None), 0);
+        assert_eq!(
+            pod_grace_period(&pod("n1", "Running", None), Some(i64::MAX)),
+            MAX_GRACE_SECONDS
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! store's `mod_revision`; every write is a Txn comparing it.
 
 pub mod apply;
+pub mod convert;
 pub mod crd;
 pub mod crypt;
 pub mod discovery;
@@ -203,9 +204,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         caches: Default::default(),
     });
     // Every built-in resource's watch cache loads now, as Kubernetes' do, so no client
-    // waits for one on first use.
+    // waits for one on first use; Events' loads on first use (Kubernetes keeps them out
+    // of its watch cache: many, short-lived); a converted resource uses its stored one's.
     for r in resources::RESOURCES {
-        state.caches.get(r, &state.store, &state.codec);
+        if r.plural != "events" && convert::of(r).is_none() {
+            state.caches.get(r, &state.store, &state.codec);
+        }
     }
     // The custom resources the stored CRDs define, kept up to date.
     tokio::spawn(crd::follow(state.store.clone(), state.codec.clone()));

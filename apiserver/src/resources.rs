@@ -543,6 +543,8 @@ pub struct Custom {
     pub openapi: Value,
     /// The CRD version's `additionalPrinterColumns`.
     pub columns: Vec<Value>,
+    /// The CRD's storage version (objects of every version are stored in it).
+    pub storage_version: String,
 }
 
 /// The custom resources served now, kept in step with the stored CRDs (see `crd.rs`).
@@ -552,6 +554,11 @@ static CUSTOM: RwLock<Vec<Custom>> = RwLock::new(Vec::new());
 pub fn custom(r: &Resource) -> Option<Custom> {
     let custom = CUSTOM.read().unwrap_or_else(|e| e.into_inner());
     custom.iter().find(|c| *c.resource == *r).cloned()
+}
+
+/// The version a custom resource's objects are stored in.
+pub fn storage_version(r: &Resource) -> Option<String> {
+    custom(r).map(|c| c.storage_version)
 }
 
 fn custom_schema(r: &Resource) -> Option<crate::schema::Schema> {
@@ -570,6 +577,8 @@ pub struct CustomDef {
     pub short_names: Vec<String>,
     pub categories: Vec<String>,
     pub subresources: Vec<&'static str>,
+    /// The CRD's storage version (not part of the served resource).
+    pub storage_version: String,
 }
 
 impl CustomDef {
@@ -616,6 +625,7 @@ pub fn set_custom(now: Vec<(CustomDef, crate::schema::Schema, Value, Vec<Value>)
     let mut custom = CUSTOM.write().unwrap_or_else(|e| e.into_inner());
     let old = std::mem::take(&mut *custom);
     for (def, schema, openapi, columns) in now {
+        let storage_version = def.storage_version.clone();
         let resource = match old.iter().find(|c| def.describes(c.resource)) {
             Some(c) => c.resource,
             None => def.leak(),
@@ -625,6 +635,7 @@ pub fn set_custom(now: Vec<(CustomDef, crate::schema::Schema, Value, Vec<Value>)
             schema,
             openapi,
             columns,
+            storage_version,
         });
     }
 }
@@ -658,6 +669,52 @@ pub fn group_versions() -> Vec<(&'static str, &'static str)> {
     out.sort();
     out.dedup();
     out
+}
+
+/// Every served group with its versions, most preferred first (Kubernetes' order: GA
+/// before beta before alpha, higher numbers first, then other names alphabetically).
+pub fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut out: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+    for (group, version) in group_versions() {
+        match out.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, versions)) => versions.push(version),
+            None => out.push((group, vec![version])),
+        }
+    }
+    for (_, versions) in &mut out {
+        versions.sort_by_key(|v| version_priority(v));
+    }
+    out
+}
+
+/// A sort key for a Kubernetes version name: smaller sorts first (is preferred).
+fn version_priority(v: &str) -> (u8, i64, i64, String) {
+    let parsed = v.strip_prefix('v').and_then(|rest| {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let major: i64 = rest[..digits].parse().ok()?;
+        let tail = &rest[digits..];
+        let (stage, minor) = if tail.is_empty() {
+            (0, "0")
+        } else if let Some(m) = tail.strip_prefix("beta") {
+            (1, m)
+        } else if let Some(m) = tail.strip_prefix("alpha") {
+            (2, m)
+        } else {
+            return None;
+        };
+        let minor: i64 = if minor.is_empty() {
+            0
+        } else {
+            minor.parse().ok()?
+        };
+        Some((stage, major, minor))
+    });
+    match parsed {
+        Some((stage, major, minor)) => (stage, -major, -minor, String::new()),
+        None => (3, 0, 0, v.to_string()),
+    }
 }
 
 const LABEL_MAX: usize = 63;
@@ -707,6 +764,18 @@ pub fn dns1123_subdomain(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_sort_as_kubernetes_prefers_them() {
+        let mut v = vec![
+            "v1alpha1", "foo", "v1beta1", "v2", "v1", "v1beta2", "v10", "bar",
+        ];
+        v.sort_by_key(|v| version_priority(v));
+        assert_eq!(
+            v,
+            ["v10", "v2", "v1", "v1beta2", "v1beta1", "v1alpha1", "bar", "foo"]
+        );
+    }
 
     #[test]
     fn names_follow_rfc_1123() {

@@ -180,6 +180,19 @@ impl ApiError {
         ApiError::new(410, "Expired", message)
     }
 
+    /// A read not older than a revision the store has not reached (Kubernetes' 504).
+    pub fn too_large_resource_version(wanted: i64, current: i64) -> ApiError {
+        ApiError::new(
+            504,
+            "Timeout",
+            format!("Too large resource version: {wanted}, current: {current}"),
+        )
+        .with_details(json!({
+            "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+            "retryAfterSeconds": 1,
+        }))
+    }
+
     pub fn too_many_requests() -> ApiError {
         ApiError::new(
             429,

@@ -30,6 +30,8 @@ const WINDOW: usize = 10_000;
 const FANOUT: usize = 4096;
 /// Objects read per store request while the cache loads.
 const LOAD_PAGE: i64 = 2_000;
+/// How often a wait for the cache to reach a revision asks the store for progress.
+const PROGRESS_RETRY: Duration = Duration::from_millis(100);
 /// Snapshots kept for lists that continue in pages, and for how long.
 const KEEP: usize = 16;
 const KEEP_FOR: Duration = Duration::from_secs(75);
@@ -165,20 +167,29 @@ impl Cache {
     /// lists or watches, and other resources' writes move that revision on.
     pub async fn caught_up(&self, revision: i64, limit: Duration) -> bool {
         let mut reached = self.reached.subscribe();
-        if *reached.borrow() >= revision.max(1) {
-            return true;
+        let wanted = revision.max(1);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if *reached.borrow_and_update() >= wanted {
+                return true;
+            }
+            // Asked again and again: an answer may come from before the revision wanted
+            // (the store's watch stream had not sent it yet).
+            if let Some(p) = self
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                p.request();
+            }
+            let step = (tokio::time::Instant::now() + PROGRESS_RETRY).min(deadline);
+            match tokio::time::timeout_at(step, reached.wait_for(|r| *r >= wanted)).await {
+                Ok(r) => return r.is_ok(),
+                Err(_) if step >= deadline => return false,
+                Err(_) => {}
+            }
         }
-        if let Some(p) = self
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            p.request();
-        }
-        tokio::time::timeout(limit, reached.wait_for(|r| *r >= revision.max(1)))
-            .await
-            .is_ok_and(|r| r.is_ok())
     }
 
     /// The revision the cache has seen everything up to (0: not loaded).
@@ -194,15 +205,23 @@ impl Cache {
 
     /// The objects at `revision`, if the cache is there or kept a snapshot of it.
     pub fn snapshot_at(&self, revision: i64) -> Option<Snapshot> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         if inner.revision == revision && revision > 0 {
             return Some(inner.objects.clone());
         }
+        inner.kept.retain(|(_, at, _)| at.elapsed() < KEEP_FOR);
         inner
             .kept
             .iter()
-            .find(|(r, at, _)| *r == revision && at.elapsed() < KEEP_FOR)
+            .find(|(r, _, _)| *r == revision)
             .map(|(_, _, s)| s.clone())
+    }
+
+    /// Drops the kept snapshots that have expired (the old objects they hold with them).
+    fn forget_expired(&self) {
+        self.lock()
+            .kept
+            .retain(|(_, at, _)| at.elapsed() < KEEP_FOR);
     }
 
     /// Keeps a snapshot a list continues from, for a while.
@@ -366,6 +385,7 @@ async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>
                 m = events.message() => m,
                 _ = tick.tick() => {
                     progress.request();
+                    cache.forget_expired();
                     continue;
                 }
             };
@@ -387,29 +407,48 @@ async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>
             for ev in &resp.events {
                 let Some(kv) = ev.kv.as_ref() else { continue };
                 let key = String::from_utf8_lossy(&kv.key).into_owned();
-                let entry = if ev.r#type == EventType::Delete as i32 {
-                    let Some(p) = ev.prev_kv.as_ref() else {
-                        continue;
-                    };
-                    match decode(&codec, &p.key, &p.value, kv.mod_revision) {
-                        Some(o) => (true, Entry::new(&o, cache.fields)),
-                        None => continue,
-                    }
+                let (deleted, value) = if ev.r#type == EventType::Delete as i32 {
+                    let prev = ev
+                        .prev_kv
+                        .as_ref()
+                        .and_then(|p| decode(&codec, &p.key, &p.value, kv.mod_revision));
+                    (true, prev)
                 } else {
-                    match decode(&codec, &kv.key, &kv.value, kv.mod_revision) {
-                        Some(o) => (false, Entry::new(&o, cache.fields)),
-                        None => continue,
-                    }
+                    (false, decode(&codec, &kv.key, &kv.value, kv.mod_revision))
                 };
-                decoded.push((kv.mod_revision, key, entry));
+                let entry = value.map(|o| Entry::new(&o, cache.fields));
+                decoded.push((kv.mod_revision, key, deleted, entry));
             }
             let mut inner = cache.lock();
-            for (revision, key, (deleted, entry)) in decoded {
-                let object = Arc::new(entry);
-                let prev = if deleted {
-                    inner.objects.remove(&key).or_else(|| Some(object.clone()))
-                } else {
-                    inner.objects.insert(key.clone(), object.clone())
+            for (revision, key, deleted, entry) in decoded {
+                inner.revision = inner.revision.max(revision);
+                let (object, prev) = match (deleted, entry) {
+                    (false, Some(entry)) => {
+                        let object = Arc::new(entry);
+                        let prev = inner.objects.insert(key.clone(), object.clone());
+                        (object, prev)
+                    }
+                    (true, entry) => {
+                        let prev = inner.objects.remove(&key);
+                        // The deleted object as it was, at the delete's revision: from the
+                        // store's previous value, else the cache's copy.
+                        let object = match (entry, &prev) {
+                            (Some(e), _) => Arc::new(e),
+                            (None, Some(p)) => {
+                                let mut o = p.object();
+                                set_revision(&mut o, revision);
+                                Arc::new(Entry::new(&o, cache.fields))
+                            }
+                            (None, None) => continue,
+                        };
+                        let prev = prev.or_else(|| Some(object.clone()));
+                        (object, prev)
+                    }
+                    // A value that does not decode leaves lists (as at load) and goes unseen.
+                    (false, None) => {
+                        inner.objects.remove(&key);
+                        continue;
+                    }
                 };
                 let c = Arc::new(Change {
                     revision,
@@ -418,7 +457,6 @@ async fn feed(cache: Arc<Cache>, prefix: String, store: Store, codec: Arc<Codec>
                     object,
                     prev,
                 });
-                inner.revision = inner.revision.max(revision);
                 inner.window.push_back(c.clone());
                 if inner.window.len() > WINDOW {
                     if let Some(old) = inner.window.pop_front() {

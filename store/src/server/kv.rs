@@ -54,6 +54,11 @@ impl Kv for KvService {
         let auth = self.member.auth_info(request.metadata()).await?;
         let req = request.into_inner();
         validate::range(&req)?;
+        if !req.serializable {
+            self.member.linearizable_barrier().await?;
+        }
+        // After the barrier: a linearizable read sees the alarms and permissions as of its
+        // start (a CORRUPT alarm raised before it began refuses it even on a lagging member).
         if self
             .member
             .mvcc
@@ -62,10 +67,6 @@ impl Kv for KvService {
         {
             return Err(EtcdError::Corrupt.into());
         }
-        if !req.serializable {
-            self.member.linearizable_barrier().await?;
-        }
-        // After the barrier: a linearizable read sees the permissions as of its start.
         self.member
             .mvcc
             .auth()
