@@ -320,6 +320,7 @@ pub async fn run(
     }
     let (read_waiters, read_queue) = tokio::sync::mpsc::channel(member::READ_QUEUE);
     let (proposals, proposal_queue) = tokio::sync::mpsc::channel(member::PROPOSAL_QUEUE);
+    let (forwards, forward_queue) = tokio::sync::mpsc::channel(member::PROPOSAL_QUEUE);
     let member = Arc::new(Member {
         id,
         cluster_id,
@@ -333,12 +334,14 @@ pub async fn run(
         limits,
         read_waiters,
         proposals,
+        forwards,
         lease_checkpoint_gate: tokio::sync::Mutex::new(()),
     });
     tokio::spawn(member::proposal_loop(
         Arc::downgrade(&member),
         proposal_queue,
     ));
+    tokio::spawn(member::forward_loop(Arc::downgrade(&member), forward_queue));
     tokio::spawn(member::read_index_loop(Arc::downgrade(&member), read_queue));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

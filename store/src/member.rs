@@ -9,8 +9,8 @@ use flotilla_proto::etcdserverpb::{
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
 };
 use flotilla_proto::flotillapb::{
-    command, command_result, forward_request, forward_response, AuthInfo, Command, CommandBatch,
-    ForwardRequest, ReadIndexRequest,
+    command, command_result, forward_request, forward_response, AuthInfo, BatchResult, Command,
+    CommandBatch, CommandResult, ForwardRequest, ReadIndexRequest,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
@@ -74,6 +74,8 @@ pub struct Member {
     pub read_waiters: mpsc::Sender<ReadWaiter>,
     /// Commands waiting to be batched into a Raft entry.
     pub proposals: mpsc::Sender<Proposal>,
+    /// Commands this member (a follower) forwards to the leader, batched.
+    pub forwards: mpsc::Sender<Forwarded>,
     /// Orders lease checkpoints and the renewals that clear them in the log (see `lease`).
     pub lease_checkpoint_gate: tokio::sync::Mutex<()>,
 }
@@ -152,6 +154,92 @@ pub async fn proposal_loop(
                     };
                     for reply in replies {
                         let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A command on its way to the leader, and where its result goes.
+pub struct Forwarded {
+    leader: MemberNode,
+    command: Command,
+    reply: oneshot::Sender<Result<Option<command_result::Result>, EtcdError>>,
+}
+
+/// Forward batches to the leader in flight at once.
+const MAX_INFLIGHT_FORWARDS: usize = 4;
+
+/// Gathers the commands clients send to this follower into batches forwarded to the leader
+/// in one peer request each (a request per command would cost both members an HTTP/2
+/// exchange per write). While `MAX_INFLIGHT_FORWARDS` batches are out, commands gather for
+/// the next; each keeps its own result, and the leader proposes them in order.
+pub async fn forward_loop(
+    member: std::sync::Weak<Member>,
+    mut forwards: mpsc::Receiver<Forwarded>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_FORWARDS));
+    let mut carried: Option<Forwarded> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carried.take() {
+            Some(f) => f,
+            None => match forwards.recv().await {
+                Some(f) => f,
+                None => return,
+            },
+        };
+        let leader = first.leader.clone();
+        let mut bytes = first.command.encoded_len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_COMMANDS {
+            match forwards.try_recv() {
+                Ok(f) => {
+                    let len = f.command.encoded_len();
+                    // One batch goes to one leader, within one entry's size.
+                    if f.leader.peer_urls != leader.peer_urls || bytes + len > MAX_BATCH_BYTES {
+                        carried = Some(f);
+                        break;
+                    }
+                    bytes += len;
+                    batch.push(f);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(m) = member.upgrade() else { return };
+        tokio::spawn(async move {
+            let (commands, replies): (Vec<Command>, Vec<_>) =
+                batch.into_iter().map(|f| (f.command, f.reply)).unzip();
+            let sent = commands.len();
+            let outcome = m
+                .forward(
+                    &leader,
+                    forward_request::Request::Commands(CommandBatch { commands }),
+                )
+                .await;
+            drop(slot);
+            match outcome {
+                Ok(forward_response::Response::Commands(BatchResult { results }))
+                    if results.len() == sent =>
+                {
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(r.result));
+                    }
+                }
+                Ok(_) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(EtcdError::Internal(
+                            "leader answered a different request".into(),
+                        )));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
                     }
                 }
             }
@@ -247,14 +335,17 @@ impl Member {
             let outcome = if leader == self.id {
                 self.propose_local(&command).await
             } else {
-                self.forward(&node, forward_request::Request::Command(command.clone()))
-                    .await
-                    .and_then(|r| match r {
-                        forward_response::Response::Command(c) => Ok(c.result),
-                        _ => Err(EtcdError::Internal(
-                            "leader answered a different request".into(),
-                        )),
-                    })
+                self.forward_batched(node, command.clone()).await
+            };
+            // A forwarded command's errors come back as results; one the leader refused
+            // before it entered the log (not leader) is tried again like a local one.
+            let outcome = match outcome {
+                Ok(Some(command_result::Result::Error(e)))
+                    if EtcdError::from_wire(e.code, &e.message) == EtcdError::NotLeader =>
+                {
+                    Err(EtcdError::NotLeader)
+                }
+                other => other,
             };
             match outcome {
                 // Rejected before it entered the log: safe to try the new leader.
@@ -268,6 +359,51 @@ impl Member {
             }
         }
         Err(EtcdError::LeaderChanged)
+    }
+
+    /// Forwards a command to the leader with the others waiting to go (`forward_loop`).
+    async fn forward_batched(
+        &self,
+        leader: MemberNode,
+        command: Command,
+    ) -> Result<Option<command_result::Result>, EtcdError> {
+        let (reply, rx) = oneshot::channel();
+        self.forwards
+            .send(Forwarded {
+                leader,
+                command,
+                reply,
+            })
+            .await
+            .map_err(|_| EtcdError::Stopped)?;
+        rx.await.map_err(|_| EtcdError::Stopped)?
+    }
+
+    /// Leader: proposes forwarded commands in order and gives one result each (an error as
+    /// a result, so one command's failure does not fail the others).
+    pub async fn propose_forwarded(&self, commands: Vec<Command>) -> Vec<CommandResult> {
+        let mut pending = Vec::with_capacity(commands.len());
+        for command in commands {
+            pending.push(self.enqueue_local(command).await);
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for p in pending {
+            let outcome = match p {
+                Ok(rx) => rx.await.unwrap_or(Err(EtcdError::Stopped)),
+                Err(e) => Err(e),
+            };
+            let result = match outcome {
+                Ok(r) => r,
+                Err(e) => Some(command_result::Result::Error(
+                    flotilla_proto::flotillapb::Error {
+                        code: e.code() as i32,
+                        message: e.to_string(),
+                    },
+                )),
+            };
+            results.push(CommandResult { result });
+        }
+        results
     }
 
     /// Proposes on this member, which believes it leads. `NotLeader` means the command was

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use flotilla_proto::etcdserverpb::{HashKvRequest, HashKvResponse};
 use flotilla_proto::flotillapb::peer_server::Peer;
 use flotilla_proto::flotillapb::{
-    forward_request, forward_response, CommandResult, ForwardRequest, ForwardResponse, RaftPayload,
+    forward_request, forward_response, BatchResult, CommandResult, ForwardRequest, ForwardResponse,
+    RaftPayload,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
@@ -81,6 +82,11 @@ impl Peer for PeerService {
             Some(forward_request::Request::Command(c)) => {
                 let result = member.propose_local(&c).await?;
                 forward_response::Response::Command(CommandResult { result })
+            }
+            Some(forward_request::Request::Commands(batch)) => {
+                forward_response::Response::Commands(BatchResult {
+                    results: member.propose_forwarded(batch.commands).await,
+                })
             }
             Some(forward_request::Request::ReadIndex(_)) => {
                 forward_response::Response::ReadIndex(member.read_index_local().await?)
