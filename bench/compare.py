@@ -91,9 +91,9 @@ class Cluster:
             self.start_member(i)
         self.wait_ready()
 
-    def etcdctl(self, *args, endpoints=None, check=True):
+    def etcdctl(self, *args, endpoints=None, check=True, timeout=120):
         cmd = ["etcdctl", "--endpoints", endpoints or self.endpoints()] + list(args)
-        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, ETCDCTL_API="3"), timeout=120)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, ETCDCTL_API="3"), timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
         return r
@@ -198,7 +198,8 @@ def compaction_p99(cluster, revisions):
          "--duration", "10s", "--key-space-size", "1000", "--key-size", "16", "--endpoints", cluster.endpoints(),
          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1)
-    cluster.etcdctl("compaction", str(rev - 1), "--physical")
+    # A physical compaction of a million revisions takes etcd longer than etcdctl's 5 s default.
+    cluster.etcdctl("--command-timeout=600s", "compaction", str(rev - 1), "--physical", timeout=900)
     out, _ = proc.communicate(timeout=600)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     during = json.loads(lines[-1]) if lines else None
@@ -220,6 +221,8 @@ def main():
         args.rounds = min(args.rounds, 2)
 
     flotilla = args.flotilla
+    # The load generator is the same binary.
+    globals()["FLOTILLA"] = flotilla
     etcd = shutil.which("etcd")
     if not Path(flotilla).exists() or not etcd or not shutil.which("etcdctl"):
         sys.exit("needs target/release/flotilla (cargo build --release), etcd and etcdctl on PATH")

@@ -2589,18 +2589,9 @@ async fn delete(
                 meta["deletionTimestamp"] =
                     Value::String(due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                 meta["deletionGracePeriodSeconds"] = json!(grace);
-                let sealed = state
-                    .codec
-                    .seal(t.resource.plural, &key, stored_form(&obj))?;
-                match state
-                    .store
-                    .put_if(&key, sealed, current.mod_revision)
-                    .await?
-                {
-                    Written::Done { revision } => {
-                        return Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
-                    }
-                    Written::Conflict(_) => continue,
+                match write_marked(state, t, &key, obj, current.mod_revision).await? {
+                    Some(answer) => return Ok(answer),
+                    None => continue,
                 }
             }
             if marked {
@@ -2624,18 +2615,9 @@ async fn delete(
                 meta["deletionTimestamp"] = Value::String(now_rfc3339());
                 meta["deletionGracePeriodSeconds"] = json!(0);
             }
-            let sealed = state
-                .codec
-                .seal(t.resource.plural, &key, stored_form(&obj))?;
-            match state
-                .store
-                .put_if(&key, sealed, current.mod_revision)
-                .await?
-            {
-                Written::Done { revision } => {
-                    return Ok(json_response(StatusCode::OK, &with_revision(obj, revision)))
-                }
-                Written::Conflict(_) => continue,
+            match write_marked(state, t, &key, obj, current.mod_revision).await? {
+                Some(answer) => return Ok(answer),
+                None => continue,
             }
         }
         if t.resource.plural == "namespaces" {
@@ -2691,6 +2673,26 @@ async fn delete(
         t.resource.group,
         name,
     ))
+}
+
+/// Writes back an object marked for deletion (with a deletionTimestamp) and answers with
+/// it; None if it changed meanwhile (the caller reads it again).
+async fn write_marked(
+    state: &State,
+    t: &Target,
+    key: &str,
+    obj: Value,
+    expected: i64,
+) -> Result<Option<Response<Body>>, ApiError> {
+    let sealed = state
+        .codec
+        .seal(t.resource.plural, key, stored_form(&obj))?;
+    Ok(match state.store.put_if(key, sealed, expected).await? {
+        Written::Done { revision } => {
+            Some(json_response(StatusCode::OK, &with_revision(obj, revision)))
+        }
+        Written::Conflict(_) => None,
+    })
 }
 
 /// Whether the node a pod is bound to exists.

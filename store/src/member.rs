@@ -94,6 +94,35 @@ const MAX_BATCH_COMMANDS: usize = 2048;
 /// Most bytes of commands in one entry (one command may be up to --max-request-bytes).
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
+/// The next batch from `queue`: the carried item or the next to arrive, then whatever else
+/// is queued, up to `MAX_BATCH_COMMANDS` items and `MAX_BATCH_BYTES`. An item that does not
+/// fit, or that `joins` keeps apart from the batch's first, is carried to the next batch.
+/// None once the queue has closed.
+async fn next_batch<T>(
+    queue: &mut mpsc::Receiver<T>,
+    carried: &mut Option<T>,
+    len: impl Fn(&T) -> usize,
+    joins: impl Fn(&T, &T) -> bool,
+) -> Option<Vec<T>> {
+    let first = match carried.take() {
+        Some(x) => x,
+        None => queue.recv().await?,
+    };
+    let mut bytes = len(&first);
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH_COMMANDS {
+        let Ok(x) = queue.try_recv() else { break };
+        let n = len(&x);
+        if bytes + n > MAX_BATCH_BYTES || !joins(&batch[0], &x) {
+            *carried = Some(x);
+            break;
+        }
+        bytes += n;
+        batch.push(x);
+    }
+    Some(batch)
+}
+
 /// Gathers concurrent proposals into Raft entries: one log append, one fsync and one
 /// replication round for many clients. Batches form by themselves: while
 /// `MAX_INFLIGHT_ENTRIES` entries are in flight, new commands queue and go out together.
@@ -107,29 +136,10 @@ pub async fn proposal_loop(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let first = match carried.take() {
-            Some(p) => p,
-            None => match proposals.recv().await {
-                Some(p) => p,
-                None => return,
-            },
+        let len = |p: &Proposal| p.command.encoded_len();
+        let Some(batch) = next_batch(&mut proposals, &mut carried, len, |_, _| true).await else {
+            return;
         };
-        let mut bytes = first.command.encoded_len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_COMMANDS {
-            match proposals.try_recv() {
-                Ok(p) => {
-                    let len = p.command.encoded_len();
-                    if bytes + len > MAX_BATCH_BYTES {
-                        carried = Some(p);
-                        break;
-                    }
-                    bytes += len;
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
         let Some(m) = member.upgrade() else { return };
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) =
@@ -185,31 +195,13 @@ pub async fn forward_loop(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let first = match carried.take() {
-            Some(f) => f,
-            None => match forwards.recv().await {
-                Some(f) => f,
-                None => return,
-            },
+        let len = |f: &Forwarded| f.command.encoded_len();
+        // One batch goes to one leader.
+        let joins = |a: &Forwarded, b: &Forwarded| a.leader.peer_urls == b.leader.peer_urls;
+        let Some(batch) = next_batch(&mut forwards, &mut carried, len, joins).await else {
+            return;
         };
-        let leader = first.leader.clone();
-        let mut bytes = first.command.encoded_len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_COMMANDS {
-            match forwards.try_recv() {
-                Ok(f) => {
-                    let len = f.command.encoded_len();
-                    // One batch goes to one leader, within one entry's size.
-                    if f.leader.peer_urls != leader.peer_urls || bytes + len > MAX_BATCH_BYTES {
-                        carried = Some(f);
-                        break;
-                    }
-                    bytes += len;
-                    batch.push(f);
-                }
-                Err(_) => break,
-            }
-        }
+        let leader = batch[0].leader.clone();
         let Some(m) = member.upgrade() else { return };
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) =
