@@ -367,10 +367,14 @@ def write_report(args, systems, loads, results, extra, fsync_rate):
         lines.append(f"| {label} | {fmt(e, digits)} | {fmt(f, digits)} | {ratio(f, e)} |")
     lines += [
         "",
-        "Not measured yet: the time for a new member to catch up (Flotilla has no membership changes yet).",
+        "Not measured yet: the time for a new member to catch up to a cluster of that size.",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    # The file's other sections (the apiserver's, from bench/apiserver.py) stay.
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    keep = old[old.index("<!-- apiserver -->"):] if "<!-- apiserver -->" in old else ""
+    out.write_text("\n".join(lines) + ("\n" + keep if keep else ""))
 
 
 if __name__ == "__main__":
