@@ -181,6 +181,19 @@ pub(crate) fn open_db(dir: &std::path::Path) -> anyhow::Result<Arc<DB>> {
 use mvcc::Mvcc;
 
 /// Runs one member until `shutdown` completes.
+/// A listener on each URL's address, with the URL.
+async fn bind_all(urls: &[String], who: &str) -> anyhow::Result<Vec<(String, TcpListener)>> {
+    let mut out = Vec::with_capacity(urls.len());
+    for url in urls {
+        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for {who} on {url}"))?;
+        out.push((url.clone(), listener));
+    }
+    Ok(out)
+}
+
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -212,22 +225,8 @@ pub async fn run(
     // Listening starts before the data is opened: a client or peer that connects meanwhile
     // waits in the accept queue instead of being refused and backing off (a gRPC client
     // waits a second before it tries again).
-    let mut peer_listeners = Vec::new();
-    for url in &config.listen_peer_urls {
-        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening for peers on {url}"))?;
-        peer_listeners.push((url.clone(), listener));
-    }
-    let mut client_listeners = Vec::new();
-    for url in &config.listen_client_urls {
-        let addr = server::listen_addr(url).map_err(anyhow::Error::msg)?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening for clients on {url}"))?;
-        client_listeners.push((url.clone(), listener));
-    }
+    let peer_listeners = bind_all(&config.listen_peer_urls, "peers").await?;
+    let client_listeners = bind_all(&config.listen_client_urls, "clients").await?;
 
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
