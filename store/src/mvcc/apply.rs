@@ -1,8 +1,10 @@
 //! Applying one committed command to the MVCC state: etcd's write semantics.
 //!
-//! An [`Applier`] collects the command's changes in a RocksDB WriteBatch plus an overlay, so a
-//! Txn's later operations read its earlier writes. Nothing reaches the database until
-//! [`Mvcc::commit`]; a command that fails leaves no trace but its applied index.
+//! An [`Applier`] collects one command's writes plus an overlay, so a Txn's later operations
+//! read its earlier writes. A command that succeeds joins a [`Group`]: the writes of
+//! consecutive commands of one entry, which later commands read through and which reach
+//! RocksDB in one WriteBatch at [`Mvcc::commit`]. A command that fails leaves no trace but
+//! its applied index.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -36,9 +38,59 @@ pub struct Outcome {
 
 type Version = (i64, KvRecord);
 
+/// One write of a command, held until the command has succeeded.
+enum Op {
+    Put(&'static str, Vec<u8>, Vec<u8>),
+    Delete(&'static str, Vec<u8>),
+}
+
+/// What one successful command wrote, for its [`Group`].
+pub struct Applied {
+    ops: Vec<Op>,
+    overlay: BTreeMap<Vec<u8>, Option<Version>>,
+    outcome: Outcome,
+}
+
+/// Applied commands not yet written: one WriteBatch for many commands, and the newest
+/// version of every key they wrote, which the next command's [`Applier`] reads first.
+#[derive(Default)]
+pub struct Group {
+    batch: WriteBatch,
+    overlay: BTreeMap<Vec<u8>, Option<Version>>,
+    /// The revision after the group's last write, if it wrote.
+    revision: Option<i64>,
+    outcomes: Vec<Outcome>,
+}
+
+impl Group {
+    /// Adds a command's writes after the group's.
+    pub fn add(&mut self, mvcc: &Mvcc, applied: Applied) {
+        for op in applied.ops {
+            match op {
+                Op::Put(cf, k, v) => self.batch.put_cf(mvcc.cf(cf), k, v),
+                Op::Delete(cf, k) => self.batch.delete_cf(mvcc.cf(cf), k),
+            }
+        }
+        self.overlay.extend(applied.overlay);
+        if let Some(rev) = applied.outcome.revision {
+            self.revision = Some(rev);
+        }
+        self.outcomes.push(applied.outcome);
+    }
+
+    /// Empties the group: the batch to write (the caller adds its applied index) and the
+    /// outcomes to publish, in command order.
+    pub fn take(&mut self) -> (WriteBatch, Vec<Outcome>) {
+        let group = std::mem::take(self);
+        (group.batch, group.outcomes)
+    }
+}
+
 pub struct Applier<'a> {
     mvcc: &'a Mvcc,
-    batch: WriteBatch,
+    /// Earlier commands' writes that are not in the database yet.
+    group: Option<&'a Group>,
+    ops: Vec<Op>,
     /// The revision before this command.
     base: i64,
     sub: u32,
@@ -51,10 +103,18 @@ pub struct Applier<'a> {
 
 impl<'a> Applier<'a> {
     pub fn new(mvcc: &'a Mvcc) -> Applier<'a> {
+        Applier::after(mvcc, None)
+    }
+
+    /// An applier for the command after `group`'s, reading through its writes.
+    pub fn after(mvcc: &'a Mvcc, group: Option<&'a Group>) -> Applier<'a> {
         Applier {
             mvcc,
-            batch: WriteBatch::default(),
-            base: mvcc.current_revision(),
+            group,
+            ops: Vec::new(),
+            base: group
+                .and_then(|g| g.revision)
+                .unwrap_or_else(|| mvcc.current_revision()),
             sub: 0,
             overlay: BTreeMap::new(),
             events: Vec::new(),
@@ -64,30 +124,37 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// Ends the command: the batch to write (the caller adds its applied index) and the outcome.
-    pub fn finish(mut self) -> (WriteBatch, Outcome) {
+    /// Ends a command that succeeded: its writes and what it changed, for a [`Group`].
+    pub fn finish(mut self) -> Applied {
         let revision = if self.wrote() {
             let rev = self.revision();
-            self.batch
-                .put_cf(self.mvcc.cf(CF_META), META_REVISION, encode(&rev));
+            self.put_cf(CF_META, META_REVISION.to_vec(), encode(&rev));
             Some(rev)
         } else {
             None
         };
         if let Some(c) = self.compaction {
-            self.batch
-                .put_cf(self.mvcc.cf(CF_META), META_COMPACT, encode(&c));
+            self.put_cf(CF_META, META_COMPACT.to_vec(), encode(&c));
         }
-        (
-            self.batch,
-            Outcome {
+        Applied {
+            ops: self.ops,
+            overlay: self.overlay,
+            outcome: Outcome {
                 revision,
                 events: self.events,
                 compaction: self.compaction,
                 alarms: self.alarms,
                 auth: self.auth,
             },
-        )
+        }
+    }
+
+    fn put_cf(&mut self, cf: &'static str, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Put(cf, key, value));
+    }
+
+    fn delete_cf(&mut self, cf: &'static str, key: Vec<u8>) {
+        self.ops.push(Op::Delete(cf, key));
     }
 
     fn wrote(&self) -> bool {
@@ -112,6 +179,9 @@ impl<'a> Applier<'a> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
+        if let Some(v) = self.group.and_then(|g| g.overlay.get(key)) {
+            return Ok(v.clone());
+        }
         Ok(self
             .mvcc
             .get_record(key, self.base)?
@@ -129,14 +199,18 @@ impl<'a> Applier<'a> {
             found.insert(k, (rev, r));
             ControlFlow::Continue(())
         })?;
-        for (k, v) in self.overlay.range(key.to_vec()..) {
-            if !end.contains(key, k) {
-                break; // overlay keys come in order from `key` on: the first outside ends it
+        // The group's writes are newer than the database's, this command's newer still.
+        let group = self.group.map(|g| &g.overlay);
+        for overlay in group.into_iter().chain([&self.overlay]) {
+            for (k, v) in overlay.range(key.to_vec()..) {
+                if !end.contains(key, k) {
+                    break; // overlay keys come in order from `key` on: the first outside ends it
+                }
+                match v {
+                    Some(version) => found.insert(k.clone(), version.clone()),
+                    None => found.remove(k),
+                };
             }
-            match v {
-                Some(version) => found.insert(k.clone(), version.clone()),
-                None => found.remove(k),
-            };
         }
         Ok(found.into_iter().collect())
     }
@@ -149,9 +223,9 @@ impl<'a> Applier<'a> {
         prev: Option<Version>,
     ) {
         let rev = self.revision();
-        self.batch.put_cf(
-            self.mvcc.cf(CF_REV),
-            rev_key(rev, self.sub),
+        self.put_cf(
+            CF_REV,
+            rev_key(rev, self.sub).to_vec(),
             encode(&EventRecord {
                 kind,
                 key: key.to_vec(),
@@ -178,13 +252,11 @@ impl<'a> Applier<'a> {
     }
 
     fn attach(&mut self, lease: i64, key: &[u8]) {
-        self.batch
-            .put_cf(self.mvcc.cf(CF_META), lease_key_meta_key(lease, key), []);
+        self.put_cf(CF_META, lease_key_meta_key(lease, key), Vec::new());
     }
 
     fn detach(&mut self, lease: i64, key: &[u8]) {
-        self.batch
-            .delete_cf(self.mvcc.cf(CF_META), lease_key_meta_key(lease, key));
+        self.delete_cf(CF_META, lease_key_meta_key(lease, key));
     }
 
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, EtcdError> {
@@ -213,8 +285,7 @@ impl<'a> Applier<'a> {
                 req.value.clone()
             },
         };
-        self.batch
-            .put_cf(self.mvcc.cf(CF_KV), kv_key(&req.key, rev), encode(&record));
+        self.put_cf(CF_KV, kv_key(&req.key, rev), encode(&record));
         let prev_lease = prev.as_ref().map(|(_, r)| r.lease).unwrap_or(0);
         if prev_lease != 0 && prev_lease != lease {
             self.detach(prev_lease, &req.key);
@@ -261,8 +332,7 @@ impl<'a> Applier<'a> {
             lease: 0,
             value: Vec::new(),
         };
-        self.batch
-            .put_cf(self.mvcc.cf(CF_KV), kv_key(key, rev), encode(&tombstone));
+        self.put_cf(CF_KV, kv_key(key, rev), encode(&tombstone));
         if prev.1.lease != 0 {
             self.detach(prev.1.lease, key);
         }
@@ -430,8 +500,8 @@ impl<'a> Applier<'a> {
         if self.mvcc.lease(req.id)?.is_some() {
             return Err(EtcdError::LeaseExists);
         }
-        self.batch.put_cf(
-            self.mvcc.cf(CF_META),
+        self.put_cf(
+            CF_META,
             lease_meta_key(req.id),
             encode(&LeaseRecord { ttl: req.ttl }),
         );
@@ -456,10 +526,8 @@ impl<'a> Applier<'a> {
                 _ => self.detach(req.id, &key),
             }
         }
-        self.batch
-            .delete_cf(self.mvcc.cf(CF_META), lease_meta_key(req.id));
-        self.batch
-            .delete_cf(self.mvcc.cf(CF_META), lease_checkpoint_key(req.id));
+        self.delete_cf(CF_META, lease_meta_key(req.id));
+        self.delete_cf(CF_META, lease_checkpoint_key(req.id));
         Ok(LeaseRevokeResponse {
             header: self.mvcc.header(self.header_revision()),
         })
@@ -477,10 +545,9 @@ impl<'a> Applier<'a> {
             }
             let key = lease_checkpoint_key(cp.id);
             if cp.remaining_ttl > 0 {
-                self.batch
-                    .put_cf(self.mvcc.cf(CF_META), key, cp.remaining_ttl.to_be_bytes());
+                self.put_cf(CF_META, key, cp.remaining_ttl.to_be_bytes().to_vec());
             } else {
-                self.batch.delete_cf(self.mvcc.cf(CF_META), key);
+                self.delete_cf(CF_META, key);
             }
         }
         Ok(LeaseCheckpointResponse {
@@ -497,12 +564,12 @@ impl<'a> Applier<'a> {
         let changed = match AlarmAction::try_from(req.action) {
             Ok(AlarmAction::Activate) if req.alarm != 0 && !alarms.contains(&entry) => {
                 alarms.push(entry);
-                self.batch.put_cf(self.mvcc.cf(CF_META), key, []);
+                self.put_cf(CF_META, key, Vec::new());
                 true
             }
             Ok(AlarmAction::Deactivate) if alarms.contains(&entry) => {
                 alarms.retain(|a| *a != entry);
-                self.batch.delete_cf(self.mvcc.cf(CF_META), key);
+                self.delete_cf(CF_META, key);
                 true
             }
             _ => false,
@@ -526,14 +593,13 @@ impl<'a> Applier<'a> {
 
     /// Replaces the auth state.
     pub fn set_auth(&mut self, stored: crate::auth::Stored) {
-        self.batch
-            .put_cf(self.mvcc.cf(CF_META), META_AUTH, encode(&stored));
+        self.put_cf(CF_META, META_AUTH.to_vec(), encode(&stored));
         self.auth = Some(std::sync::Arc::new(crate::auth::AuthState::new(stored)));
     }
 
     /// Writes raw metadata in the command's batch (member attributes and the like).
     pub fn put_meta(&mut self, key: &[u8], value: &[u8]) {
-        self.batch.put_cf(self.mvcc.cf(CF_META), key, value);
+        self.put_cf(CF_META, key.to_vec(), value.to_vec());
     }
 }
 

@@ -662,10 +662,21 @@ impl Mvcc {
         Ok(self.db.get_cf(self.cf(CF_META), key)?)
     }
 
-    /// Writes a batch built by an [`apply::Applier`] (plus whatever the caller added to it)
-    /// and then makes its revision visible and publishes its events, in that order.
-    pub fn commit(&self, batch: WriteBatch, outcome: apply::Outcome) -> Result<(), StorageError> {
+    /// Writes a [`apply::Group`]'s batch (plus whatever the caller added to it) and then, for
+    /// each command in order, makes its revision visible and publishes its events.
+    pub fn commit(
+        &self,
+        batch: WriteBatch,
+        outcomes: Vec<apply::Outcome>,
+    ) -> Result<(), StorageError> {
         self.db.write_without_wal_sync(batch)?;
+        for outcome in outcomes {
+            self.publish(outcome);
+        }
+        Ok(())
+    }
+
+    fn publish(&self, outcome: apply::Outcome) {
         if let Some(revision) = outcome.revision {
             self.current.store(revision, Ordering::Release);
             if !outcome.events.is_empty() {
@@ -686,7 +697,6 @@ impl Mvcc {
         if let Some(auth) = outcome.auth {
             self.set_auth(auth);
         }
-        Ok(())
     }
 
     /// Reloads the counters after the whole state was replaced (a Raft snapshot install).

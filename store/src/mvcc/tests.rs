@@ -10,7 +10,7 @@ use flotilla_proto::etcdserverpb::{
 };
 use flotilla_proto::mvccpb::event::EventType;
 
-use super::apply::Applier;
+use super::apply::{Applier, Group};
 use super::*;
 use crate::error::EtcdError;
 
@@ -37,8 +37,10 @@ impl Fixture {
     ) -> Result<T, EtcdError> {
         let mut a = Applier::new(&self.mvcc);
         let r = f(&mut a)?;
-        let (batch, outcome) = a.finish();
-        self.mvcc.commit(batch, outcome).expect("commit");
+        let mut group = Group::default();
+        group.add(&self.mvcc, a.finish());
+        let (batch, outcomes) = group.take();
+        self.mvcc.commit(batch, outcomes).expect("commit");
         Ok(r)
     }
 

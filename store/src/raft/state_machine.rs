@@ -11,6 +11,7 @@ use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use flotilla_proto::etcdserverpb::{request_op, TxnRequest};
 use flotilla_proto::flotillapb::{
     command, command_result, BatchResult, Command, CommandBatch, CommandResult, Empty, Error,
 };
@@ -27,9 +28,31 @@ use super::{
 };
 use crate::error::EtcdError;
 use crate::lease::LeaseKeeper;
-use crate::mvcc::apply::{Applier, Outcome};
+use crate::mvcc::apply::{Applier, Group};
 use crate::mvcc::keys::{member_meta_key, META_APPLIED, META_APPLIED_PARTIAL, META_MEMBERSHIP};
 use crate::mvcc::{decode, encode, Mvcc, CF_KV, CF_META, CF_REV};
+
+/// Whether a command reads and writes only keys: a put, delete or txn that attaches no
+/// lease (the permission check of a put with a lease reads the lease's attached keys from
+/// the database). Such commands of one entry are written together.
+fn is_key_value(command: &Command) -> bool {
+    fn txn_attaches(t: &TxnRequest) -> bool {
+        t.success
+            .iter()
+            .chain(&t.failure)
+            .any(|op| match &op.request {
+                Some(request_op::Request::RequestPut(p)) => p.lease != 0,
+                Some(request_op::Request::RequestTxn(t)) => txn_attaches(t),
+                _ => false,
+            })
+    }
+    match &command.request {
+        Some(command::Request::Put(p)) => p.lease == 0,
+        Some(command::Request::DeleteRange(_)) => true,
+        Some(command::Request::Txn(t)) => !txn_attaches(t),
+        _ => false,
+    }
+}
 
 /// Attributes a member publishes through Raft once it runs (etcd's "publish").
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -158,9 +181,8 @@ impl StateMachine {
 
     /// Applies one entry; returns what the proposer gets back.
     ///
-    /// Each command of a batch is committed in its own WriteBatch, which also records how far
-    /// the entry got (`applied_partial`), or, for the last one, the entry's log id as applied.
-    /// A crash inside a batch therefore resumes after the last command that was written.
+    /// Consecutive key-value commands of a batch are written in one WriteBatch (one RocksDB
+    /// write for many clients' puts); each write also records how far the entry got.
     fn apply_entry(&self, entry: Entry) -> Result<RaftResponse, RaftStorageError> {
         let log_id = entry.log_id;
         let meta = self.mvcc.cf(CF_META);
@@ -179,7 +201,7 @@ impl StateMachine {
                     encode(&StoredMembership::new(Some(log_id), m)),
                 );
                 self.mvcc
-                    .commit(finished(batch), Outcome::default())
+                    .commit(finished(batch), Vec::new())
                     .map_err(io_error)?;
                 return Ok(RaftResponse::default());
             }
@@ -194,38 +216,39 @@ impl StateMachine {
         };
         if commands.is_empty() {
             self.mvcc
-                .commit(finished(WriteBatch::default()), Outcome::default())
+                .commit(finished(WriteBatch::default()), Vec::new())
                 .map_err(io_error)?;
             return Ok(RaftResponse::default());
         }
         let skip = self.commands_already_applied(log_id)?;
         let last = commands.len() - 1;
         let mut results = Vec::with_capacity(commands.len());
+        // Commands applied since the last write, which the next write covers.
+        let mut group = Group::default();
+        let mut unwritten = false;
         for (i, command) in commands.iter().enumerate() {
             if i < skip {
                 results.push(CommandResult::default());
                 continue;
             }
-            let mut applier = Applier::new(&self.mvcc);
-            let (batch, outcome, result) = match self.apply_command(&mut applier, command) {
-                Ok(r) => {
-                    let (batch, outcome) = applier.finish();
-                    (batch, outcome, Ok(r))
-                }
-                Err(e) => (WriteBatch::default(), Outcome::default(), Err(e)),
-            };
-            let batch = if i == last {
-                finished(batch)
-            } else {
-                let mut batch = batch;
-                batch.put_cf(
-                    meta,
-                    META_APPLIED_PARTIAL,
-                    encode(&(log_id, (i + 1) as u64)),
-                );
-                batch
-            };
-            self.mvcc.commit(batch, outcome).map_err(io_error)?;
+            // Key-value commands read only keys, which the group holds for them; any other
+            // command reads state the group's writes change (lease attachments, revisions),
+            // so it goes after a write and is written alone.
+            let alone = !is_key_value(command);
+            if alone && unwritten {
+                self.write_group(&mut group, log_id, i - 1, last)?;
+            }
+            let mut applier = Applier::after(&self.mvcc, Some(&group));
+            let result = self.apply_command(&mut applier, command);
+            if result.is_ok() {
+                let applied = applier.finish();
+                group.add(&self.mvcc, applied);
+            }
+            unwritten = true;
+            if alone || i == last {
+                self.write_group(&mut group, log_id, i, last)?;
+                unwritten = false;
+            }
             results.push(match result {
                 Ok(r) => {
                     self.note_leases(command);
@@ -240,6 +263,31 @@ impl StateMachine {
             });
         }
         Ok(RaftResponse(BatchResult { results }))
+    }
+
+    /// Writes the group, which covers the entry's commands up to `upto`, with how far the
+    /// entry got: the entry's log id once its `last` command is in, else `applied_partial`.
+    /// A crash inside a batch therefore resumes after the last command written.
+    fn write_group(
+        &self,
+        group: &mut Group,
+        log_id: LogId,
+        upto: usize,
+        last: usize,
+    ) -> Result<(), RaftStorageError> {
+        let meta = self.mvcc.cf(CF_META);
+        let (mut batch, outcomes) = group.take();
+        if upto == last {
+            batch.put_cf(meta, META_APPLIED, encode(&Some(log_id)));
+            batch.delete_cf(meta, META_APPLIED_PARTIAL);
+        } else {
+            batch.put_cf(
+                meta,
+                META_APPLIED_PARTIAL,
+                encode(&(log_id, (upto + 1) as u64)),
+            );
+        }
+        self.mvcc.commit(batch, outcomes).map_err(io_error)
     }
 
     fn note_leases(&self, command: &Command) {
@@ -462,4 +510,188 @@ async fn read_all(mut f: tokio::fs::File) -> std::io::Result<Vec<u8>> {
     let mut v = Vec::new();
     f.read_to_end(&mut v).await?;
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::etcdserverpb::{
+        compare, Compare, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RequestOp, TxnRequest,
+    };
+
+    fn machine() -> (tempfile::TempDir, StateMachine) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = crate::open_db(&dir.path().join("db")).expect("open db");
+        let mvcc = Mvcc::open(db).expect("open mvcc");
+        let sm = StateMachine::new(mvcc, Arc::default(), dir.path().join("snap")).expect("sm");
+        (dir, sm)
+    }
+
+    fn entry(index: u64, requests: Vec<command::Request>) -> Entry {
+        let commands = requests
+            .into_iter()
+            .map(|r| Command {
+                auth: None,
+                request: Some(r),
+            })
+            .collect();
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(super::super::RaftCommand::new(&CommandBatch {
+                commands,
+            })),
+        }
+    }
+
+    fn put(key: &str, value: &str, lease: i64) -> command::Request {
+        command::Request::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease,
+            prev_kv: true,
+            ..Default::default()
+        })
+    }
+
+    fn result(r: &CommandResult) -> &command_result::Result {
+        r.result.as_ref().expect("a result")
+    }
+
+    /// Commands of one entry written together read each other's writes, as if each had been
+    /// written alone, and a lease granted in the entry is there for the puts after it.
+    #[test]
+    fn commands_of_one_entry_see_each_other() {
+        let (_dir, sm) = machine();
+        let mut events = sm.mvcc.subscribe();
+        let version_is_2 = Compare {
+            key: b"a".to_vec(),
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Version as i32,
+            target_union: Some(compare::TargetUnion::Version(2)),
+            ..Default::default()
+        };
+        let put_op = |k: &str| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: k.into(),
+                value: b"t".to_vec(),
+                ..Default::default()
+            })),
+        };
+        let e = entry(
+            1,
+            vec![
+                put("a", "1", 0),
+                put("a", "2", 0),
+                put("b", "x", 7), // no lease 7 yet: refused, nothing written
+                command::Request::Txn(TxnRequest {
+                    compare: vec![version_is_2],
+                    success: vec![put_op("c")],
+                    failure: vec![],
+                }),
+                command::Request::LeaseGrant(LeaseGrantRequest { id: 7, ttl: 60 }),
+                put("b", "y", 7),
+                command::Request::DeleteRange(DeleteRangeRequest {
+                    key: b"a".to_vec(),
+                    ..Default::default()
+                }),
+            ],
+        );
+        let out = sm.apply_entry(e).expect("apply").0.results;
+        assert_eq!(out.len(), 7);
+        let revision = |r: &command_result::Result| match r {
+            command_result::Result::Put(p) => p.header.as_ref().map(|h| h.revision),
+            command_result::Result::Txn(t) => t.header.as_ref().map(|h| h.revision),
+            command_result::Result::DeleteRange(d) => d.header.as_ref().map(|h| h.revision),
+            _ => None,
+        };
+        assert_eq!(revision(result(&out[0])), Some(2));
+        match result(&out[1]) {
+            command_result::Result::Put(p) => {
+                let prev = p.prev_kv.as_ref().expect("prev kv");
+                assert_eq!((prev.value.as_slice(), prev.mod_revision), (&b"1"[..], 2));
+                assert_eq!(p.header.as_ref().map(|h| h.revision), Some(3));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match result(&out[2]) {
+            command_result::Result::Error(e) => {
+                assert_eq!(e.message, "etcdserver: requested lease not found")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match result(&out[3]) {
+            command_result::Result::Txn(t) => assert!(t.succeeded),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(revision(result(&out[5])), Some(5));
+        assert_eq!(revision(result(&out[6])), Some(6));
+
+        assert_eq!(sm.mvcc.current_revision(), 6);
+        let a = sm.mvcc.get(b"a", 3).expect("get").expect("a at 3");
+        assert_eq!(
+            (a.version, a.create_revision, a.value),
+            (2, 2, b"2".to_vec())
+        );
+        assert!(sm.mvcc.get(b"a", 6).expect("get").is_none());
+        let b = sm.mvcc.get(b"b", 6).expect("get").expect("b");
+        assert_eq!((b.lease, b.value), (7, b"y".to_vec()));
+        assert_eq!(
+            sm.mvcc.lease_keys(7).expect("lease keys"),
+            vec![b"b".to_vec()]
+        );
+        // Every revision is published once, in order.
+        let published: Vec<i64> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| e.revision)
+            .collect();
+        assert_eq!(published, vec![2, 3, 4, 5, 6]);
+        let applied = sm
+            .mvcc
+            .meta_get(META_APPLIED)
+            .expect("meta")
+            .expect("applied");
+        let applied: Option<LogId> = decode("applied", &applied).expect("decode");
+        assert_eq!(applied.map(|l| l.index), Some(1));
+    }
+
+    /// A crash after an entry's first write resumes after the commands that write covered.
+    #[test]
+    fn an_entry_cut_short_resumes_after_its_last_write() {
+        let (_dir, sm) = machine();
+        let requests = vec![
+            put("a", "1", 0),
+            put("b", "1", 0),
+            command::Request::LeaseGrant(LeaseGrantRequest { id: 9, ttl: 60 }),
+            put("c", "1", 0),
+        ];
+        let e = entry(1, requests.clone());
+        // What the first write of the entry leaves: the two puts and applied_partial = 2.
+        let mut group = Group::default();
+        for r in &requests[..2] {
+            let mut applier = Applier::after(&sm.mvcc, Some(&group));
+            let command = Command {
+                auth: None,
+                request: Some(r.clone()),
+            };
+            sm.apply_command(&mut applier, &command).expect("apply");
+            let applied = applier.finish();
+            group.add(&sm.mvcc, applied);
+        }
+        sm.write_group(&mut group, e.log_id, 1, 3).expect("write");
+        assert_eq!(sm.commands_already_applied(e.log_id).expect("partial"), 2);
+        // Replaying the entry applies only what is left.
+        sm.apply_entry(e).expect("apply");
+        assert_eq!(sm.mvcc.current_revision(), 4);
+        let a = sm.mvcc.get(b"a", 4).expect("get").expect("a");
+        assert_eq!((a.version, a.mod_revision), (1, 2));
+        assert!(sm.mvcc.lease(9).expect("lease").is_some());
+        assert_eq!(
+            sm.mvcc.get(b"c", 4).expect("get").map(|kv| kv.mod_revision),
+            Some(4)
+        );
+        assert!(sm
+            .mvcc
+            .meta_get(META_APPLIED_PARTIAL)
+            .expect("meta")
+            .is_none());
+    }
 }
