@@ -80,8 +80,13 @@ impl Group {
 
     /// Empties the group: the batch to write (the caller adds its applied index) and the
     /// outcomes to publish, in command order.
-    pub fn take(&mut self) -> (WriteBatch, Vec<Outcome>) {
-        let group = std::mem::take(self);
+    pub fn take(&mut self, mvcc: &Mvcc) -> (WriteBatch, Vec<Outcome>) {
+        let mut group = std::mem::take(self);
+        if let Some(rev) = group.revision {
+            group
+                .batch
+                .put_cf(mvcc.cf(CF_META), META_REVISION, encode(&rev));
+        }
         (group.batch, group.outcomes)
     }
 }
@@ -126,13 +131,8 @@ impl<'a> Applier<'a> {
 
     /// Ends a command that succeeded: its writes and what it changed, for a [`Group`].
     pub fn finish(mut self) -> Applied {
-        let revision = if self.wrote() {
-            let rev = self.revision();
-            self.put_cf(CF_META, META_REVISION.to_vec(), encode(&rev));
-            Some(rev)
-        } else {
-            None
-        };
+        // The group records the newest revision once, when it is written.
+        let revision = self.wrote().then(|| self.revision());
         if let Some(c) = self.compaction {
             self.put_cf(CF_META, META_COMPACT.to_vec(), encode(&c));
         }

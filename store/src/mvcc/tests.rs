@@ -39,7 +39,7 @@ impl Fixture {
         let r = f(&mut a)?;
         let mut group = Group::default();
         group.add(&self.mvcc, a.finish());
-        let (batch, outcomes) = group.take();
+        let (batch, outcomes) = group.take(&self.mvcc);
         self.mvcc.commit(batch, outcomes).expect("commit");
         Ok(r)
     }

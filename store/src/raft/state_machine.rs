@@ -276,7 +276,7 @@ impl StateMachine {
         last: usize,
     ) -> Result<(), RaftStorageError> {
         let meta = self.mvcc.cf(CF_META);
-        let (mut batch, outcomes) = group.take();
+        let (mut batch, outcomes) = group.take(&self.mvcc);
         if upto == last {
             batch.put_cf(meta, META_APPLIED, encode(&Some(log_id)));
             batch.delete_cf(meta, META_APPLIED_PARTIAL);
