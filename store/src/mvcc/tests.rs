@@ -401,3 +401,34 @@ fn the_version_field_is_read_without_decoding_the_record() {
     let dead = keys::KvRecord { version: 0, ..live };
     assert_eq!(super::raw_version(&super::encode(&dead)), Some(0));
 }
+
+/// A key with a long history loses it in one range deletion; its neighbours, including keys
+/// that extend its name, keep what reads at or after the compaction see.
+#[test]
+fn compaction_of_a_long_history_spares_the_neighbours() {
+    let f = open();
+    for i in 0..50 {
+        f.put("hot", &format!("v{i}")); // revisions 2..=51
+    }
+    f.put("hot\u{0}x", "n"); // 52
+    f.put("hot0", "n"); // 53
+    f.put("hot", "last"); // 54
+    f.put("hos", "n"); // 55
+    compactor::compact_for_tests(&f.mvcc, 53);
+    assert_eq!(f.get_at("hot", 53), Some(("v49".into(), 2, 51, 50)));
+    assert_eq!(f.get_at("hot", 54), Some(("last".into(), 2, 54, 51)));
+    assert_eq!(f.get_at("hot\u{0}x", 55), Some(("n".into(), 52, 52, 1)));
+    assert_eq!(f.get_at("hot0", 55), Some(("n".into(), 53, 53, 1)));
+    assert_eq!(f.get_at("hos", 55), Some(("n".into(), 55, 55, 1)));
+    let mut versions = 0;
+    let mut it = f.mvcc.db().raw_iterator_cf(f.mvcc.cf(CF_KV));
+    it.seek_to_first();
+    while it.valid() {
+        versions += 1;
+        it.next();
+    }
+    assert_eq!(
+        versions, 5,
+        "hot@51, hot@54 and one version of each neighbour"
+    );
+}
