@@ -228,6 +228,7 @@ def main():
         sys.exit("needs target/release/flotilla (cargo build --release), etcd and etcdctl on PATH")
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="flotilla-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     systems = {"etcd": etcd, "flotilla": flotilla}
     n = lambda x: str(max(1, int(x * scale)))  # noqa: E731
 
@@ -240,7 +241,7 @@ def main():
         ("range s, 1 client", ["range", "--consistency", "s", "--clients", "1", "--total", n(3000), "--key-space-size", "1000"]),
         ("range s, 256 clients", ["range", "--consistency", "s", "--clients", "256", "--conns", "16", "--total", n(100000), "--key-space-size", "1000"]),
         ("txn-mixed 1:1, 64 clients", ["txn-mixed", "--clients", "64", "--conns", "8", "--total", n(30000), "--key-space-size", "1000"]),
-        ("watch 10k watchers, 1k puts/s", ["watch", "--watchers", n(10000), "--streams", "100", "--put-rate", "1000", "--duration", "10s", "--key-size", "16"]),
+        ("watch 10k watchers, 1k puts/s", ["watch", "--watchers", n(10000), "--streams", "100", "--clients", "16", "--put-rate", "1000", "--duration", "10s", "--key-size", "16"]),
         ("lease keep-alive, 16 clients", ["lease-keepalive", "--clients", "16", "--total", n(30000)]),
     ]
 

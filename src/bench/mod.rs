@@ -100,7 +100,7 @@ pub enum Kind {
         /// Watch streams the watchers are spread over.
         #[arg(long, default_value_t = 10)]
         streams: usize,
-        /// Puts per second while watching.
+        /// Puts per second while watching, in all, by `--clients` writers (open loop).
         #[arg(long, default_value_t = 100)]
         put_rate: u64,
     },

@@ -19,8 +19,9 @@ use super::{kv, Common};
 
 const KEY_PREFIX: &str = "bench-watch/";
 
-/// `watchers` watchers over `streams` streams watch the key space; a writer puts at
-/// `put_rate`, each value carrying its send time; every delivered event's latency is recorded.
+/// `watchers` watchers over `streams` streams watch the key space; `--clients` writers put at
+/// `put_rate` in all, each value carrying its send time; every delivered event's latency is
+/// recorded.
 pub async fn run_watch(
     common: &Common,
     channels: &[Channel],
@@ -83,27 +84,44 @@ pub async fn run_watch(
     let plan = Plan::new(&writer_common);
     let (stop_tx, stop_rx) = mpsc::channel(1);
     progress(plan.clone(), stop_rx);
-    let mut client = kv(&channels[0]);
+    // `--clients` writers share the plan (open loop at `put_rate`), spread over the
+    // connections, so the rate is reached whatever one put's latency.
+    let per_stream = (watchers / streams).max(1);
+    let mut writers = Vec::new();
+    for i in 0..common.clients.max(1) {
+        let plan = plan.clone();
+        let common = common.clone();
+        let mut client = kv(&channels[i % channels.len()]);
+        writers.push(tokio::spawn(async move {
+            let mut out = Outcome::new();
+            while let Some((n, _)) = plan.next().await {
+                // Spread the puts over the watched keys, round robin over the streams.
+                let s = (n as usize) % streams;
+                let w = ((n as usize) / streams) % per_stream;
+                let mut watched = KEY_PREFIX.as_bytes().to_vec();
+                watched.extend_from_slice(&key_at(&common, watched_key(s, w)));
+                let mut value = (origin.elapsed().as_micros() as u64).to_be_bytes().to_vec();
+                value.resize(common.val_size.max(8), b'v');
+                if let Err(s) = client
+                    .put(PutRequest {
+                        key: watched,
+                        value,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    out.record_error(&s);
+                }
+                plan.done.fetch_add(1, Ordering::Relaxed);
+            }
+            out
+        }));
+    }
     let mut out = Outcome::new();
-    while let Some((n, _)) = plan.next().await {
-        // Spread the puts over the watched keys, round robin over the streams.
-        let s = (n as usize) % streams;
-        let w = ((n as usize) / streams) % (watchers / streams).max(1);
-        let mut watched = KEY_PREFIX.as_bytes().to_vec();
-        watched.extend_from_slice(&key_at(common, watched_key(s, w)));
-        let mut value = (origin.elapsed().as_micros() as u64).to_be_bytes().to_vec();
-        value.resize(common.val_size.max(8), b'v');
-        if let Err(s) = client
-            .put(PutRequest {
-                key: watched,
-                value,
-                ..Default::default()
-            })
-            .await
-        {
-            out.record_error(&s);
+    for w in writers {
+        for (kind, n) in w.await?.errors {
+            *out.errors.entry(kind).or_default() += n;
         }
-        plan.done.fetch_add(1, Ordering::Relaxed);
     }
     // Give the last events time to arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
