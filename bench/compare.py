@@ -60,9 +60,9 @@ class Cluster:
     def endpoint(self, i):
         return f"127.0.0.1:{self.client_port(i)}"
 
-    def args(self, i):
+    def args(self, i, members=(1, 2, 3), state="new"):
         name = f"m{i}"
-        cluster = ",".join(f"m{j}=http://127.0.0.1:{self.peer_port(j)}" for j in (1, 2, 3))
+        cluster = ",".join(f"m{j}=http://127.0.0.1:{self.peer_port(j)}" for j in members)
         common = [
             "--name", name,
             "--data-dir", str(self.workdir / name),
@@ -72,7 +72,7 @@ class Cluster:
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port(i)}",
             "--initial-cluster", cluster,
             "--initial-cluster-token", f"bench-{self.system}",
-            "--initial-cluster-state", "new",
+            "--initial-cluster-state", state,
             "--heartbeat-interval", "100",
             "--election-timeout", "1000",
             "--snapshot-count", "100000",
@@ -81,9 +81,10 @@ class Cluster:
             return [self.binary, "store"] + common
         return [self.binary] + common + ["--quota-backend-bytes", str(8 << 30), "--log-level", "error"]
 
-    def start_member(self, i):
+    def start_member(self, i, members=(1, 2, 3), state="new"):
         logf = open(self.workdir / f"m{i}.log", "ab")
-        self.procs[i] = subprocess.Popen(self.args(i), stdout=logf, stderr=logf, env=dict(os.environ, NO_COLOR="1"))
+        self.procs[i] = subprocess.Popen(self.args(i, members, state), stdout=logf, stderr=logf,
+                                         env=dict(os.environ, NO_COLOR="1"))
 
     def start(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +187,38 @@ def startup_seconds(cluster):
         time.sleep(0.05)
 
 
+def revision(cluster, endpoints=None, serializable=False):
+    args = ["get", "revision-probe", "-w", "json"] + (["--consistency=s"] if serializable else [])
+    r = cluster.etcdctl(*args, endpoints=endpoints, check=False)
+    if r.returncode != 0:
+        return None
+    return json.loads(r.stdout)["header"]["revision"]
+
+
+def catch_up_seconds(cluster):
+    """Adds a fourth member (a learner) to the loaded cluster and times it from its start until
+    it serves a serializable read at the revision the cluster had when it was added."""
+    peer = f"http://127.0.0.1:{cluster.peer_port(4)}"
+    target = revision(cluster)
+    # etcd refuses a member change until every member has been connected for 5 s.
+    deadline = time.time() + 60
+    while True:
+        r = cluster.etcdctl("member", "add", "m4", "--learner", f"--peer-urls={peer}", check=False)
+        if r.returncode == 0:
+            break
+        if time.time() > deadline:
+            raise RuntimeError(f"member add: {r.stderr.strip()[-300:]}")
+        time.sleep(1)
+    t0 = time.time()
+    cluster.start_member(4, members=(1, 2, 3, 4), state="existing")
+    while time.time() - t0 < 900:
+        got = revision(cluster, endpoints=cluster.endpoint(4), serializable=True)
+        if got is not None and got >= target:
+            return time.time() - t0
+        time.sleep(0.1)
+    return None
+
+
 def compaction_p99(cluster, revisions):
     """Write p99 of an open-loop put load, quiet and while compacting `revisions` revisions."""
     bench(cluster, "put", "--clients", "64", "--conns", "8", "--total", str(revisions),
@@ -283,6 +316,7 @@ def main():
             c.wait_ready()
             quiet, during = compaction_p99(c, args.keys)
             extra[s]["p99_quiet_ms"], extra[s]["p99_compacting_ms"] = quiet, during
+            extra[s]["catch_up_seconds"] = catch_up_seconds(c)
         finally:
             c.stop()
         shutil.rmtree(c.workdir, ignore_errors=True)
@@ -361,14 +395,13 @@ def write_report(args, systems, loads, results, extra, fsync_rate):
         ("load_seconds", "time to load the keys (256 clients), s", 1),
         ("rss_mib", "largest member RSS after loading, MiB", 1),
         ("startup_seconds", "restart of a member until it serves a read, s", 2),
+        ("catch_up_seconds", "new member (learner) from start until it serves the cluster's revision, s", 2),
         ("p99_quiet_ms", "put p99 at 1k/s, quiet, ms", 2),
         ("p99_compacting_ms", f"put p99 at 1k/s while compacting {args.keys:,} revisions, ms", 2),
     ]:
         e, f = extra["etcd"].get(key), extra["flotilla"].get(key)
         lines.append(f"| {label} | {fmt(e, digits)} | {fmt(f, digits)} | {ratio(f, e)} |")
     lines += [
-        "",
-        "Not measured yet: the time for a new member to catch up to a cluster of that size.",
         "",
     ]
     # The file's other sections (the apiserver's, from bench/apiserver.py) stay.
