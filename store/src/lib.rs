@@ -236,6 +236,7 @@ pub async fn run(
     leases.reload(&mvcc);
     let state_machine =
         StateMachine::new(mvcc.clone(), leases.clone(), config.data_dir.join("snap"))?;
+    let applied_commands = state_machine.applied_commands.clone();
     let log = LogStore::new(db.clone());
     let peer_client_tls = match &config.peer_tls {
         Some(files) => Some(server::tls::peer_client_config(files).context("peer TLS")?),
@@ -252,8 +253,13 @@ pub async fn run(
         heartbeat_interval: config.heartbeat_interval_ms,
         election_timeout_min: config.election_timeout_ms,
         election_timeout_max: config.election_timeout_ms * 2,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
-        max_in_snapshot_log_to_keep: 5_000,
+        // Snapshots are taken by commands applied (`snapshot_loop`), as etcd counts
+        // requests: one log entry carries up to 2048 commands.
+        snapshot_policy: SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: 1_000,
+        // Fewer, larger chunks when a follower needs the snapshot (a peer message may be up
+        // to 64 MiB).
+        snapshot_max_chunk_size: 16 << 20,
         max_payload_entries: 1_000,
         ..Default::default()
     }
@@ -395,6 +401,12 @@ pub async fn run(
         }
     });
     tasks.spawn(size_loop(member.clone(), stop_rx.clone()));
+    tasks.spawn(snapshot_loop(
+        member.clone(),
+        applied_commands,
+        config.snapshot_count.max(1),
+        stop_rx.clone(),
+    ));
     if let Some(interval) = config.corrupt_check_interval {
         tasks.spawn(corruption::check_loop(
             member.clone(),
@@ -449,6 +461,31 @@ async fn size_loop(
             _ = stop.changed() => return Ok(()),
         }
         member.mvcc.refresh_size();
+    }
+}
+
+/// Takes a Raft snapshot (and so lets the log be purged) every `snapshot_count` applied
+/// commands, on every member, as etcd's `--snapshot-count` does.
+async fn snapshot_loop(
+    member: Arc<Member>,
+    applied: Arc<std::sync::atomic::AtomicU64>,
+    snapshot_count: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        let now = applied.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= snapshot_count {
+            last = now;
+            if let Err(e) = member.raft.trigger().snapshot().await {
+                tracing::warn!(error = %e, "could not start a snapshot");
+            }
+        }
     }
 }
 

@@ -8,7 +8,6 @@ pub mod network;
 pub mod state_machine;
 
 use std::fmt;
-use std::io::Cursor;
 
 use flotilla_proto::flotillapb::{BatchResult, CommandBatch};
 use prost::Message;
@@ -66,7 +65,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = MemberNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -4,11 +4,13 @@
 //! The applied log id and membership are written in the same WriteBatch as the changes of the
 //! entry they describe, so replaying the log after a crash is idempotent.
 //!
-//! A snapshot is a file: every record of the `kv`, `rev` and `meta` families read from one
-//! RocksDB snapshot, as `[family u8][key len u32][key][value len u32][value]` records.
+//! A snapshot is one file, `<data-dir>/snap/current.snap`: its meta, then every record of the
+//! `kv`, `rev` and `meta` families read from one RocksDB snapshot, streamed to and from disk
+//! (never held in memory), and sent to followers in chunks straight from the file.
 
-use std::io::Cursor;
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use flotilla_proto::etcdserverpb::{request_op, TxnRequest};
@@ -20,7 +22,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta};
 use prost::Message;
 use rocksdb::{WriteBatch, DB};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::{
     io_error, read_error, Entry, LogId, MemberNode, NodeId, RaftResponse, RaftStorageError,
@@ -66,6 +68,10 @@ pub struct StateMachine {
     mvcc: Arc<Mvcc>,
     leases: Arc<LeaseKeeper>,
     snapshot_dir: PathBuf,
+    /// Serializes replacing the current snapshot file (builds run beside installs).
+    snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Commands applied since start, for the snapshot trigger (`--snapshot-count`).
+    pub applied_commands: Arc<AtomicU64>,
 }
 
 const SNAPSHOT_FAMILIES: [&str; 3] = [CF_KV, CF_REV, CF_META];
@@ -81,6 +87,8 @@ impl StateMachine {
             mvcc,
             leases,
             snapshot_dir,
+            snapshot_lock: Arc::default(),
+            applied_commands: Arc::default(),
         })
     }
 
@@ -89,11 +97,7 @@ impl StateMachine {
     }
 
     fn data_path(&self) -> PathBuf {
-        self.snapshot_dir.join("current.data")
-    }
-
-    fn meta_path(&self) -> PathBuf {
-        self.snapshot_dir.join("current.meta")
+        self.snapshot_dir.join("current.snap")
     }
 
     fn apply_command(
@@ -220,6 +224,8 @@ impl StateMachine {
                 .map_err(io_error)?;
             return Ok(RaftResponse::default());
         }
+        self.applied_commands
+            .fetch_add(commands.len() as u64, Ordering::Relaxed);
         let skip = self.commands_already_applied(log_id)?;
         let last = commands.len() - 1;
         let mut results = Vec::with_capacity(commands.len());
@@ -303,39 +309,62 @@ impl StateMachine {
         }
     }
 
-    /// Dumps the three families from one consistent RocksDB snapshot.
-    fn dump(&self) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), RaftStorageError> {
+    /// Writes the three families, read from one consistent RocksDB snapshot, to `path`
+    /// (see [`write_snapshot_header`] for the layout), synced. Returns the snapshot's meta.
+    fn dump_to(&self, path: &Path) -> Result<SnapshotMeta<NodeId, MemberNode>, RaftStorageError> {
         let snap = self.db().snapshot();
-        let meta = self.mvcc.cf(CF_META);
-        let applied: Option<LogId> = match snap.get_cf(meta, META_APPLIED).map_err(read_error)? {
+        let meta_cf = self.mvcc.cf(CF_META);
+        let applied: Option<LogId> = match snap.get_cf(meta_cf, META_APPLIED).map_err(read_error)? {
             Some(v) => decode("applied", &v).map_err(read_error)?,
             None => None,
         };
         let membership: StoredMembership =
-            match snap.get_cf(meta, META_MEMBERSHIP).map_err(read_error)? {
+            match snap.get_cf(meta_cf, META_MEMBERSHIP).map_err(read_error)? {
                 Some(v) => decode("membership", &v).map_err(read_error)?,
                 None => StoredMembership::default(),
             };
-        let mut data = Vec::new();
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: format!(
+                "{}-{}",
+                applied.map(|l| l.leader_id.term).unwrap_or(0),
+                applied.map(|l| l.index).unwrap_or(0)
+            ),
+        };
+        let file = std::fs::File::create(path).map_err(io_error)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        write_snapshot_header(&mut out, &meta).map_err(io_error)?;
         for (tag, name) in SNAPSHOT_FAMILIES.iter().enumerate() {
-            let mut it = snap.raw_iterator_cf(self.mvcc.cf(name));
+            // A scan of everything must not push the working set out of the block cache.
+            let mut read = rocksdb::ReadOptions::default();
+            read.fill_cache(false);
+            let mut it = snap.raw_iterator_cf_opt(self.mvcc.cf(name), read);
             it.seek_to_first();
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                data.push(tag as u8);
-                data.extend_from_slice(&(k.len() as u32).to_be_bytes());
-                data.extend_from_slice(k);
-                data.extend_from_slice(&(v.len() as u32).to_be_bytes());
-                data.extend_from_slice(v);
+                out.write_all(&[tag as u8]).map_err(io_error)?;
+                out.write_all(&(k.len() as u32).to_be_bytes())
+                    .map_err(io_error)?;
+                out.write_all(k).map_err(io_error)?;
+                out.write_all(&(v.len() as u32).to_be_bytes())
+                    .map_err(io_error)?;
+                out.write_all(v).map_err(io_error)?;
                 it.next();
             }
             it.status().map_err(read_error)?;
         }
-        Ok((applied, membership, data))
+        let file = out.into_inner().map_err(|e| io_error(e.into_error()))?;
+        file.sync_all().map_err(io_error)?;
+        Ok(meta)
     }
 
-    /// Replaces the whole state with a dump, then reloads the in-memory counters.
-    fn load(&self, data: &[u8]) -> Result<(), RaftStorageError> {
-        let corrupt = || read_error(std::io::Error::other("snapshot data is truncated"));
+    /// Replaces the whole state with the snapshot file at `path`, then reloads the in-memory
+    /// counters.
+    fn load_from(&self, path: &Path) -> Result<(), RaftStorageError> {
+        let corrupt = |what: &str| read_error(std::io::Error::other(format!("snapshot: {what}")));
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let mut input = std::io::BufReader::with_capacity(1 << 20, file);
+        read_snapshot_header(&mut input).map_err(read_error)?;
         for name in SNAPSHOT_FAMILIES {
             let cf = self.mvcc.cf(name);
             let mut it = self.db().raw_iterator_cf(cf);
@@ -348,81 +377,149 @@ impl StateMachine {
                 self.db().write(batch).map_err(io_error)?;
             }
         }
+        // The records skip RocksDB's log: the families are flushed to their files before the
+        // install records the snapshot as applied, which is what makes it durable.
+        let mut unlogged = rocksdb::WriteOptions::default();
+        unlogged.disable_wal(true);
         let mut batch = WriteBatch::default();
-        let mut pos = 0usize;
-        let take = |pos: &mut usize, n: usize| -> Result<&[u8], RaftStorageError> {
-            let s = data.get(*pos..*pos + n).ok_or_else(corrupt)?;
-            *pos += n;
-            Ok(s)
-        };
-        while pos < data.len() {
-            let tag = take(&mut pos, 1)?[0] as usize;
-            let klen =
-                u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| corrupt())?) as usize;
-            let k = take(&mut pos, klen)?;
-            let vlen =
-                u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| corrupt())?) as usize;
-            let v = take(&mut pos, vlen)?;
-            let name = SNAPSHOT_FAMILIES.get(tag).ok_or_else(corrupt)?;
-            batch.put_cf(self.mvcc.cf(name), k, v);
+        let (mut key, mut value) = (Vec::new(), Vec::new());
+        loop {
+            let mut tag = [0u8; 1];
+            match input.read_exact(&mut tag) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(read_error(e)),
+            }
+            let name = SNAPSHOT_FAMILIES
+                .get(tag[0] as usize)
+                .ok_or_else(|| corrupt("unknown family"))?;
+            for buf in [&mut key, &mut value] {
+                let mut len = [0u8; 4];
+                input
+                    .read_exact(&mut len)
+                    .map_err(|_| corrupt("truncated"))?;
+                let len = u32::from_be_bytes(len) as usize;
+                if len > MAX_SNAPSHOT_RECORD {
+                    return Err(corrupt("record too large"));
+                }
+                buf.resize(len, 0);
+                input.read_exact(buf).map_err(|_| corrupt("truncated"))?;
+            }
+            batch.put_cf(self.mvcc.cf(name), &key, &value);
             if batch.len() >= 10_000 {
                 self.db()
-                    .write(std::mem::take(&mut batch))
+                    .write_opt(std::mem::take(&mut batch), &unlogged)
                     .map_err(io_error)?;
             }
         }
-        self.db().write(batch).map_err(io_error)?;
+        self.db().write_opt(batch, &unlogged).map_err(io_error)?;
+        for name in SNAPSHOT_FAMILIES {
+            self.db().flush_cf(self.mvcc.cf(name)).map_err(io_error)?;
+        }
         self.db().flush_wal(true).map_err(io_error)?;
         self.mvcc.reload().map_err(io_error)?;
         self.leases.reload(&self.mvcc);
         Ok(())
     }
 
-    async fn save_snapshot_files(
+    /// Makes the snapshot file at `from` the current one, unless the current one is newer
+    /// (a build that started before an install finished after it).
+    async fn publish_snapshot(
         &self,
+        from: &Path,
         meta: &SnapshotMeta<NodeId, MemberNode>,
-        data: &[u8],
     ) -> Result<(), RaftStorageError> {
-        let tmp = self.snapshot_dir.join("incoming.data");
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(io_error)?;
-        f.write_all(data).await.map_err(io_error)?;
-        f.sync_all().await.map_err(io_error)?;
-        tokio::fs::rename(&tmp, self.data_path())
-            .await
-            .map_err(io_error)?;
-        let tmp_meta = self.snapshot_dir.join("incoming.meta");
-        tokio::fs::write(&tmp_meta, encode(meta))
-            .await
-            .map_err(io_error)?;
-        tokio::fs::rename(&tmp_meta, self.meta_path())
+        let _one_at_a_time = self.snapshot_lock.lock().await;
+        if let Some(current) = self.current_snapshot_meta().await? {
+            if current.last_log_id > meta.last_log_id {
+                let _ = tokio::fs::remove_file(from).await;
+                return Ok(());
+            }
+        }
+        tokio::fs::rename(from, self.data_path())
             .await
             .map_err(io_error)?;
         Ok(())
     }
+
+    async fn current_snapshot_meta(
+        &self,
+    ) -> Result<Option<SnapshotMeta<NodeId, MemberNode>>, RaftStorageError> {
+        let path = self.data_path();
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let mut f = std::io::BufReader::new(std::fs::File::open(path)?);
+            read_snapshot_header(&mut f)
+        })
+        .await
+        .map_err(|e| read_error(std::io::Error::other(e.to_string())))?;
+        match read {
+            Ok(meta) => Ok(Some(meta)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_error(e)),
+        }
+    }
+}
+
+/// Largest key or value a snapshot record may carry (a value is at most
+/// --max-request-bytes; this only stops a corrupt length from allocating without bound).
+const MAX_SNAPSHOT_RECORD: usize = 256 << 20;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"FLSNAP01";
+
+/// A snapshot file: `FLSNAP01`, the meta's length (u32 BE) and bincode, then records
+/// `[family u8][key len u32 BE][key][value len u32 BE][value]` to the end. Meta and data in
+/// one file, replaced by one rename, can never disagree.
+fn write_snapshot_header(
+    out: &mut impl std::io::Write,
+    meta: &SnapshotMeta<NodeId, MemberNode>,
+) -> std::io::Result<()> {
+    let meta = encode(meta);
+    out.write_all(SNAPSHOT_MAGIC)?;
+    out.write_all(&(meta.len() as u32).to_be_bytes())?;
+    out.write_all(&meta)
+}
+
+fn read_snapshot_header(
+    input: &mut impl std::io::Read,
+) -> std::io::Result<SnapshotMeta<NodeId, MemberNode>> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut magic = [0u8; 8];
+    input.read_exact(&mut magic)?;
+    if &magic != SNAPSHOT_MAGIC {
+        return Err(bad("not a flotilla snapshot file"));
+    }
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_SNAPSHOT_RECORD {
+        return Err(bad("snapshot meta too large"));
+    }
+    let mut meta = vec![0u8; len];
+    input.read_exact(&mut meta)?;
+    decode("snapshot meta", &meta).map_err(|e| bad(&e.to_string()))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let this = self.clone();
-        let (applied, membership, data) =
-            tokio::task::spawn_blocking(move || this.dump())
-                .await
-                .map_err(|e| io_error(std::io::Error::other(e.to_string())))??;
-        let snapshot_id = format!(
-            "{}-{}",
-            applied.map(|l| l.leader_id.term).unwrap_or(0),
-            applied.map(|l| l.index).unwrap_or(0)
-        );
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        self.save_snapshot_files(&meta, &data).await?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        let building = self.snapshot_dir.join("building.data");
+        let path = building.clone();
+        let meta = tokio::task::spawn_blocking(move || this.dump_to(&path))
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e.to_string())))??;
+        let bytes = tokio::fs::metadata(&building)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        self.publish_snapshot(&building, &meta).await?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, "built snapshot");
+        // openraft keeps only the meta of a snapshot it built; the data is read back from
+        // the file when a follower needs it (get_current_snapshot).
+        let snapshot = tokio::fs::File::open(self.data_path())
+            .await
+            .map_err(read_error)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(snapshot),
         })
     }
 }
@@ -457,17 +554,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, RaftStorageError> {
+        let f = tokio::fs::File::create(self.snapshot_dir.join("incoming.data"))
+            .await
+            .map_err(io_error)?;
+        Ok(Box::new(f))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, MemberNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), RaftStorageError> {
-        let data = snapshot.into_inner();
-        tokio::task::block_in_place(|| self.load(&data))?;
+        snapshot.flush().await.map_err(io_error)?;
+        snapshot.sync_all().await.map_err(io_error)?;
+        drop(snapshot);
+        let incoming = self.snapshot_dir.join("incoming.data");
+        let sent = {
+            let path = incoming.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                read_snapshot_header(&mut std::io::BufReader::new(std::fs::File::open(path)?))
+            })
+            .await
+            .map_err(|e| read_error(std::io::Error::other(e.to_string())))?
+            .map_err(read_error)?
+        };
+        if sent.last_log_id != meta.last_log_id {
+            return Err(read_error(std::io::Error::other(format!(
+                "snapshot file is of {}, the leader announced {}",
+                sent.snapshot_id, meta.snapshot_id
+            ))));
+        }
+        tokio::task::block_in_place(|| self.load_from(&incoming))?;
         let mut batch = WriteBatch::default();
         batch.put_cf(
             self.mvcc.cf(CF_META),
@@ -480,36 +598,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             encode(&meta.last_membership),
         );
         self.db().write(batch).map_err(io_error)?;
-        self.save_snapshot_files(meta, &data).await?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
+        self.publish_snapshot(&incoming, meta).await?;
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        let meta_bytes = match tokio::fs::read(self.meta_path()).await {
-            Ok(b) => b,
+        // Opened before its header is read: a rename that replaces the file meanwhile does
+        // not change what this handle reads, so meta and data stay one snapshot.
+        let mut file = match tokio::fs::File::open(self.data_path()).await {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read_error(e)),
         };
-        let meta: SnapshotMeta<NodeId, MemberNode> =
-            decode("snapshot meta", &meta_bytes).map_err(read_error)?;
-        let data = tokio::fs::read(self.data_path())
+        let mut header = Vec::new();
+        let meta = loop {
+            let mut chunk = [0u8; 4096];
+            let n = file.read(&mut chunk).await.map_err(read_error)?;
+            header.extend_from_slice(&chunk[..n]);
+            match read_snapshot_header(&mut header.as_slice()) {
+                Ok(meta) => break meta,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && n > 0 => continue,
+                Err(e) => return Err(read_error(e)),
+            }
+        };
+        file.seek(std::io::SeekFrom::Start(0))
             .await
             .map_err(read_error)?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(file),
         }))
     }
-}
-
-#[allow(dead_code)]
-async fn read_all(mut f: tokio::fs::File) -> std::io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    f.read_to_end(&mut v).await?;
-    Ok(v)
 }
 
 #[cfg(test)]
@@ -651,6 +773,65 @@ mod tests {
             .expect("applied");
         let applied: Option<LogId> = decode("applied", &applied).expect("decode");
         assert_eq!(applied.map(|l| l.index), Some(1));
+    }
+
+    /// A snapshot built from one member's file, sent in chunks to an empty member and
+    /// installed there, gives it the same keys, revision and leases.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_carries_the_whole_state_through_its_file() {
+        let (_a_dir, mut a) = machine();
+        let mut requests = vec![command::Request::LeaseGrant(LeaseGrantRequest {
+            id: 5,
+            ttl: 60,
+        })];
+        for i in 0..2_000 {
+            requests.push(put(&format!("k{i:05}"), &"v".repeat(100), 0));
+        }
+        requests.push(put("leased", "x", 5));
+        a.apply_entry(entry(1, requests)).expect("apply");
+        let built = a.build_snapshot().await.expect("build");
+        assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(1));
+
+        let mut current = a
+            .get_current_snapshot()
+            .await
+            .expect("get")
+            .expect("a snapshot");
+        assert_eq!(current.meta, built.meta);
+        let (_b_dir, mut b) = machine();
+        let mut receiving = b.begin_receiving_snapshot().await.expect("begin");
+        // In chunks, as a leader sends it.
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = current.snapshot.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            receiving.write_all(&chunk[..n]).await.expect("write");
+        }
+        b.install_snapshot(&current.meta, receiving)
+            .await
+            .expect("install");
+
+        assert_eq!(b.mvcc.current_revision(), a.mvcc.current_revision());
+        let rev = b.mvcc.current_revision();
+        let kv = b.mvcc.get(b"k01999", rev).expect("get").expect("k01999");
+        assert_eq!(kv.value, "v".repeat(100).into_bytes());
+        assert_eq!(
+            b.mvcc.lease_keys(5).expect("lease keys"),
+            vec![b"leased".to_vec()]
+        );
+        let (applied, _) = b.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(1));
+        // The receiver keeps it as its own current snapshot.
+        let again = b.get_current_snapshot().await.expect("get").expect("kept");
+        assert_eq!(again.meta, built.meta);
+
+        // A file that is not a snapshot is refused, not loaded.
+        let mut bad = b.begin_receiving_snapshot().await.expect("begin");
+        bad.write_all(b"garbage").await.expect("write");
+        assert!(b.install_snapshot(&current.meta, bad).await.is_err());
+        assert!(b.mvcc.get(b"k00000", rev).expect("get").is_some());
     }
 
     /// A crash after an entry's first write resumes after the commands that write covered.
