@@ -44,6 +44,18 @@ impl Fixture {
         Ok(r)
     }
 
+    /// Every version of every key in the `kv` family, tombstones included.
+    fn versions_on_disk(&self) -> usize {
+        let mut versions = 0;
+        let mut it = self.mvcc.db().raw_iterator_cf(self.mvcc.cf(CF_KV));
+        it.seek_to_first();
+        while it.valid() {
+            versions += 1;
+            it.next();
+        }
+        versions
+    }
+
     fn put(&self, k: &str, v: &str) -> i64 {
         let req = PutRequest {
             key: k.into(),
@@ -368,15 +380,9 @@ fn compaction_keeps_what_reads_at_or_after_it_see() {
     assert_eq!(f.get_at("a", 6), Some(("3".into(), 2, 6, 3)));
     assert_eq!(f.get_at("b", 5), None);
     // Versions below the compaction are gone from disk, except the newest one per key.
-    let mut versions = 0;
-    let mut it = f.mvcc.db().raw_iterator_cf(f.mvcc.cf(CF_KV));
-    it.seek_to_first();
-    while it.valid() {
-        versions += 1;
-        it.next();
-    }
     assert_eq!(
-        versions, 2,
+        f.versions_on_disk(),
+        2,
         "a@3 (newest at or below 5) and a@6 remain; b's tombstone and history go"
     );
     assert_eq!(
@@ -420,15 +426,9 @@ fn compaction_of_a_long_history_spares_the_neighbours() {
     assert_eq!(f.get_at("hot\u{0}x", 55), Some(("n".into(), 52, 52, 1)));
     assert_eq!(f.get_at("hot0", 55), Some(("n".into(), 53, 53, 1)));
     assert_eq!(f.get_at("hos", 55), Some(("n".into(), 55, 55, 1)));
-    let mut versions = 0;
-    let mut it = f.mvcc.db().raw_iterator_cf(f.mvcc.cf(CF_KV));
-    it.seek_to_first();
-    while it.valid() {
-        versions += 1;
-        it.next();
-    }
     assert_eq!(
-        versions, 5,
+        f.versions_on_disk(),
+        5,
         "hot@51, hot@54 and one version of each neighbour"
     );
 }
