@@ -260,6 +260,8 @@ pub async fn run(
         // Fewer, larger chunks when a follower needs the snapshot (a peer message may be up
         // to 64 MiB).
         snapshot_max_chunk_size: 16 << 20,
+        // Per chunk, and for the last one the follower's whole load (seconds at 1M keys).
+        install_snapshot_timeout: 30_000,
         max_payload_entries: 1_000,
         ..Default::default()
     }
@@ -481,9 +483,9 @@ async fn snapshot_loop(
         }
         let now = applied.load(std::sync::atomic::Ordering::Relaxed);
         if now.saturating_sub(last) >= snapshot_count {
-            last = now;
-            if let Err(e) = member.raft.trigger().snapshot().await {
-                tracing::warn!(error = %e, "could not start a snapshot");
+            match member.raft.trigger().snapshot().await {
+                Ok(()) => last = now,
+                Err(e) => tracing::warn!(error = %e, "could not start a snapshot"),
             }
         }
     }

@@ -70,6 +70,12 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     /// Serializes replacing the current snapshot file (builds run beside installs).
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held for writing while an install replaces the state, for reading while a build
+    /// takes its RocksDB snapshot: a build never dumps a half-loaded state.
+    state_lock: Arc<std::sync::RwLock<()>>,
+    /// The file the latest incoming snapshot is being written to (one per transfer, so a
+    /// late write of an abandoned transfer cannot land in the next one).
+    incoming: Arc<std::sync::Mutex<Option<PathBuf>>>,
     /// Commands applied since start, for the snapshot trigger (`--snapshot-count`).
     pub applied_commands: Arc<AtomicU64>,
 }
@@ -88,6 +94,8 @@ impl StateMachine {
             leases,
             snapshot_dir,
             snapshot_lock: Arc::default(),
+            state_lock: Arc::default(),
+            incoming: Arc::default(),
             applied_commands: Arc::default(),
         })
     }
@@ -312,7 +320,10 @@ impl StateMachine {
     /// Writes the three families, read from one consistent RocksDB snapshot, to `path`
     /// (see [`write_snapshot_header`] for the layout), synced. Returns the snapshot's meta.
     fn dump_to(&self, path: &Path) -> Result<SnapshotMeta<NodeId, MemberNode>, RaftStorageError> {
-        let snap = self.db().snapshot();
+        let snap = {
+            let _not_installing = self.state_lock.read().unwrap_or_else(|e| e.into_inner());
+            self.db().snapshot()
+        };
         let meta_cf = self.mvcc.cf(CF_META);
         let applied: Option<LogId> = match snap.get_cf(meta_cf, META_APPLIED).map_err(read_error)? {
             Some(v) => decode("applied", &v).map_err(read_error)?,
@@ -361,6 +372,7 @@ impl StateMachine {
     /// Replaces the whole state with the snapshot file at `path`, then reloads the in-memory
     /// counters.
     fn load_from(&self, path: &Path) -> Result<(), RaftStorageError> {
+        let _installing = self.state_lock.write().unwrap_or_else(|e| e.into_inner());
         let corrupt = |what: &str| read_error(std::io::Error::other(format!("snapshot: {what}")));
         let file = std::fs::File::open(path).map_err(read_error)?;
         let mut input = std::io::BufReader::with_capacity(1 << 20, file);
@@ -438,6 +450,12 @@ impl StateMachine {
         }
         tokio::fs::rename(from, self.data_path())
             .await
+            .map_err(io_error)?;
+        // The rename is durable before the log behind the snapshot may be purged.
+        let dir = self.snapshot_dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e.to_string())))?
             .map_err(io_error)?;
         Ok(())
     }
@@ -555,9 +573,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, RaftStorageError> {
-        let f = tokio::fs::File::create(self.snapshot_dir.join("incoming.data"))
-            .await
-            .map_err(io_error)?;
+        static TRANSFERS: AtomicU64 = AtomicU64::new(0);
+        let n = TRANSFERS.fetch_add(1, Ordering::Relaxed);
+        let path = self.snapshot_dir.join(format!("incoming-{n}.data"));
+        let f = tokio::fs::File::create(&path).await.map_err(io_error)?;
+        let abandoned = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(path);
+        if let Some(old) = abandoned {
+            let _ = tokio::fs::remove_file(old).await;
+        }
         Ok(Box::new(f))
     }
 
@@ -569,7 +596,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot.flush().await.map_err(io_error)?;
         snapshot.sync_all().await.map_err(io_error)?;
         drop(snapshot);
-        let incoming = self.snapshot_dir.join("incoming.data");
+        let incoming = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| read_error(std::io::Error::other("no snapshot was being received")))?;
         let sent = {
             let path = incoming.clone();
             tokio::task::spawn_blocking(move || -> std::io::Result<_> {
