@@ -199,8 +199,7 @@ impl StateMachine {
         let log_id = entry.log_id;
         let meta = self.mvcc.cf(CF_META);
         let finished = |mut batch: WriteBatch| {
-            batch.put_cf(meta, META_APPLIED, encode(&Some(log_id)));
-            batch.delete_cf(meta, META_APPLIED_PARTIAL);
+            self.entry_applied(&mut batch, log_id);
             batch
         };
         let commands = match entry.payload {
@@ -279,6 +278,13 @@ impl StateMachine {
         Ok(RaftResponse(BatchResult { results }))
     }
 
+    /// Records in `batch` that entry `log_id` is wholly applied.
+    fn entry_applied(&self, batch: &mut WriteBatch, log_id: LogId) {
+        let meta = self.mvcc.cf(CF_META);
+        batch.put_cf(meta, META_APPLIED, encode(&Some(log_id)));
+        batch.delete_cf(meta, META_APPLIED_PARTIAL);
+    }
+
     /// Writes the group, which covers the entry's commands up to `upto`, with how far the
     /// entry got: the entry's log id once its `last` command is in, else `applied_partial`.
     /// A crash inside a batch therefore resumes after the last command written.
@@ -289,14 +295,12 @@ impl StateMachine {
         upto: usize,
         last: usize,
     ) -> Result<(), RaftStorageError> {
-        let meta = self.mvcc.cf(CF_META);
         let (mut batch, outcomes) = group.take(&self.mvcc);
         if upto == last {
-            batch.put_cf(meta, META_APPLIED, encode(&Some(log_id)));
-            batch.delete_cf(meta, META_APPLIED_PARTIAL);
+            self.entry_applied(&mut batch, log_id);
         } else {
             batch.put_cf(
-                meta,
+                self.mvcc.cf(CF_META),
                 META_APPLIED_PARTIAL,
                 encode(&(log_id, (upto + 1) as u64)),
             );
@@ -463,14 +467,7 @@ impl StateMachine {
     async fn current_snapshot_meta(
         &self,
     ) -> Result<Option<SnapshotMeta<NodeId, MemberNode>>, RaftStorageError> {
-        let path = self.data_path();
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            let mut f = std::io::BufReader::new(std::fs::File::open(path)?);
-            read_snapshot_header(&mut f)
-        })
-        .await
-        .map_err(|e| read_error(std::io::Error::other(e.to_string())))?;
-        match read {
+        match snapshot_file_meta(self.data_path()).await {
             Ok(meta) => Ok(Some(meta)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(read_error(e)),
@@ -494,6 +491,15 @@ fn write_snapshot_header(
     out.write_all(SNAPSHOT_MAGIC)?;
     out.write_all(&(meta.len() as u32).to_be_bytes())?;
     out.write_all(&meta)
+}
+
+/// The meta in the header of the snapshot file at `path`.
+async fn snapshot_file_meta(path: PathBuf) -> std::io::Result<SnapshotMeta<NodeId, MemberNode>> {
+    tokio::task::spawn_blocking(move || {
+        read_snapshot_header(&mut std::io::BufReader::new(std::fs::File::open(path)?))
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
 fn read_snapshot_header(
@@ -602,15 +608,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or_else(|| read_error(std::io::Error::other("no snapshot was being received")))?;
-        let sent = {
-            let path = incoming.clone();
-            tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-                read_snapshot_header(&mut std::io::BufReader::new(std::fs::File::open(path)?))
-            })
+        let sent = snapshot_file_meta(incoming.clone())
             .await
-            .map_err(|e| read_error(std::io::Error::other(e.to_string())))?
-            .map_err(read_error)?
-        };
+            .map_err(read_error)?;
         if sent.last_log_id != meta.last_log_id {
             return Err(read_error(std::io::Error::other(format!(
                 "snapshot file is of {}, the leader announced {}",
