@@ -502,7 +502,7 @@ impl Member {
     }
 
     /// The leader's read index: the log index every linearizable read must wait for.
-    pub async fn read_index_local(&self) -> Result<u64, EtcdError> {
+    async fn read_index_local(&self) -> Result<u64, EtcdError> {
         match self.raft.get_read_log_id().await {
             Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(_)) => Err(EtcdError::NotLeader),
@@ -539,6 +539,18 @@ impl Member {
         }
     }
 
+    /// A read index taken after this call began, from the next round of this member's
+    /// [`read_index_loop`]: local linearizable reads and the read indexes followers forward
+    /// to the leader share its rounds, so one leadership confirmation serves them all.
+    pub async fn read_index_shared(&self) -> Result<u64, EtcdError> {
+        let (tx, rx) = oneshot::channel();
+        self.read_waiters
+            .send(tx)
+            .await
+            .map_err(|_| EtcdError::Stopped)?;
+        rx.await.map_err(|_| EtcdError::Stopped)?
+    }
+
     /// Waits until this member has applied everything committed when the call began, as
     /// confirmed by the leader: after it, a local read is linearizable.
     pub async fn linearizable_barrier(&self) -> Result<(), EtcdError> {
@@ -546,12 +558,7 @@ impl Member {
             return Ok(());
         }
         tokio::time::timeout(REQUEST_TIMEOUT, async {
-            let (tx, rx) = oneshot::channel();
-            self.read_waiters
-                .send(tx)
-                .await
-                .map_err(|_| EtcdError::Stopped)?;
-            let index = rx.await.map_err(|_| EtcdError::Stopped)??;
+            let index = self.read_index_shared().await?;
             self.raft
                 .wait(Some(REQUEST_TIMEOUT))
                 .applied_index_at_least(Some(index), "linearizable read")

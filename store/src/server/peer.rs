@@ -89,7 +89,10 @@ impl Peer for PeerService {
                 })
             }
             Some(forward_request::Request::ReadIndex(_)) => {
-                forward_response::Response::ReadIndex(member.read_index_local().await?)
+                if !member.is_leader() {
+                    return Err(EtcdError::NotLeader.into());
+                }
+                forward_response::Response::ReadIndex(member.read_index_shared().await?)
             }
             Some(forward_request::Request::LeaseKeepAlive(r)) => {
                 if !member.is_leader() {
