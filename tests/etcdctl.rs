@@ -567,3 +567,103 @@ fn hashkv_is_equal_on_every_member() {
     );
     assert_ne!(newer[0], after[0], "a new write changes the hash");
 }
+
+/// A client that stops reading its watch falls behind: its flow-control window and the
+/// stream's queues fill and the store stops handing the stream revisions. When the client
+/// reads again it gets every event, in order, none lost: the store reads what the stream
+/// missed from disk. (A raw gRPC client: etcdctl's client library reads the stream into an
+/// unbounded buffer whatever its caller does, so it never falls behind.)
+#[test]
+fn a_watcher_that_stops_reading_misses_no_event() {
+    use flotilla_proto::etcdserverpb::watch_client::WatchClient;
+    use flotilla_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
+
+    const PUTS: usize = 3000;
+    let c = Cluster::start(1);
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let url = c.members[0].client_url();
+    let endpoint = c.endpoint(0);
+    let (revisions, keys) = rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .expect("client URL")
+            .connect()
+            .await
+            .expect("connecting");
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: b"0".to_vec(),
+                    range_end: b"1".to_vec(),
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .expect("queueing the create request");
+        let mut responses = WatchClient::new(channel)
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("opening the watch")
+            .into_inner();
+        let created = responses
+            .message()
+            .await
+            .expect("created")
+            .expect("created");
+        assert!(created.created, "{created:?}");
+
+        // 3,000 puts of 10 KiB under the prefix while nothing is read: far more than the
+        // client's window and the stream's queues hold.
+        let puts = PUTS.to_string();
+        let bench = tokio::task::spawn_blocking(move || {
+            flotilla(&[
+                "bench",
+                "put",
+                "--endpoints",
+                &endpoint,
+                "--clients",
+                "16",
+                "--total",
+                &puts,
+                "--key-space-size",
+                &puts,
+                "--sequential-keys",
+                "--val-size",
+                "10240",
+            ])
+        })
+        .await
+        .expect("bench");
+        assert!(bench.status.success(), "bench: {bench:?}");
+
+        let mut revisions = Vec::new();
+        let mut keys = BTreeSet::new();
+        while revisions.len() < PUTS {
+            let r = tokio::time::timeout(POLL_TIMEOUT, responses.message())
+                .await
+                .unwrap_or_else(|_| panic!("watch stalled after {} events", revisions.len()))
+                .expect("watch response")
+                .expect("the watch ended");
+            assert!(!r.canceled, "{r:?}");
+            for e in r.events {
+                let kv = e.kv.expect("an event's key-value");
+                revisions.push(kv.mod_revision);
+                keys.insert(kv.key);
+            }
+        }
+        drop(tx);
+        (revisions, keys)
+    });
+    assert_eq!(keys.len(), PUTS, "every put once");
+    assert!(
+        revisions.windows(2).all(|w| w[1] == w[0] + 1),
+        "events out of order or missing: {:?}",
+        revisions.windows(2).find(|w| w[1] != w[0] + 1)
+    );
+    let log = std::fs::read_to_string(&c.members[0].log).expect("member log");
+    assert!(
+        log.contains("watch stream fell behind"),
+        "the stream never fell behind, so this test did not test it; make the writes bigger"
+    );
+}

@@ -11,6 +11,7 @@ pub mod member;
 pub mod mvcc;
 pub mod raft;
 pub mod server;
+pub mod watch_hub;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -328,6 +329,10 @@ pub async fn run(
     let (read_waiters, read_queue) = tokio::sync::mpsc::channel(member::READ_QUEUE);
     let (proposals, proposal_queue) = tokio::sync::mpsc::channel(member::PROPOSAL_QUEUE);
     let (forwards, forward_queue) = tokio::sync::mpsc::channel(member::PROPOSAL_QUEUE);
+    // Subscribed before the revision is read: the hub sees every revision after it.
+    let fanout = mvcc.subscribe();
+    let watch_hub = watch_hub::WatchHub::new(mvcc.current_revision());
+    tokio::spawn(watch_hub.clone().run(fanout));
     let member = Arc::new(Member {
         id,
         cluster_id,
@@ -343,6 +348,7 @@ pub async fn run(
         proposals,
         forwards,
         lease_checkpoint_gate: tokio::sync::Mutex::new(()),
+        watch_hub,
     });
     tokio::spawn(member::proposal_loop(
         Arc::downgrade(&member),

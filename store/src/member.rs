@@ -78,6 +78,8 @@ pub struct Member {
     pub forwards: mpsc::Sender<Forwarded>,
     /// Orders lease checkpoints and the renewals that clear them in the log (see `lease`).
     pub lease_checkpoint_gate: tokio::sync::Mutex<()>,
+    /// Hands applied revisions to the watch streams that watch their keys.
+    pub watch_hub: Arc<crate::watch_hub::WatchHub>,
 }
 
 pub struct Proposal {

@@ -1,10 +1,12 @@
 //! The etcd Watch service: many watchers multiplexed on one bidirectional stream.
 //!
-//! Each stream has one task. It receives every applied revision from the member's fan-out
-//! and keeps, per watcher, the next revision it owes the client. A watcher that starts in the
-//! past, or that the fan-out left behind (the stream was slow), is served from the `rev`
-//! column family until it reaches the revision in hand, so no event is ever skipped; a
-//! watcher whose next revision has been compacted is cancelled with `compact_revision`.
+//! Each stream has one task. The member's [`WatchHub`](crate::watch_hub::WatchHub) hands it
+//! the applied revisions with an event for one of its watchers, and only those; the task
+//! keeps, per watcher, the next revision it owes the client, and `synced`, the revision up
+//! to which it has seen everything the hub handed out (a watcher owes nothing before it). A
+//! watcher that starts in the past, or revisions the hub could not hand over (the stream was
+//! slow), are served from the `rev` column family, so no event is ever skipped; a watcher
+//! whose next revision has been compacted is cancelled with `compact_revision`.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -17,7 +19,7 @@ use flotilla_proto::etcdserverpb::{
 };
 use flotilla_proto::mvccpb::{event::EventType, Event};
 use futures::Stream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -25,6 +27,7 @@ use crate::auth::Access;
 use crate::error::EtcdError;
 use crate::member::Member;
 use crate::mvcc::{RangeEnd, RevisionEvents};
+use crate::watch_hub::Subscription;
 use flotilla_proto::flotillapb::AuthInfo;
 
 /// Responses queued for a client before the stream task waits for it.
@@ -33,6 +36,8 @@ const STREAM_BUFFER: usize = 128;
 const MAX_WATCHERS_PER_STREAM: usize = 10_000;
 /// Events read from disk per step of a catch-up.
 const CATCH_UP_EVENTS: usize = 1_000;
+/// Event bytes in one catch-up response (a single revision may still exceed it).
+const CATCH_UP_RESPONSE_BYTES: usize = 1024 * 1024;
 
 pub struct WatchService {
     pub member: Arc<Member>,
@@ -59,11 +64,14 @@ impl Watch for WatchService {
             .map(str::to_string);
         let incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (sub, mailbox) = self.member.watch_hub.subscribe();
         let stream = WatchStreamTask {
             member: self.member.clone(),
             auth,
             token,
-            fanout: self.member.mvcc.subscribe(),
+            synced: sub.dispatched(),
+            sub,
+            mailbox,
             out: tx,
             watchers: BTreeMap::new(),
             next_auto_id: 0,
@@ -114,7 +122,10 @@ struct WatchStreamTask {
     /// Who opened the stream (from its token).
     auth: Result<AuthInfo, EtcdError>,
     token: Option<String>,
-    fanout: broadcast::Receiver<Arc<RevisionEvents>>,
+    sub: Subscription,
+    mailbox: mpsc::Receiver<Arc<RevisionEvents>>,
+    /// Every revision up to this one that the hub handed out has been delivered.
+    synced: i64,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
     next_auto_id: i64,
@@ -133,12 +144,11 @@ impl WatchStreamTask {
                     Ok(Some(r)) => self.handle(r).await,
                     Ok(None) | Err(_) => return,
                 },
-                batch = self.fanout.recv() => match batch {
-                    Ok(b) => self.deliver(&b).await,
-                    // Skipped revisions are read back from disk when the next batch arrives.
-                    Err(broadcast::error::RecvError::Lagged(_)) => Ok(()),
-                    Err(broadcast::error::RecvError::Closed) => return,
+                batch = self.mailbox.recv() => match batch {
+                    Some(b) => self.receive(&b).await,
+                    None => return,
                 },
+                _ = self.sub.lag_notified() => self.repair().await,
                 _ = tick.tick() => self.notify_progress().await,
             };
             if step.is_err() {
@@ -163,7 +173,7 @@ impl WatchStreamTask {
         match req.request_union {
             Some(watch_request::RequestUnion::CreateRequest(c)) => self.create(c).await,
             Some(watch_request::RequestUnion::CancelRequest(c)) => {
-                if self.watchers.remove(&c.watch_id).is_some() {
+                if self.remove(c.watch_id).is_some() {
                     let mut r = self.response(c.watch_id, self.member.mvcc.current_revision());
                     r.canceled = true;
                     self.send(r).await?;
@@ -172,11 +182,12 @@ impl WatchStreamTask {
             }
             Some(watch_request::RequestUnion::ProgressRequest(_)) => {
                 // The revision every watcher on this stream has been brought up to.
+                let synced = self.synced_now().await?;
                 let current = self.member.mvcc.current_revision();
                 let revision = self
                     .watchers
                     .values()
-                    .map(|w| w.next_revision - 1)
+                    .map(|w| w.next_revision.max(synced + 1) - 1)
                     .min()
                     .unwrap_or(current)
                     .min(current);
@@ -223,6 +234,10 @@ impl WatchStreamTask {
             r.cancel_reason = reason;
             return self.send(r).await;
         }
+        // Registered before the current revision is read: every later revision with an
+        // event for this watcher reaches the stream; earlier ones come from disk.
+        self.sub.watch(&c.key, &c.range_end);
+        let current = self.member.mvcc.current_revision();
         let watcher = Watcher {
             next_revision: if c.start_revision > 0 {
                 c.start_revision
@@ -258,7 +273,7 @@ impl WatchStreamTask {
             }
             let compacted = self.member.mvcc.compact_revision();
             if from < compacted {
-                self.watchers.remove(&id);
+                self.remove(id);
                 let mut r = self.response(id, self.member.mvcc.current_revision());
                 r.compact_revision = compacted;
                 r.canceled = true;
@@ -272,7 +287,7 @@ impl WatchStreamTask {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(error = %e, watch_id = id, "watch catch-up read failed");
-                    self.watchers.remove(&id);
+                    self.remove(id);
                     let mut r = self.response(id, self.member.mvcc.current_revision());
                     r.canceled = true;
                     r.cancel_reason = e.to_string();
@@ -287,12 +302,30 @@ impl WatchStreamTask {
                 }
                 continue;
             };
-            let mut events = Vec::new();
+            // Whole revisions per response, split before one would pass the size limit
+            // (gRPC clients refuse messages over 4 MiB by default).
+            let mut responses: Vec<(i64, Vec<Event>)> = Vec::new();
+            let mut bytes = 0;
             for b in &batches {
-                events.extend(w.select(&b.events));
+                let selected = w.select(&b.events);
+                if selected.is_empty() {
+                    continue;
+                }
+                let size: usize = selected.iter().map(prost::Message::encoded_len).sum();
+                match responses.last_mut() {
+                    Some((revision, events)) if bytes + size <= CATCH_UP_RESPONSE_BYTES => {
+                        *revision = b.revision;
+                        events.extend(selected);
+                        bytes += size;
+                    }
+                    _ => {
+                        responses.push((b.revision, selected));
+                        bytes = size;
+                    }
+                }
             }
-            if !events.is_empty() {
-                let mut r = self.response(id, last);
+            for (revision, events) in responses {
+                let mut r = self.response(id, revision);
                 r.events = events;
                 self.send(r).await?;
             }
@@ -302,39 +335,90 @@ impl WatchStreamTask {
         }
     }
 
+    /// Drops a watcher from the stream and its key from the hub.
+    fn remove(&mut self, id: i64) -> Option<Watcher> {
+        let w = self.watchers.remove(&id)?;
+        self.sub.unwatch(&w.key, &w.range_end);
+        Some(w)
+    }
+
+    /// A revision from the hub: first whatever the hub could not hand over before it.
+    async fn receive(&mut self, batch: &RevisionEvents) -> Result<(), Gone> {
+        self.repair().await?;
+        self.deliver(batch).await?;
+        self.synced = self.synced.max(batch.revision);
+        Ok(())
+    }
+
+    /// Reads from disk, for every watcher, the revisions the hub marked this stream as
+    /// having missed (and any up to the hub's newest), then counts them as seen.
+    async fn repair(&mut self) -> Result<(), Gone> {
+        while let Some(missed) = self.sub.take_lagged() {
+            let through = missed.max(self.sub.dispatched());
+            tracing::info!(
+                through,
+                watchers = self.watchers.len(),
+                "watch stream fell behind; reading the revisions it missed from disk"
+            );
+            let ids: Vec<i64> = self.watchers.keys().copied().collect();
+            for id in ids {
+                if let Some(w) = self.watchers.get_mut(&id) {
+                    w.next_revision = w.next_revision.max(self.synced + 1);
+                }
+                self.catch_up(id, through).await?;
+            }
+            self.synced = self.synced.max(through);
+        }
+        Ok(())
+    }
+
+    /// The revision up to which this stream has delivered everything: it takes what is in
+    /// its mailbox and repairs any lag first.
+    async fn synced_now(&mut self) -> Result<i64, Gone> {
+        // Read before the mailbox is emptied: the hub handed over (or marked as missed)
+        // every revision up to it before publishing it.
+        let dispatched = self.sub.dispatched();
+        while let Ok(b) = self.mailbox.try_recv() {
+            self.receive(&b).await?;
+        }
+        self.repair().await?;
+        self.synced = self.synced.max(dispatched);
+        Ok(self.synced)
+    }
+
+    /// Delivers one revision's events to the watchers they match. A watcher owes nothing
+    /// between its next revision and this one: the hub handed over every such revision
+    /// with an event for it, in order, or marked it missed (repaired before this call).
     async fn deliver(&mut self, batch: &RevisionEvents) -> Result<(), Gone> {
-        let ids: Vec<i64> = self.watchers.keys().copied().collect();
-        for id in ids {
-            let Some(w) = self.watchers.get(&id) else {
-                continue;
-            };
-            if batch.revision < w.next_revision {
+        let synced = self.synced;
+        let mut out = Vec::new();
+        for (id, w) in self.watchers.iter_mut() {
+            if batch.revision < w.next_revision.max(synced + 1) {
                 continue;
             }
-            if batch.revision > w.next_revision {
-                self.catch_up(id, batch.revision - 1).await?;
-            }
-            let Some(w) = self.watchers.get_mut(&id) else {
-                continue;
-            };
-            let events = w.select(&batch.events);
             w.next_revision = batch.revision + 1;
+            let events = w.select(&batch.events);
             if !events.is_empty() {
-                let mut r = self.response(id, batch.revision);
-                r.events = events;
-                self.send(r).await?;
+                out.push((*id, events));
             }
+        }
+        for (id, events) in out {
+            let mut r = self.response(id, batch.revision);
+            r.events = events;
+            self.send(r).await?;
         }
         Ok(())
     }
 
     async fn notify_progress(&mut self) -> Result<(), Gone> {
+        let synced = self.synced_now().await?;
         let current = self.member.mvcc.current_revision();
         let due: Vec<(i64, i64)> = self
             .watchers
             .iter()
-            .filter(|(_, w)| w.progress_notify && w.next_revision > current)
-            .map(|(id, w)| (*id, w.next_revision - 1))
+            .map(|(id, w)| (id, w, w.next_revision.max(synced + 1)))
+            .filter(|(_, w, next)| w.progress_notify && *next > current)
+            .map(|(id, _, next)| (*id, next - 1))
             .collect();
         for (id, revision) in due {
             self.send(self.response(id, revision)).await?;
