@@ -379,6 +379,7 @@ pub async fn run(
                 .map_err(anyhow::Error::from)
         });
     }
+    let (published_tx, published_rx) = tokio::sync::watch::channel(false);
     let client_tls = match &config.client_tls {
         Some(files) => Some(server::tls::acceptor(files).context("client TLS")?),
         None => None,
@@ -394,7 +395,16 @@ pub async fn run(
         };
         let m = member.clone();
         let s = stopped(stop_rx.clone());
+        let mut ready = published_rx.clone();
+        let mut stop = stop_rx.clone();
         tasks.spawn(async move {
+            // As etcd, clients are served once this member's name and client URLs are in
+            // the cluster state: `member list` and `endpoint status --cluster` then show
+            // every member that answers. Connections wait in the accept queue meanwhile.
+            tokio::select! {
+                r = ready.wait_for(|p| *p) => if r.is_err() { return Ok(()) },
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
             server::serve_clients(m, listener, tls, s)
                 .await
                 .map_err(anyhow::Error::from)
@@ -432,6 +442,7 @@ pub async fn run(
     tasks.spawn(publish_attributes(
         member.clone(),
         config.advertise_client_urls.clone(),
+        published_tx,
         stop_rx.clone(),
     ));
     tracing::info!(name = %config.name, id = format_args!("{id:x}"), cluster_id = format_args!("{cluster_id:x}"), "member started");
@@ -659,10 +670,13 @@ async fn exit_when_removed(
 }
 
 /// Records this member's name and client URLs in the cluster state, so `member list`
-/// shows them (etcd's publish step).
+/// shows them (etcd's publish step), and then opens the client listeners. A member that
+/// restarts with the attributes it already published opens them at once, so a member
+/// restarted without a quorum still answers serializable reads and status.
 async fn publish_attributes(
     member: Arc<Member>,
     client_urls: Vec<String>,
+    published: tokio::sync::watch::Sender<bool>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let attrs = MemberAttributes {
@@ -670,6 +684,19 @@ async fn publish_attributes(
         name: member.name.clone(),
         client_urls,
     };
+    let recorded: Option<raft::state_machine::MemberAttributes> = member
+        .mvcc
+        .meta_get(&mvcc::keys::member_meta_key(member.id))
+        .ok()
+        .flatten()
+        .and_then(|v| mvcc::decode("member", &v).ok());
+    if recorded.is_some_and(|r| r.name == attrs.name && r.client_urls == attrs.client_urls) {
+        tracing::info!("member attributes already published");
+        published.send_replace(true);
+        let mut stop = stop;
+        let _ = stop.wait_for(|s| *s).await;
+        return Ok(());
+    }
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -681,6 +708,7 @@ async fn publish_attributes(
         match member.propose(command).await {
             Ok(_) => {
                 tracing::info!("published member attributes");
+                published.send_replace(true);
                 // Keep the task alive so its end does not read as a failure.
                 let mut stop = stop;
                 let _ = stop.wait_for(|s| *s).await;
@@ -688,7 +716,7 @@ async fn publish_attributes(
             }
             Err(e) => {
                 tracing::debug!(error = %e, "publishing member attributes; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
