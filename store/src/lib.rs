@@ -13,6 +13,7 @@ pub mod raft;
 pub mod server;
 pub mod watch_hub;
 
+use openraft::async_runtime::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -526,13 +527,17 @@ async fn lease_expiry_loop(
             _ = metrics.changed() => {}
             _ = stop.changed() => return Ok(()),
         }
-        let leader = metrics.borrow().state == ServerState::Leader;
+        let leader = metrics.borrow_watched().state == ServerState::Leader;
         if leader && !was_leader {
             // Deadlines start from the latest checkpoints: first apply every entry of the
             // earlier terms (what a linearizable read waits for).
             let m = member.clone();
             tokio::spawn(async move {
-                match m.raft.ensure_linearizable().await {
+                match m
+                    .raft
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+                    .await
+                {
                     Ok(_) if m.is_leader() => m.leases.promote(),
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "lease promotion"),
@@ -634,7 +639,7 @@ async fn exit_when_removed(
     let mut out_since: Option<tokio::time::Instant> = None;
     loop {
         let is_member = {
-            let m = metrics.borrow();
+            let m = metrics.borrow_watched();
             m.membership_config
                 .membership()
                 .get_node(&member.id)
@@ -648,7 +653,7 @@ async fn exit_when_removed(
             .removed
             .swap(false, std::sync::atomic::Ordering::AcqRel);
         let led = metrics
-            .borrow()
+            .borrow_watched()
             .current_leader
             .is_some_and(|l| l != member.id);
         out_since = if (was_member && !is_member) || told {

@@ -1,6 +1,7 @@
 //! One running member: Raft, the MVCC store and lease table, and the paths every request
 //! takes through them (propose, linearizable read barrier, leader forwarding).
 
+use openraft::async_runtime::WatchReceiver as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -273,7 +274,7 @@ impl Member {
             cluster_id: self.cluster_id,
             member_id: self.id,
             revision,
-            raft_term: self.raft.metrics().borrow().current_term,
+            raft_term: self.raft.metrics().borrow_watched().current_term,
         }
     }
 
@@ -287,7 +288,7 @@ impl Member {
     }
 
     pub fn leader(&self) -> Option<(NodeId, MemberNode)> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let leader = m.current_leader?;
         let node = m
             .membership_config
@@ -298,7 +299,7 @@ impl Member {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+        self.raft.metrics().borrow_watched().current_leader == Some(self.id)
     }
 
     /// Waits up to the request timeout for some member to lead.
@@ -505,8 +506,12 @@ impl Member {
 
     /// The leader's read index: the log index every linearizable read must wait for.
     async fn read_index_local(&self) -> Result<u64, EtcdError> {
-        match self.raft.get_read_log_id().await {
-            Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+        match self
+            .raft
+            .get_read_log_id(openraft::ReadPolicy::ReadIndex)
+            .await
+        {
+            Ok((read_log_id, _applied)) => Ok(read_log_id.index()),
             Err(RaftError::APIError(_)) => Err(EtcdError::NotLeader),
             Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped),
         }
@@ -776,7 +781,7 @@ impl Member {
         use crate::mvcc::decode;
         use crate::mvcc::keys::member_meta_key;
         use crate::raft::state_machine::MemberAttributes;
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership().clone();
         let voters: Vec<u64> = membership.voter_ids().collect();
         membership
@@ -859,7 +864,7 @@ impl Member {
         if !self.is_leader() {
             return Err(EtcdError::NotLeader);
         }
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership().clone();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let nodes: std::collections::BTreeMap<u64, MemberNode> =

@@ -9,11 +9,11 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
-use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{LogState, OptionalSend, RaftLogReader, Vote};
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader};
 use rocksdb::{WriteBatch, DB};
 
-use super::{io_error, read_error, Entry, LogId, NodeId, RaftStorageError, TypeConfig};
+use super::{io_error, read_error, Entry, LogId, TypeConfig, Vote};
 use crate::mvcc::{decode, encode};
 
 pub const CF_LOG: &str = "log";
@@ -29,7 +29,7 @@ const FLUSH_QUEUE: usize = 4096;
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flusher: SyncSender<LogFlushed<TypeConfig>>,
+    flusher: SyncSender<IOFlushed<TypeConfig>>,
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -64,7 +64,7 @@ impl LogStore {
     fn get_meta<T: serde::de::DeserializeOwned>(
         &self,
         key: &[u8],
-    ) -> Result<Option<T>, RaftStorageError> {
+    ) -> Result<Option<T>, std::io::Error> {
         match self.db.get_cf(self.cf_raft(), key).map_err(read_error)? {
             Some(v) => Ok(Some(decode("raft meta", &v).map_err(read_error)?)),
             None => Ok(None),
@@ -75,7 +75,7 @@ impl LogStore {
         &self,
         key: &[u8],
         value: &T,
-    ) -> Result<(), RaftStorageError> {
+    ) -> Result<(), std::io::Error> {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         let mut batch = WriteBatch::default();
@@ -83,7 +83,7 @@ impl LogStore {
         self.db.write_opt(batch, &opts).map_err(io_error)
     }
 
-    fn last_log_id(&self) -> Result<Option<LogId>, RaftStorageError> {
+    fn last_log_id(&self) -> Result<Option<LogId>, std::io::Error> {
         let mut it = self.db.raw_iterator_cf(self.cf_log());
         it.seek_to_last();
         match it.value() {
@@ -108,7 +108,7 @@ impl LogStore {
     }
 }
 
-fn flush_loop(db: Arc<DB>, rx: Receiver<LogFlushed<TypeConfig>>) {
+fn flush_loop(db: Arc<DB>, rx: Receiver<IOFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -120,7 +120,7 @@ fn flush_loop(db: Arc<DB>, rx: Receiver<LogFlushed<TypeConfig>>) {
                 Ok(()) => Ok(()),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
             };
-            cb.log_io_completed(r);
+            cb.io_completed(r);
         }
     }
 }
@@ -129,7 +129,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, RaftStorageError> {
+    ) -> Result<Vec<Entry>, std::io::Error> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i + 1,
@@ -152,12 +152,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         it.status().map_err(read_error)?;
         Ok(out)
     }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, std::io::Error> {
+        self.get_meta(KEY_VOTE)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, std::io::Error> {
         let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         let last_log_id = self.last_log_id()?.or(last_purged_log_id);
         Ok(LogState {
@@ -170,15 +174,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
         self.put_meta_synced(KEY_VOTE, vote)
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
-        self.get_meta(KEY_VOTE)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
         // Not synced: the committed index is a hint that speeds up replay after a restart.
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf_raft(), KEY_COMMITTED, encode(&committed));
@@ -187,15 +187,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db.write_opt(batch, &opts).map_err(io_error)
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
+    async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), RaftStorageError>
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), std::io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -220,15 +220,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), std::io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf_log(), index_key(log_id.index), index_key(u64::MAX));
+        batch.delete_range_cf(self.cf_log(), index_key(from), index_key(u64::MAX));
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch, &opts).map_err(io_error)
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+    async fn purge(&mut self, log_id: LogId) -> Result<(), std::io::Error> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf_raft(), KEY_LAST_PURGED, encode(&log_id));
         batch.delete_range_cf(self.cf_log(), index_key(0), index_key(log_id.index + 1));

@@ -33,6 +33,12 @@ impl fmt::Display for MemberNode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RaftCommand(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
+impl fmt::Display for RaftCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "command batch ({} bytes)", self.0.len())
+    }
+}
+
 impl RaftCommand {
     pub fn new(batch: &CommandBatch) -> RaftCommand {
         RaftCommand(batch.encode_to_vec())
@@ -64,21 +70,22 @@ openraft::declare_raft_types!(
         R = RaftResponse,
         NodeId = NodeId,
         Node = MemberNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-pub type Raft = openraft::Raft<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type StoredMembership = openraft::StoredMembership<NodeId, MemberNode>;
-pub type Entry = openraft::Entry<TypeConfig>;
-pub type RaftStorageError = openraft::StorageError<NodeId>;
+pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, tokio::fs::File>;
+pub type RaftStorageError = openraft::StorageError<TypeConfig>;
 
-pub(crate) fn io_error(e: impl std::error::Error + 'static) -> RaftStorageError {
-    openraft::StorageIOError::write(openraft::AnyError::new(&e)).into()
+pub(crate) fn io_error(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
-pub(crate) fn read_error(e: impl std::error::Error + 'static) -> RaftStorageError {
-    openraft::StorageIOError::read(openraft::AnyError::new(&e)).into()
+pub(crate) fn read_error(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(e)
 }

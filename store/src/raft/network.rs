@@ -7,13 +7,11 @@ use std::time::Duration;
 
 use flotilla_proto::flotillapb::peer_client::PeerClient;
 use flotilla_proto::flotillapb::RaftPayload;
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+use openraft::error::{NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft_legacy::network_v1::{
+    Adapter, InstallSnapshotError, InstallSnapshotRequest, InstallSnapshotResponse, RaftNetwork,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -104,18 +102,19 @@ pub struct Connection {
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = Connection;
+    type Network = Adapter<TypeConfig, Connection, tokio::fs::File>;
 
-    async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> Connection {
+    async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> Self::Network {
         Connection {
             target,
             url: node.peer_urls.first().cloned().unwrap_or_default(),
             peers: self.peers.clone(),
         }
+        .into_v2()
     }
 }
 
-type RpcResult<T, E> = Result<T, RPCError<NodeId, MemberNode, RaftError<NodeId, E>>>;
+type RpcResult<T, E> = Result<T, RPCError<TypeConfig, RaftError<TypeConfig, E>>>;
 
 impl Connection {
     async fn call<Req, Resp, E>(
@@ -152,7 +151,7 @@ impl Connection {
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
             _ => RPCError::Network(NetworkError::new(&s)),
         })?;
-        let decoded: Result<Resp, RaftError<NodeId, E>> =
+        let decoded: Result<Resp, RaftError<TypeConfig, E>> =
             bincode::deserialize(&reply.into_inner().data)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -164,7 +163,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+    ) -> RpcResult<AppendEntriesResponse<TypeConfig>, openraft::error::Infallible> {
         self.call("append", &rpc, option.hard_ttl()).await
     }
 
@@ -172,15 +171,15 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+    ) -> RpcResult<InstallSnapshotResponse<TypeConfig>, InstallSnapshotError> {
         self.call("snapshot", &rpc, option.hard_ttl()).await
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+    ) -> RpcResult<VoteResponse<TypeConfig>, openraft::error::Infallible> {
         self.call("vote", &rpc, option.hard_ttl()).await
     }
 }

@@ -17,16 +17,18 @@ use flotilla_proto::etcdserverpb::{request_op, TxnRequest};
 use flotilla_proto::flotillapb::{
     command, command_result, BatchResult, Command, CommandBatch, CommandResult, Empty, Error,
 };
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta};
+use futures::StreamExt;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use openraft_legacy::network_v1::SnapshotReceiverFactory;
 use prost::Message;
 use rocksdb::{WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::{
-    io_error, read_error, Entry, LogId, MemberNode, NodeId, RaftResponse, RaftStorageError,
-    StoredMembership, TypeConfig,
+    io_error, read_error, Entry, LogId, RaftResponse, Snapshot, SnapshotMeta, StoredMembership,
+    TypeConfig,
 };
 use crate::error::EtcdError;
 use crate::lease::LeaseKeeper;
@@ -176,7 +178,7 @@ impl StateMachine {
     }
 
     /// How many commands of entry `log_id` were applied before a crash cut its batch short.
-    fn commands_already_applied(&self, log_id: LogId) -> Result<usize, RaftStorageError> {
+    fn commands_already_applied(&self, log_id: LogId) -> Result<usize, std::io::Error> {
         match self
             .mvcc
             .meta_get(META_APPLIED_PARTIAL)
@@ -195,7 +197,7 @@ impl StateMachine {
     ///
     /// Consecutive key-value commands of a batch are written in one WriteBatch (one RocksDB
     /// write for many clients' puts); each write also records how far the entry got.
-    fn apply_entry(&self, entry: Entry) -> Result<RaftResponse, RaftStorageError> {
+    fn apply_entry(&self, entry: Entry) -> Result<RaftResponse, std::io::Error> {
         let log_id = entry.log_id;
         let meta = self.mvcc.cf(CF_META);
         let finished = |mut batch: WriteBatch| {
@@ -294,7 +296,7 @@ impl StateMachine {
         log_id: LogId,
         upto: usize,
         last: usize,
-    ) -> Result<(), RaftStorageError> {
+    ) -> Result<(), std::io::Error> {
         let (mut batch, outcomes) = group.take(&self.mvcc);
         if upto == last {
             self.entry_applied(&mut batch, log_id);
@@ -323,7 +325,7 @@ impl StateMachine {
 
     /// Writes the three families, read from one consistent RocksDB snapshot, to `path`
     /// (see [`write_snapshot_header`] for the layout), synced. Returns the snapshot's meta.
-    fn dump_to(&self, path: &Path) -> Result<SnapshotMeta<NodeId, MemberNode>, RaftStorageError> {
+    fn dump_to(&self, path: &Path) -> Result<SnapshotMeta, std::io::Error> {
         let snap = {
             let _not_installing = self.state_lock.read().unwrap_or_else(|e| e.into_inner());
             self.db().snapshot()
@@ -341,11 +343,6 @@ impl StateMachine {
         let meta = SnapshotMeta {
             last_log_id: applied,
             last_membership: membership,
-            snapshot_id: format!(
-                "{}-{}",
-                applied.map(|l| l.leader_id.term).unwrap_or(0),
-                applied.map(|l| l.index).unwrap_or(0)
-            ),
         };
         let file = PacedFile::new(std::fs::File::create(path).map_err(io_error)?);
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -375,7 +372,7 @@ impl StateMachine {
 
     /// Replaces the whole state with the snapshot file at `path`, then reloads the in-memory
     /// counters.
-    fn load_from(&self, path: &Path) -> Result<(), RaftStorageError> {
+    fn load_from(&self, path: &Path) -> Result<(), std::io::Error> {
         let _installing = self.state_lock.write().unwrap_or_else(|e| e.into_inner());
         let corrupt = |what: &str| read_error(std::io::Error::other(format!("snapshot: {what}")));
         let file = std::fs::File::open(path).map_err(read_error)?;
@@ -443,8 +440,8 @@ impl StateMachine {
     async fn publish_snapshot(
         &self,
         from: &Path,
-        meta: &SnapshotMeta<NodeId, MemberNode>,
-    ) -> Result<(), RaftStorageError> {
+        meta: &SnapshotMeta,
+    ) -> Result<(), std::io::Error> {
         let _one_at_a_time = self.snapshot_lock.lock().await;
         if let Some(current) = self.current_snapshot_meta().await? {
             if current.last_log_id > meta.last_log_id {
@@ -464,9 +461,7 @@ impl StateMachine {
         Ok(())
     }
 
-    async fn current_snapshot_meta(
-        &self,
-    ) -> Result<Option<SnapshotMeta<NodeId, MemberNode>>, RaftStorageError> {
+    async fn current_snapshot_meta(&self) -> Result<Option<SnapshotMeta>, std::io::Error> {
         match snapshot_file_meta(self.data_path()).await {
             Ok(meta) => Ok(Some(meta)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -517,18 +512,32 @@ impl Write for PacedFile {
     }
 }
 
+/// How logs name a snapshot: the term and index of its last entry.
+pub(crate) fn snapshot_name(meta: &SnapshotMeta) -> String {
+    let last = meta.last_log_id;
+    format!(
+        "{}-{}",
+        last.map(|l| l.leader_id.term).unwrap_or(0),
+        last.map(|l| l.index).unwrap_or(0)
+    )
+}
+
+/// The header's encoding: the meta's last log id and membership, then the snapshot's name
+/// (the layout files written before the name left openraft's meta keep).
+type FileMeta = (Option<LogId>, StoredMembership, String);
+
 fn write_snapshot_header(
     out: &mut impl std::io::Write,
-    meta: &SnapshotMeta<NodeId, MemberNode>,
+    meta: &SnapshotMeta,
 ) -> std::io::Result<()> {
-    let meta = encode(meta);
+    let meta = encode(&(meta.last_log_id, &meta.last_membership, snapshot_name(meta)));
     out.write_all(SNAPSHOT_MAGIC)?;
     out.write_all(&(meta.len() as u32).to_be_bytes())?;
     out.write_all(&meta)
 }
 
 /// The meta in the header of the snapshot file at `path`.
-async fn snapshot_file_meta(path: PathBuf) -> std::io::Result<SnapshotMeta<NodeId, MemberNode>> {
+async fn snapshot_file_meta(path: PathBuf) -> std::io::Result<SnapshotMeta> {
     tokio::task::spawn_blocking(move || {
         read_snapshot_header(&mut std::io::BufReader::new(std::fs::File::open(path)?))
     })
@@ -536,9 +545,7 @@ async fn snapshot_file_meta(path: PathBuf) -> std::io::Result<SnapshotMeta<NodeI
     .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
-fn read_snapshot_header(
-    input: &mut impl std::io::Read,
-) -> std::io::Result<SnapshotMeta<NodeId, MemberNode>> {
+fn read_snapshot_header(input: &mut impl std::io::Read) -> std::io::Result<SnapshotMeta> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let mut magic = [0u8; 8];
     input.read_exact(&mut magic)?;
@@ -553,11 +560,18 @@ fn read_snapshot_header(
     }
     let mut meta = vec![0u8; len];
     input.read_exact(&mut meta)?;
-    decode("snapshot meta", &meta).map_err(|e| bad(&e.to_string()))
+    let (last_log_id, last_membership, _name): FileMeta =
+        decode("snapshot meta", &meta).map_err(|e| bad(&e.to_string()))?;
+    Ok(SnapshotMeta {
+        last_log_id,
+        last_membership,
+    })
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+    type SnapshotData = tokio::fs::File;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, std::io::Error> {
         let this = self.clone();
         let building = self.snapshot_dir.join("building.data");
         let path = building.clone();
@@ -569,25 +583,21 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .map(|m| m.len())
             .unwrap_or(0);
         self.publish_snapshot(&building, &meta).await?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes, "built snapshot");
+        tracing::info!(snapshot = %snapshot_name(&meta), bytes, "built snapshot");
         // openraft keeps only the meta of a snapshot it built; the data is read back from
         // the file when a follower needs it (get_current_snapshot).
         let snapshot = tokio::fs::File::open(self.data_path())
             .await
             .map_err(read_error)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(snapshot),
-        })
+        Ok(Snapshot { meta, snapshot })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = tokio::fs::File;
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
         let applied: Option<LogId> = match self.mvcc.meta_get(META_APPLIED).map_err(read_error)? {
             Some(v) => decode("applied", &v).map_err(read_error)?,
             None => None,
@@ -599,20 +609,44 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((applied, membership))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<RaftResponse>, RaftStorageError>
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), std::io::Error>
     where
-        I: IntoIterator<Item = Entry> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        S: futures::Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>>
+            + Unpin
+            + OptionalSend,
     {
         // Each entry is one small unsynced RocksDB write: cheaper inline than a thread handoff.
-        entries.into_iter().map(|e| self.apply_entry(e)).collect()
+        while let Some(next) = entries.next().await {
+            let (entry, responder) = next?;
+            let response = self.apply_entry(entry)?;
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, RaftStorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: tokio::fs::File,
+    ) -> Result<(), std::io::Error> {
+        self.install_snapshot_file(meta, snapshot).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, std::io::Error> {
+        self.current_snapshot().await
+    }
+}
+
+impl SnapshotReceiverFactory<TypeConfig> for StateMachine {
+    type SnapshotReceiver = tokio::fs::File;
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<tokio::fs::File, std::io::Error> {
         static TRANSFERS: AtomicU64 = AtomicU64::new(0);
         let n = TRANSFERS.fetch_add(1, Ordering::Relaxed);
         let path = self.snapshot_dir.join(format!("incoming-{n}.data"));
@@ -625,14 +659,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(old) = abandoned {
             let _ = tokio::fs::remove_file(old).await;
         }
-        Ok(Box::new(f))
+        Ok(f)
     }
+}
 
-    async fn install_snapshot(
+impl StateMachine {
+    async fn install_snapshot_file(
         &mut self,
-        meta: &SnapshotMeta<NodeId, MemberNode>,
-        mut snapshot: Box<tokio::fs::File>,
-    ) -> Result<(), RaftStorageError> {
+        meta: &SnapshotMeta,
+        mut snapshot: tokio::fs::File,
+    ) -> Result<(), std::io::Error> {
         snapshot.flush().await.map_err(io_error)?;
         snapshot.sync_all().await.map_err(io_error)?;
         drop(snapshot);
@@ -648,7 +684,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if sent.last_log_id != meta.last_log_id {
             return Err(read_error(std::io::Error::other(format!(
                 "snapshot file is of {}, the leader announced {}",
-                sent.snapshot_id, meta.snapshot_id
+                snapshot_name(&sent),
+                snapshot_name(meta)
             ))));
         }
         tokio::task::block_in_place(|| self.load_from(&incoming))?;
@@ -665,13 +702,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         self.db().write(batch).map_err(io_error)?;
         self.publish_snapshot(&incoming, meta).await?;
-        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        tracing::info!(snapshot = %snapshot_name(meta), "installed snapshot");
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+    async fn current_snapshot(&self) -> Result<Option<Snapshot>, std::io::Error> {
         // Opened before its header is read: a rename that replaces the file meanwhile does
         // not change what this handle reads, so meta and data stay one snapshot.
         let mut file = match tokio::fs::File::open(self.data_path()).await {
@@ -695,7 +730,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(read_error)?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: file,
         }))
     }
 }
@@ -724,7 +759,13 @@ mod tests {
             })
             .collect();
         Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            log_id: LogId::new(
+                openraft::impls::leader_id_adv::LeaderId {
+                    term: 1,
+                    node_id: 1,
+                },
+                index,
+            ),
             payload: EntryPayload::Normal(super::super::RaftCommand::new(&CommandBatch {
                 commands,
             })),

@@ -1,5 +1,6 @@
 //! The etcd Cluster and Maintenance services.
 
+use openraft::async_runtime::WatchReceiver as _;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -233,7 +234,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let metrics = self.member.raft.metrics().borrow().clone();
+        let metrics = self.member.raft.metrics().borrow_watched().clone();
         let (db_size, db_size_in_use) = self.db_size();
         let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
         Ok(Response::new(StatusResponse {

@@ -1,5 +1,6 @@
 //! The member-to-member service: Raft messages and requests forwarded to the leader.
 
+use openraft::async_runtime::WatchReceiver as _;
 use std::sync::Arc;
 
 use flotilla_proto::etcdserverpb::{HashKvRequest, HashKvResponse};
@@ -8,7 +9,8 @@ use flotilla_proto::flotillapb::{
     forward_request, forward_response, BatchResult, CommandResult, ForwardRequest, ForwardResponse,
     RaftPayload,
 };
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft_legacy::network_v1::{ChunkedSnapshotReceiver, InstallSnapshotRequest};
 use tonic::{Request, Response, Status};
 
 use crate::error::EtcdError;
@@ -41,16 +43,16 @@ impl Peer for PeerService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let req: VoteRequest<u64> = decode(request.get_ref())?;
+        let req: VoteRequest<TypeConfig> = decode(request.get_ref())?;
         // A leader knows the membership: a candidate outside it was removed and missed the
         // news (the leader stopped replicating to it). Tell it, so it stops, as etcd does.
         if self.member.is_leader() {
-            let candidate = req.vote.leader_id().voted_for();
+            let candidate = Some(req.vote.leader_id.node_id);
             let known = candidate.is_some_and(|c| {
                 self.member
                     .raft
                     .metrics()
-                    .borrow()
+                    .borrow_watched()
                     .membership_config
                     .membership()
                     .get_node(&c)
