@@ -91,7 +91,7 @@ impl StateMachine {
         snapshot_dir: PathBuf,
     ) -> std::io::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
-        Ok(StateMachine {
+        let sm = StateMachine {
             mvcc,
             leases,
             snapshot_dir,
@@ -99,7 +99,104 @@ impl StateMachine {
             state_lock: Arc::default(),
             incoming: Arc::default(),
             applied_commands: Arc::default(),
-        })
+        };
+        sm.finish_interrupted_install()?;
+        Ok(sm)
+    }
+
+    fn install_marker(&self) -> PathBuf {
+        self.snapshot_dir.join("installing")
+    }
+
+    fn sync_snapshot_dir(&self) -> std::io::Result<()> {
+        std::fs::File::open(&self.snapshot_dir)?.sync_all()
+    }
+
+    /// Replaces the state with the snapshot file at `path` and records it as applied, all
+    /// synced. A durable marker naming the file comes first: replacing the state is many
+    /// writes, and a member that crashes among them finishes the install from the same file
+    /// when it starts again ([`Self::finish_interrupted_install`]) instead of running on a
+    /// half-replaced state.
+    fn install_from(&self, path: &Path, meta: &SnapshotMeta) -> std::io::Result<()> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| std::io::Error::other("snapshot file name"))?;
+        let marker = self.install_marker();
+        let staged = self.snapshot_dir.join("installing.tmp");
+        {
+            let mut f = std::fs::File::create(&staged)?;
+            f.write_all(name.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&staged, &marker)?;
+        self.sync_snapshot_dir()?;
+        self.load_from(path)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.mvcc.cf(CF_META),
+            META_APPLIED,
+            encode(&meta.last_log_id),
+        );
+        batch.put_cf(
+            self.mvcc.cf(CF_META),
+            META_MEMBERSHIP,
+            encode(&meta.last_membership),
+        );
+        // Synced: openraft replays the log from the applied id, and entries the snapshot
+        // holds must never be applied twice.
+        let mut synced = rocksdb::WriteOptions::default();
+        synced.set_sync(true);
+        self.db().write_opt(batch, &synced).map_err(io_error)
+    }
+
+    /// Drops the install marker once the installed file is the current snapshot.
+    fn clear_install_marker(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(self.install_marker()) {
+            Ok(()) => self.sync_snapshot_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// At start: completes a snapshot install a crash interrupted, from the received file
+    /// the marker names, and removes files of transfers that never finished.
+    fn finish_interrupted_install(&self) -> std::io::Result<()> {
+        match std::fs::read_to_string(self.install_marker()) {
+            Ok(name) => {
+                let path = self.snapshot_dir.join(name.trim());
+                // Gone once the install reached the rename that made it current.
+                if path.exists() {
+                    let meta = read_snapshot_header(&mut std::io::BufReader::new(
+                        std::fs::File::open(&path)?,
+                    ))?;
+                    tracing::warn!(
+                        snapshot = %snapshot_name(&meta),
+                        "a snapshot install was interrupted; finishing it"
+                    );
+                    self.install_from(&path, &meta)?;
+                    let current = std::fs::File::open(self.data_path())
+                        .and_then(|f| read_snapshot_header(&mut std::io::BufReader::new(f)));
+                    match current {
+                        Ok(c) if c.last_log_id > meta.last_log_id => std::fs::remove_file(&path)?,
+                        _ => std::fs::rename(&path, self.data_path())?,
+                    }
+                    self.sync_snapshot_dir()?;
+                }
+                self.clear_install_marker()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        for entry in std::fs::read_dir(&self.snapshot_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("incoming-") || name == "installing.tmp" {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     fn db(&self) -> &DB {
@@ -688,20 +785,9 @@ impl StateMachine {
                 snapshot_name(meta)
             ))));
         }
-        tokio::task::block_in_place(|| self.load_from(&incoming))?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.mvcc.cf(CF_META),
-            META_APPLIED,
-            encode(&meta.last_log_id),
-        );
-        batch.put_cf(
-            self.mvcc.cf(CF_META),
-            META_MEMBERSHIP,
-            encode(&meta.last_membership),
-        );
-        self.db().write(batch).map_err(io_error)?;
+        tokio::task::block_in_place(|| self.install_from(&incoming, meta))?;
         self.publish_snapshot(&incoming, meta).await?;
+        self.clear_install_marker()?;
         tracing::info!(snapshot = %snapshot_name(meta), "installed snapshot");
         Ok(())
     }
@@ -939,6 +1025,72 @@ mod tests {
         bad.write_all(b"garbage").await.expect("write");
         assert!(b.install_snapshot(&current.meta, bad).await.is_err());
         assert!(b.mvcc.get(b"k00000", rev).expect("get").is_some());
+    }
+
+    /// A member that crashed while a snapshot replaced its state finishes the install from the
+    /// received file when it starts, and serves nothing of the half-replaced state.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_interrupted_install_is_finished_at_start() {
+        let (_a_dir, mut a) = machine();
+        let requests = (0..500)
+            .map(|i| put(&format!("k{i:03}"), "from-a", 0))
+            .collect();
+        a.apply_entry(entry(7, requests)).expect("apply");
+        let built = a.build_snapshot().await.expect("build");
+
+        let (_b_dir, b) = machine();
+        b.apply_entry(entry(
+            1,
+            vec![put("only-b", "x", 0), put("k000", "from-b", 0)],
+        ))
+        .expect("apply");
+        // What a crash in the middle of an install leaves: the received file, the marker
+        // naming it, and a state partly replaced (here: the kv family emptied).
+        std::fs::copy(a.data_path(), b.snapshot_dir.join("incoming-3.data")).expect("copy");
+        std::fs::write(b.install_marker(), "incoming-3.data").expect("marker");
+        std::fs::write(b.snapshot_dir.join("incoming-9.data"), b"abandoned").expect("stale");
+        let mut wipe = WriteBatch::default();
+        wipe.delete_range_cf(b.mvcc.cf(CF_KV), Vec::<u8>::new(), vec![0xFF; 8]);
+        b.db().write(wipe).expect("wipe");
+
+        // The start.
+        let mut restarted =
+            StateMachine::new(b.mvcc.clone(), Arc::default(), b.snapshot_dir.clone())
+                .expect("restart");
+        let rev = restarted.mvcc.current_revision();
+        assert_eq!(rev, a.mvcc.current_revision());
+        let kv = restarted
+            .mvcc
+            .get(b"k000", rev)
+            .expect("get")
+            .expect("k000");
+        assert_eq!(kv.value, b"from-a".to_vec());
+        assert!(restarted.mvcc.get(b"only-b", rev).expect("get").is_none());
+        let (applied, _) = restarted.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(7));
+        let current = restarted
+            .get_current_snapshot()
+            .await
+            .expect("get")
+            .expect("current");
+        assert_eq!(current.meta, built.meta);
+        let left: Vec<String> = std::fs::read_dir(&b.snapshot_dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec!["current.snap".to_string()], "{left:?}");
+
+        // An install that completes leaves no marker behind.
+        let mut receiving = restarted.begin_receiving_snapshot().await.expect("begin");
+        let mut data = a.get_current_snapshot().await.expect("get").expect("a's");
+        tokio::io::copy(&mut data.snapshot, &mut receiving)
+            .await
+            .expect("copy");
+        restarted
+            .install_snapshot(&built.meta, receiving)
+            .await
+            .expect("install");
+        assert!(!restarted.install_marker().exists());
     }
 
     /// A crash after an entry's first write resumes after the commands that write covered.
