@@ -274,6 +274,7 @@ pub async fn run(
         Arc::new(raft_config),
         Network {
             peers: peers.clone(),
+            state_machine: state_machine.clone(),
         },
         log.clone(),
         state_machine,

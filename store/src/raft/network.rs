@@ -7,15 +7,23 @@ use std::time::Duration;
 
 use flotilla_proto::flotillapb::peer_client::PeerClient;
 use flotilla_proto::flotillapb::RaftPayload;
-use openraft::error::{NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft::error::{
+    NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::OptionalSend;
 use openraft_legacy::network_v1::{
     Adapter, InstallSnapshotError, InstallSnapshotRequest, InstallSnapshotResponse, RaftNetwork,
 };
 use tonic::transport::{Channel, Endpoint};
 
-use super::{MemberNode, NodeId, TypeConfig};
+use super::state_machine::StateMachine;
+use super::{MemberNode, NodeId, Snapshot, TypeConfig, Vote};
 
 /// Largest peer message: a snapshot chunk or a batch of log entries.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -93,6 +101,8 @@ impl PeerClients {
 #[derive(Clone)]
 pub struct Network {
     pub peers: Arc<PeerClients>,
+    /// Turns a snapshot that is a checkpoint into the records a follower installs.
+    pub state_machine: StateMachine,
 }
 
 pub struct Connection {
@@ -102,15 +112,74 @@ pub struct Connection {
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = Adapter<TypeConfig, Connection, tokio::fs::File>;
+    type Network = PeerNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> Self::Network {
-        Connection {
-            target,
-            url: node.peer_urls.first().cloned().unwrap_or_default(),
-            peers: self.peers.clone(),
+        PeerNetwork {
+            rpc: Connection {
+                target,
+                url: node.peer_urls.first().cloned().unwrap_or_default(),
+                peers: self.peers.clone(),
+            }
+            .into_v2(),
+            state_machine: self.state_machine.clone(),
         }
-        .into_v2()
+    }
+}
+
+/// One peer's messages: openraft-legacy's chunked snapshot transfer over [`Connection`], with
+/// a checkpoint's records written out before it is sent.
+pub struct PeerNetwork {
+    rpc: Adapter<TypeConfig, Connection, tokio::fs::File>,
+    state_machine: StateMachine,
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerNetwork {
+    type SnapshotData = tokio::fs::File;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc.append_entries(rpc, option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc.vote(rpc, option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        // A failure here (a newer snapshot pruned this one's checkpoint meanwhile) is retried
+        // by the replication task like a network error, with a fresh snapshot.
+        let snapshot = self
+            .state_machine
+            .sendable(snapshot)
+            .await
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        self.rpc.full_snapshot(vote, snapshot, cancel, option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc.transfer_leader(req, option).await
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        self.rpc.backoff()
     }
 }
 

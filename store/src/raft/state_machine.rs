@@ -4,9 +4,13 @@
 //! The applied log id and membership are written in the same WriteBatch as the changes of the
 //! entry they describe, so replaying the log after a crash is idempotent.
 //!
-//! A snapshot is one file, `<data-dir>/snap/current.snap`: its meta, then every record of the
-//! `kv`, `rev` and `meta` families read from one RocksDB snapshot, streamed to and from disk
-//! (never held in memory), and sent to followers in chunks straight from the file.
+//! Building a snapshot copies nothing: it is a RocksDB checkpoint (`snap/ckpt-<term>-<index>`,
+//! hard links to the database's table files, made after a memtable flush), and
+//! `snap/current.snap` holds only its meta. The records a follower needs are written out
+//! from the checkpoint when a leader first sends it ([`StateMachine::sendable`]): one file,
+//! `snap/send-<term>-<index>.snap`, its meta then every record of the `kv`, `rev` and `meta`
+//! families, streamed to and from disk (never held in memory) and sent in chunks. A member
+//! that installs a received file keeps that file as its current snapshot.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -101,6 +105,15 @@ impl StateMachine {
             applied_commands: Arc::default(),
         };
         sm.finish_interrupted_install()?;
+        sm.prune()?;
+        for stale in ["ckpt-building", "send-building", "building.data"] {
+            let path = sm.snapshot_dir.join(stale);
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else if path.exists() {
+                std::fs::remove_file(&path)?;
+            }
+        }
         Ok(sm)
     }
 
@@ -131,6 +144,8 @@ impl StateMachine {
         }
         std::fs::rename(&staged, &marker)?;
         self.sync_snapshot_dir()?;
+        // A checkpoint taken meanwhile would hold new records under the old applied id.
+        let _installing = self.state_lock.write().unwrap_or_else(|e| e.into_inner());
         self.load_from(path)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(
@@ -167,7 +182,7 @@ impl StateMachine {
                 let path = self.snapshot_dir.join(name.trim());
                 // Gone once the install reached the rename that made it current.
                 if path.exists() {
-                    let meta = read_snapshot_header(&mut std::io::BufReader::new(
+                    let (meta, _) = read_snapshot_header(&mut std::io::BufReader::new(
                         std::fs::File::open(&path)?,
                     ))?;
                     tracing::warn!(
@@ -178,7 +193,9 @@ impl StateMachine {
                     let current = std::fs::File::open(self.data_path())
                         .and_then(|f| read_snapshot_header(&mut std::io::BufReader::new(f)));
                     match current {
-                        Ok(c) if c.last_log_id > meta.last_log_id => std::fs::remove_file(&path)?,
+                        Ok((c, _)) if c.last_log_id > meta.last_log_id => {
+                            std::fs::remove_file(&path)?
+                        }
                         _ => std::fs::rename(&path, self.data_path())?,
                     }
                     self.sync_snapshot_dir()?;
@@ -420,61 +437,16 @@ impl StateMachine {
         }
     }
 
-    /// Writes the three families, read from one consistent RocksDB snapshot, to `path`
-    /// (see [`write_snapshot_header`] for the layout), synced. Returns the snapshot's meta.
-    fn dump_to(&self, path: &Path) -> Result<SnapshotMeta, std::io::Error> {
-        let snap = {
-            let _not_installing = self.state_lock.read().unwrap_or_else(|e| e.into_inner());
-            self.db().snapshot()
-        };
-        let meta_cf = self.mvcc.cf(CF_META);
-        let applied: Option<LogId> = match snap.get_cf(meta_cf, META_APPLIED).map_err(read_error)? {
-            Some(v) => decode("applied", &v).map_err(read_error)?,
-            None => None,
-        };
-        let membership: StoredMembership =
-            match snap.get_cf(meta_cf, META_MEMBERSHIP).map_err(read_error)? {
-                Some(v) => decode("membership", &v).map_err(read_error)?,
-                None => StoredMembership::default(),
-            };
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-        };
-        let file = PacedFile::new(std::fs::File::create(path).map_err(io_error)?);
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        write_snapshot_header(&mut out, &meta).map_err(io_error)?;
-        for (tag, name) in SNAPSHOT_FAMILIES.iter().enumerate() {
-            // A scan of everything must not push the working set out of the block cache.
-            let mut read = rocksdb::ReadOptions::default();
-            read.fill_cache(false);
-            let mut it = snap.raw_iterator_cf_opt(self.mvcc.cf(name), read);
-            it.seek_to_first();
-            while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                out.write_all(&[tag as u8]).map_err(io_error)?;
-                out.write_all(&(k.len() as u32).to_be_bytes())
-                    .map_err(io_error)?;
-                out.write_all(k).map_err(io_error)?;
-                out.write_all(&(v.len() as u32).to_be_bytes())
-                    .map_err(io_error)?;
-                out.write_all(v).map_err(io_error)?;
-                it.next();
-            }
-            it.status().map_err(read_error)?;
-        }
-        let file = out.into_inner().map_err(|e| io_error(e.into_error()))?;
-        file.file.sync_all().map_err(io_error)?;
-        Ok(meta)
-    }
-
     /// Replaces the whole state with the snapshot file at `path`, then reloads the in-memory
     /// counters.
     fn load_from(&self, path: &Path) -> Result<(), std::io::Error> {
-        let _installing = self.state_lock.write().unwrap_or_else(|e| e.into_inner());
         let corrupt = |what: &str| read_error(std::io::Error::other(format!("snapshot: {what}")));
         let file = std::fs::File::open(path).map_err(read_error)?;
         let mut input = std::io::BufReader::with_capacity(1 << 20, file);
-        read_snapshot_header(&mut input).map_err(read_error)?;
+        let (_, kind) = read_snapshot_header(&mut input).map_err(read_error)?;
+        if kind != SnapshotKind::Records {
+            return Err(corrupt("a checkpoint's meta, not its records"));
+        }
         for name in SNAPSHOT_FAMILIES {
             let cf = self.mvcc.cf(name);
             let mut it = self.db().raw_iterator_cf(cf);
@@ -533,32 +505,167 @@ impl StateMachine {
     }
 
     /// Makes the snapshot file at `from` the current one, unless the current one is newer
-    /// (a build that started before an install finished after it).
+    /// (a build that started before an install finished after it), then removes the
+    /// checkpoints and sent files of every other snapshot.
     async fn publish_snapshot(
         &self,
         from: &Path,
         meta: &SnapshotMeta,
     ) -> Result<(), std::io::Error> {
         let _one_at_a_time = self.snapshot_lock.lock().await;
-        if let Some(current) = self.current_snapshot_meta().await? {
-            if current.last_log_id > meta.last_log_id {
-                let _ = tokio::fs::remove_file(from).await;
-                return Ok(());
+        self.publish_locked(from, meta).await
+    }
+
+    /// [`Self::publish_snapshot`] with the snapshot lock held.
+    async fn publish_locked(&self, from: &Path, meta: &SnapshotMeta) -> std::io::Result<()> {
+        let newer = matches!(
+            self.current_snapshot_meta().await?,
+            Some((current, _)) if current.last_log_id > meta.last_log_id
+        );
+        if newer {
+            let _ = tokio::fs::remove_file(from).await;
+        } else {
+            tokio::fs::rename(from, self.data_path())
+                .await
+                .map_err(io_error)?;
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // The rename is durable before the log behind the snapshot may be purged.
+            this.sync_snapshot_dir()?;
+            this.prune()
+        })
+        .await
+        .map_err(|e| io_error(std::io::Error::other(e.to_string())))?
+        .map_err(io_error)
+    }
+
+    /// Removes checkpoints and sent files that are not of the current snapshot, and
+    /// checkpoints a build left unfinished. Called with the snapshot lock held, or at start.
+    fn prune(&self) -> std::io::Result<()> {
+        let current = match std::fs::File::open(self.data_path()) {
+            Ok(f) => Some(read_snapshot_header(&mut std::io::BufReader::new(f))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let (keep_checkpoint, keep_sent) = match &current {
+            Some((meta, SnapshotKind::Checkpoint)) => {
+                (Some(self.checkpoint_dir(meta)), Some(self.sent_path(meta)))
+            }
+            _ => (None, None),
+        };
+        for entry in std::fs::read_dir(&self.snapshot_dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.starts_with("ckpt-") && Some(&path) != keep_checkpoint.as_ref() {
+                std::fs::remove_dir_all(&path)?;
+            } else if name.starts_with("send-") && Some(&path) != keep_sent.as_ref() {
+                std::fs::remove_file(&path)?;
             }
         }
-        tokio::fs::rename(from, self.data_path())
-            .await
-            .map_err(io_error)?;
-        // The rename is durable before the log behind the snapshot may be purged.
-        let dir = self.snapshot_dir.clone();
-        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
-            .await
-            .map_err(|e| io_error(std::io::Error::other(e.to_string())))?
-            .map_err(io_error)?;
         Ok(())
     }
 
-    async fn current_snapshot_meta(&self) -> Result<Option<SnapshotMeta>, std::io::Error> {
+    fn checkpoint_dir(&self, meta: &SnapshotMeta) -> PathBuf {
+        self.snapshot_dir
+            .join(format!("ckpt-{}", snapshot_name(meta)))
+    }
+
+    fn sent_path(&self, meta: &SnapshotMeta) -> PathBuf {
+        self.snapshot_dir
+            .join(format!("send-{}.snap", snapshot_name(meta)))
+    }
+
+    /// Takes a RocksDB checkpoint of the state: a memtable flush and hard links to the
+    /// table files, whatever the size of the state. Returns its meta, read from the
+    /// checkpoint itself (entries are applied while it is taken).
+    fn checkpoint(&self) -> std::io::Result<SnapshotMeta> {
+        let building = self.snapshot_dir.join("ckpt-building");
+        if building.exists() {
+            std::fs::remove_dir_all(&building)?;
+        }
+        {
+            let _not_installing = self.state_lock.read().unwrap_or_else(|e| e.into_inner());
+            rocksdb::checkpoint::Checkpoint::new(self.db())
+                .and_then(|c| c.create_checkpoint(&building))
+                .map_err(io_error)?;
+        }
+        let meta = {
+            let db = open_checkpoint(&building)?;
+            let meta_cf = family(&db, CF_META)?;
+            recorded_meta(|key| db.get_cf(meta_cf, key))?
+        };
+        let dir = self.checkpoint_dir(&meta);
+        if dir.exists() {
+            // Nothing was applied since the last one.
+            std::fs::remove_dir_all(&building)?;
+        } else {
+            std::fs::rename(&building, &dir)?;
+            self.sync_snapshot_dir()?;
+        }
+        Ok(meta)
+    }
+
+    /// The snapshot as a follower installs it: `snapshot` itself when it holds records, else
+    /// the records of its checkpoint, written out to a file on first use and kept for the
+    /// next follower until a newer snapshot replaces it. Runs on the sender's task, never
+    /// the state machine's.
+    pub async fn sendable(&self, mut snapshot: Snapshot) -> std::io::Result<Snapshot> {
+        let mut header = vec![0u8; 4096];
+        let n = snapshot.snapshot.read(&mut header).await?;
+        header.truncate(n);
+        snapshot.snapshot.seek(std::io::SeekFrom::Start(0)).await?;
+        let (meta, kind) = read_snapshot_header(&mut header.as_slice())?;
+        if kind == SnapshotKind::Records {
+            return Ok(snapshot);
+        }
+        let _no_prune = self.snapshot_lock.lock().await;
+        let path = self.sent_path(&meta);
+        if !path.exists() {
+            let checkpoint = self.checkpoint_dir(&meta);
+            let staged = self.snapshot_dir.join("send-building");
+            let this = self.clone();
+            let started = std::time::Instant::now();
+            let written = tokio::task::spawn_blocking(move || {
+                let db = open_checkpoint(&checkpoint)?;
+                let written = dump_db(&db, &staged)?;
+                std::fs::rename(&staged, this.sent_path(&written))?;
+                this.sync_snapshot_dir()?;
+                Ok::<_, std::io::Error>(written)
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+            if written.last_log_id != meta.last_log_id {
+                let _ = tokio::fs::remove_file(self.sent_path(&written)).await;
+                return Err(std::io::Error::other(format!(
+                    "checkpoint of {} holds {}",
+                    snapshot_name(&meta),
+                    snapshot_name(&written)
+                )));
+            }
+            let bytes = tokio::fs::metadata(&path)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0);
+            tracing::info!(
+                snapshot = %snapshot_name(&meta),
+                bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "wrote snapshot records to send"
+            );
+        }
+        Ok(Snapshot {
+            meta,
+            snapshot: tokio::fs::File::open(&path).await?,
+        })
+    }
+
+    async fn current_snapshot_meta(
+        &self,
+    ) -> Result<Option<(SnapshotMeta, SnapshotKind)>, std::io::Error> {
         match snapshot_file_meta(self.data_path()).await {
             Ok(meta) => Ok(Some(meta)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -567,14 +674,86 @@ impl StateMachine {
     }
 }
 
+/// The applied log id and membership the `meta` family of a database records.
+fn recorded_meta(
+    get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, rocksdb::Error>,
+) -> std::io::Result<SnapshotMeta> {
+    let last_log_id: Option<LogId> = match get(META_APPLIED).map_err(read_error)? {
+        Some(v) => decode("applied", &v).map_err(read_error)?,
+        None => None,
+    };
+    let last_membership: StoredMembership = match get(META_MEMBERSHIP).map_err(read_error)? {
+        Some(v) => decode("membership", &v).map_err(read_error)?,
+        None => StoredMembership::default(),
+    };
+    Ok(SnapshotMeta {
+        last_log_id,
+        last_membership,
+    })
+}
+
+fn family<'a>(db: &'a DB, name: &str) -> std::io::Result<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name)
+        .ok_or_else(|| std::io::Error::other(format!("no {name} column family")))
+}
+
+/// Writes the three families of `db`, read from one consistent RocksDB snapshot, to `path`
+/// (see [`write_snapshot_header`] for the layout), synced. Returns the snapshot's meta.
+fn dump_db(db: &DB, path: &Path) -> std::io::Result<SnapshotMeta> {
+    let snap = db.snapshot();
+    let meta_cf = family(db, CF_META)?;
+    let meta = recorded_meta(|key| snap.get_cf(meta_cf, key))?;
+    let file = PacedFile::new(std::fs::File::create(path)?);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    write_snapshot_header(&mut out, &meta, SnapshotKind::Records)?;
+    for (tag, name) in SNAPSHOT_FAMILIES.iter().enumerate() {
+        // A scan of everything must not push the working set out of the block cache.
+        let mut read = rocksdb::ReadOptions::default();
+        read.fill_cache(false);
+        let mut it = snap.raw_iterator_cf_opt(family(db, name)?, read);
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            out.write_all(&[tag as u8])?;
+            out.write_all(&(k.len() as u32).to_be_bytes())?;
+            out.write_all(k)?;
+            out.write_all(&(v.len() as u32).to_be_bytes())?;
+            out.write_all(v)?;
+            it.next();
+        }
+        it.status().map_err(read_error)?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.file.sync_all()?;
+    Ok(meta)
+}
+
+/// Opens a checkpoint's database to read it.
+fn open_checkpoint(dir: &Path) -> std::io::Result<DB> {
+    let opts = rocksdb::Options::default();
+    DB::open_cf_for_read_only(&opts, dir, SNAPSHOT_FAMILIES, false).map_err(read_error)
+}
+
+/// What a snapshot file holds after its meta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapshotKind {
+    /// Every record of the state: the file a follower installs.
+    Records,
+    /// Nothing: the state is the checkpoint directory the meta names.
+    Checkpoint,
+}
+
 /// Largest key or value a snapshot record may carry (a value is at most
 /// --max-request-bytes; this only stops a corrupt length from allocating without bound).
 const MAX_SNAPSHOT_RECORD: usize = 256 << 20;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FLSNAP01";
+/// The magic of a file that holds only the meta of a checkpoint.
+const CHECKPOINT_MAGIC: &[u8; 8] = b"FLCKPT01";
 
 /// A snapshot file: `FLSNAP01`, the meta's length (u32 BE) and bincode, then records
 /// `[family u8][key len u32 BE][key][value len u32 BE][value]` to the end. Meta and data in
-/// one file, replaced by one rename, can never disagree.
+/// one file, replaced by one rename, can never disagree. A checkpoint's meta file is
+/// `FLCKPT01` and the meta, with no records.
+///
 /// Dirty bytes of a snapshot file written before they are synced.
 const SNAPSHOT_SYNC_BYTES: u64 = 4 << 20;
 
@@ -626,15 +805,19 @@ type FileMeta = (Option<LogId>, StoredMembership, String);
 fn write_snapshot_header(
     out: &mut impl std::io::Write,
     meta: &SnapshotMeta,
+    kind: SnapshotKind,
 ) -> std::io::Result<()> {
-    let meta = encode(&(meta.last_log_id, &meta.last_membership, snapshot_name(meta)));
-    out.write_all(SNAPSHOT_MAGIC)?;
-    out.write_all(&(meta.len() as u32).to_be_bytes())?;
-    out.write_all(&meta)
+    let encoded = encode(&(meta.last_log_id, &meta.last_membership, snapshot_name(meta)));
+    out.write_all(match kind {
+        SnapshotKind::Records => SNAPSHOT_MAGIC,
+        SnapshotKind::Checkpoint => CHECKPOINT_MAGIC,
+    })?;
+    out.write_all(&(encoded.len() as u32).to_be_bytes())?;
+    out.write_all(&encoded)
 }
 
-/// The meta in the header of the snapshot file at `path`.
-async fn snapshot_file_meta(path: PathBuf) -> std::io::Result<SnapshotMeta> {
+/// The meta and kind in the header of the snapshot file at `path`.
+async fn snapshot_file_meta(path: PathBuf) -> std::io::Result<(SnapshotMeta, SnapshotKind)> {
     tokio::task::spawn_blocking(move || {
         read_snapshot_header(&mut std::io::BufReader::new(std::fs::File::open(path)?))
     })
@@ -642,13 +825,17 @@ async fn snapshot_file_meta(path: PathBuf) -> std::io::Result<SnapshotMeta> {
     .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
-fn read_snapshot_header(input: &mut impl std::io::Read) -> std::io::Result<SnapshotMeta> {
+fn read_snapshot_header(
+    input: &mut impl std::io::Read,
+) -> std::io::Result<(SnapshotMeta, SnapshotKind)> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let mut magic = [0u8; 8];
     input.read_exact(&mut magic)?;
-    if &magic != SNAPSHOT_MAGIC {
-        return Err(bad("not a flotilla snapshot file"));
-    }
+    let kind = match &magic {
+        m if m == SNAPSHOT_MAGIC => SnapshotKind::Records,
+        m if m == CHECKPOINT_MAGIC => SnapshotKind::Checkpoint,
+        _ => return Err(bad("not a flotilla snapshot file")),
+    };
     let mut len = [0u8; 4];
     input.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
@@ -659,30 +846,43 @@ fn read_snapshot_header(input: &mut impl std::io::Read) -> std::io::Result<Snaps
     input.read_exact(&mut meta)?;
     let (last_log_id, last_membership, _name): FileMeta =
         decode("snapshot meta", &meta).map_err(|e| bad(&e.to_string()))?;
-    Ok(SnapshotMeta {
-        last_log_id,
-        last_membership,
-    })
+    Ok((
+        SnapshotMeta {
+            last_log_id,
+            last_membership,
+        },
+        kind,
+    ))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = tokio::fs::File;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, std::io::Error> {
+        let started = std::time::Instant::now();
+        // Held from the checkpoint to its publication, so no other publication prunes it.
+        let _one_at_a_time = self.snapshot_lock.lock().await;
         let this = self.clone();
-        let building = self.snapshot_dir.join("building.data");
-        let path = building.clone();
-        let meta = tokio::task::spawn_blocking(move || this.dump_to(&path))
-            .await
-            .map_err(|e| io_error(std::io::Error::other(e.to_string())))??;
-        let bytes = tokio::fs::metadata(&building)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        self.publish_snapshot(&building, &meta).await?;
-        tracing::info!(snapshot = %snapshot_name(&meta), bytes, "built snapshot");
-        // openraft keeps only the meta of a snapshot it built; the data is read back from
-        // the file when a follower needs it (get_current_snapshot).
+        let staged = self.snapshot_dir.join("building.data");
+        let path = staged.clone();
+        let meta = tokio::task::spawn_blocking(move || {
+            let meta = this.checkpoint()?;
+            let mut f = std::fs::File::create(&path)?;
+            write_snapshot_header(&mut f, &meta, SnapshotKind::Checkpoint)?;
+            f.sync_all()?;
+            Ok::<_, std::io::Error>(meta)
+        })
+        .await
+        .map_err(|e| io_error(std::io::Error::other(e.to_string())))?
+        .map_err(io_error)?;
+        self.publish_locked(&staged, &meta).await?;
+        tracing::info!(
+            snapshot = %snapshot_name(&meta),
+            ms = started.elapsed().as_millis() as u64,
+            "built snapshot (a checkpoint)"
+        );
+        // openraft keeps only the meta of a snapshot it built; the data is read back when a
+        // follower needs it (get_current_snapshot, then `sendable`).
         let snapshot = tokio::fs::File::open(self.data_path())
             .await
             .map_err(read_error)?;
@@ -775,9 +975,14 @@ impl StateMachine {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or_else(|| read_error(std::io::Error::other("no snapshot was being received")))?;
-        let sent = snapshot_file_meta(incoming.clone())
+        let (sent, kind) = snapshot_file_meta(incoming.clone())
             .await
             .map_err(read_error)?;
+        if kind != SnapshotKind::Records {
+            return Err(read_error(std::io::Error::other(
+                "the snapshot file holds a checkpoint's meta, not records",
+            )));
+        }
         if sent.last_log_id != meta.last_log_id {
             return Err(read_error(std::io::Error::other(format!(
                 "snapshot file is of {}, the leader announced {}",
@@ -806,7 +1011,7 @@ impl StateMachine {
             let n = file.read(&mut chunk).await.map_err(read_error)?;
             header.extend_from_slice(&chunk[..n]);
             match read_snapshot_header(&mut header.as_slice()) {
-                Ok(meta) => break meta,
+                Ok((meta, _)) => break meta,
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && n > 0 => continue,
                 Err(e) => return Err(read_error(e)),
             }
@@ -985,11 +1190,13 @@ mod tests {
         let built = a.build_snapshot().await.expect("build");
         assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(1));
 
-        let mut current = a
+        let current = a
             .get_current_snapshot()
             .await
             .expect("get")
             .expect("a snapshot");
+        assert_eq!(current.meta, built.meta);
+        let mut current = a.sendable(current).await.expect("records to send");
         assert_eq!(current.meta, built.meta);
         let (_b_dir, mut b) = machine();
         let mut receiving = b.begin_receiving_snapshot().await.expect("begin");
@@ -1027,6 +1234,94 @@ mod tests {
         assert!(b.mvcc.get(b"k00000", rev).expect("get").is_some());
     }
 
+    fn snapshot_files(sm: &StateMachine) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&sm.snapshot_dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A built snapshot is a checkpoint of the state as it was, whatever is applied after
+    /// it; its records are written out once, when first sent; a newer build or a restart
+    /// leaves only the current snapshot's files.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_built_snapshot_is_a_checkpoint_written_out_when_sent() {
+        let (_dir, mut sm) = machine();
+        sm.apply_entry(entry(1, vec![put("a", "1", 0), put("b", "1", 0)]))
+            .expect("apply");
+        let first = sm.build_snapshot().await.expect("build");
+        assert_eq!(
+            snapshot_files(&sm),
+            vec!["ckpt-1-1".to_string(), "current.snap".to_string()]
+        );
+        // The meta file is small: the checkpoint holds the state.
+        let len = std::fs::metadata(sm.data_path()).expect("meta").len();
+        assert!(len < 4096, "{len} bytes");
+
+        // Applied after the build: not in the snapshot.
+        sm.apply_entry(entry(2, vec![put("a", "2", 0), put("c", "1", 0)]))
+            .expect("apply");
+        let current = sm.get_current_snapshot().await.expect("get").expect("one");
+        assert_eq!(current.meta, first.meta);
+        let sent = sm.sendable(current).await.expect("records");
+        let (_b_dir, mut b) = machine();
+        let mut receiving = b.begin_receiving_snapshot().await.expect("begin");
+        let mut data = sent.snapshot;
+        tokio::io::copy(&mut data, &mut receiving)
+            .await
+            .expect("copy");
+        b.install_snapshot(&first.meta, receiving)
+            .await
+            .expect("install");
+        let rev = b.mvcc.current_revision();
+        assert_eq!(rev, 3);
+        let a = b.mvcc.get(b"a", rev).expect("get").expect("a");
+        assert_eq!(a.value, b"1".to_vec());
+        assert!(b.mvcc.get(b"c", rev).expect("get").is_none());
+        // Written once: a second follower is sent the same file.
+        let again = sm.get_current_snapshot().await.expect("get").expect("one");
+        let again = sm.sendable(again).await.expect("records");
+        assert_eq!(again.meta, first.meta);
+        assert_eq!(
+            snapshot_files(&sm),
+            vec![
+                "ckpt-1-1".to_string(),
+                "current.snap".to_string(),
+                "send-1-1.snap".to_string()
+            ]
+        );
+
+        // A newer build replaces both.
+        let second = sm.build_snapshot().await.expect("build");
+        assert_eq!(second.meta.last_log_id.map(|l| l.index), Some(2));
+        assert_eq!(
+            snapshot_files(&sm),
+            vec!["ckpt-1-2".to_string(), "current.snap".to_string()]
+        );
+        // A build interrupted by a crash leaves a partial checkpoint; the start removes it
+        // and keeps the current one.
+        std::fs::create_dir(sm.snapshot_dir.join("ckpt-building")).expect("mkdir");
+        std::fs::create_dir(sm.snapshot_dir.join("ckpt-1-1")).expect("mkdir");
+        std::fs::write(sm.snapshot_dir.join("send-1-1.snap"), b"old").expect("write");
+        let mut restarted =
+            StateMachine::new(sm.mvcc.clone(), Arc::default(), sm.snapshot_dir.clone())
+                .expect("restart");
+        assert_eq!(
+            snapshot_files(&restarted),
+            vec!["ckpt-1-2".to_string(), "current.snap".to_string()]
+        );
+        let current = restarted
+            .get_current_snapshot()
+            .await
+            .expect("get")
+            .expect("kept");
+        assert_eq!(current.meta, second.meta);
+        let sent = restarted.sendable(current).await.expect("records");
+        assert_eq!(sent.meta, second.meta);
+    }
+
     /// A member that crashed while a snapshot replaced its state finishes the install from the
     /// received file when it starts, and serves nothing of the half-replaced state.
     #[tokio::test(flavor = "multi_thread")]
@@ -1046,7 +1341,13 @@ mod tests {
         .expect("apply");
         // What a crash in the middle of an install leaves: the received file, the marker
         // naming it, and a state partly replaced (here: the kv family emptied).
-        std::fs::copy(a.data_path(), b.snapshot_dir.join("incoming-3.data")).expect("copy");
+        let current = a.get_current_snapshot().await.expect("get").expect("a's");
+        a.sendable(current).await.expect("records to send");
+        std::fs::copy(
+            a.sent_path(&built.meta),
+            b.snapshot_dir.join("incoming-3.data"),
+        )
+        .expect("copy");
         std::fs::write(b.install_marker(), "incoming-3.data").expect("marker");
         std::fs::write(b.snapshot_dir.join("incoming-9.data"), b"abandoned").expect("stale");
         let mut wipe = WriteBatch::default();
@@ -1082,7 +1383,8 @@ mod tests {
 
         // An install that completes leaves no marker behind.
         let mut receiving = restarted.begin_receiving_snapshot().await.expect("begin");
-        let mut data = a.get_current_snapshot().await.expect("get").expect("a's");
+        let data = a.get_current_snapshot().await.expect("get").expect("a's");
+        let mut data = a.sendable(data).await.expect("records to send");
         tokio::io::copy(&mut data.snapshot, &mut receiving)
             .await
             .expect("copy");
