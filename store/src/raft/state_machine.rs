@@ -76,6 +76,10 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     /// Serializes replacing the current snapshot file (builds run beside installs).
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Serializes writing out checkpoints' records (two followers need one file).
+    write_out_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Names of snapshots whose checkpoint is being read: [`Self::prune`] leaves them.
+    reading: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Held for writing while an install replaces the state, for reading while a build
     /// takes its RocksDB snapshot: a build never dumps a half-loaded state.
     state_lock: Arc<std::sync::RwLock<()>>,
@@ -100,18 +104,24 @@ impl StateMachine {
             leases,
             snapshot_dir,
             snapshot_lock: Arc::default(),
+            write_out_lock: Arc::default(),
+            reading: Arc::default(),
             state_lock: Arc::default(),
             incoming: Arc::default(),
             applied_commands: Arc::default(),
         };
         sm.finish_interrupted_install()?;
         sm.prune()?;
-        for stale in ["ckpt-building", "send-building", "building.data"] {
-            let path = sm.snapshot_dir.join(stale);
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path)?;
-            } else if path.exists() {
-                std::fs::remove_file(&path)?;
+        // What a build or a write-out left when the member stopped.
+        for entry in std::fs::read_dir(&sm.snapshot_dir)? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.contains("building") {
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)?;
+                } else {
+                    std::fs::remove_file(&path)?;
+                }
             }
         }
         Ok(sm)
@@ -533,7 +543,11 @@ impl StateMachine {
         tokio::task::spawn_blocking(move || {
             // The rename is durable before the log behind the snapshot may be purged.
             this.sync_snapshot_dir()?;
-            this.prune()
+            // Leftovers cost only disk; the next publication tries again.
+            if let Err(e) = this.prune() {
+                tracing::warn!(error = %e, "could not remove the files of older snapshots");
+            }
+            Ok::<_, std::io::Error>(())
         })
         .await
         .map_err(|e| io_error(std::io::Error::other(e.to_string())))?
@@ -548,21 +562,32 @@ impl StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        let (keep_checkpoint, keep_sent) = match &current {
-            Some((meta, SnapshotKind::Checkpoint)) => {
-                (Some(self.checkpoint_dir(meta)), Some(self.sent_path(meta)))
-            }
-            _ => (None, None),
-        };
+        let mut keep: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+        if let Some((meta, SnapshotKind::Checkpoint)) = &current {
+            keep.insert(self.checkpoint_dir(meta));
+            keep.insert(self.sent_path(meta));
+        }
+        for name in self
+            .reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            keep.insert(self.snapshot_dir.join(format!("ckpt-{name}")));
+            keep.insert(self.snapshot_dir.join(format!("send-{name}.snap")));
+        }
         for entry in std::fs::read_dir(&self.snapshot_dir)? {
             let path = entry?.path();
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if name.starts_with("ckpt-") && Some(&path) != keep_checkpoint.as_ref() {
+            if name.contains("building") || keep.contains(&path) {
+                continue;
+            }
+            if name.starts_with("ckpt-") {
                 std::fs::remove_dir_all(&path)?;
-            } else if name.starts_with("send-") && Some(&path) != keep_sent.as_ref() {
+            } else if name.starts_with("send-") {
                 std::fs::remove_file(&path)?;
             }
         }
@@ -593,6 +618,9 @@ impl StateMachine {
                 .and_then(|c| c.create_checkpoint(&building))
                 .map_err(io_error)?;
         }
+        // The checkpoint copies the write-ahead log, applied entries openraft never asked to
+        // sync among it: synced here too, the database never restarts behind its snapshot.
+        self.db().flush_wal(true).map_err(io_error)?;
         let meta = {
             let db = open_checkpoint(&building)?;
             let meta_cf = family(&db, CF_META)?;
@@ -612,55 +640,92 @@ impl StateMachine {
     /// The snapshot as a follower installs it: `snapshot` itself when it holds records, else
     /// the records of its checkpoint, written out to a file on first use and kept for the
     /// next follower until a newer snapshot replaces it. Runs on the sender's task, never
-    /// the state machine's.
+    /// the state machine's, and holds no lock a build or an install waits on while it writes.
     pub async fn sendable(&self, mut snapshot: Snapshot) -> std::io::Result<Snapshot> {
-        let mut header = vec![0u8; 4096];
-        let n = snapshot.snapshot.read(&mut header).await?;
-        header.truncate(n);
+        let (meta, kind) = read_header_async(&mut snapshot.snapshot).await?;
         snapshot.snapshot.seek(std::io::SeekFrom::Start(0)).await?;
-        let (meta, kind) = read_snapshot_header(&mut header.as_slice())?;
         if kind == SnapshotKind::Records {
             return Ok(snapshot);
         }
-        let _no_prune = self.snapshot_lock.lock().await;
-        let path = self.sent_path(&meta);
-        if !path.exists() {
-            let checkpoint = self.checkpoint_dir(&meta);
-            let staged = self.snapshot_dir.join("send-building");
-            let this = self.clone();
-            let started = std::time::Instant::now();
-            let written = tokio::task::spawn_blocking(move || {
-                let db = open_checkpoint(&checkpoint)?;
-                let written = dump_db(&db, &staged)?;
-                std::fs::rename(&staged, this.sent_path(&written))?;
-                this.sync_snapshot_dir()?;
-                Ok::<_, std::io::Error>(written)
-            })
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
-            if written.last_log_id != meta.last_log_id {
-                let _ = tokio::fs::remove_file(self.sent_path(&written)).await;
+        let name = snapshot_name(&meta);
+        let _one_write_out = self.write_out_lock.lock().await;
+        {
+            let _no_prune = self.snapshot_lock.lock().await;
+            if let Ok(file) = tokio::fs::File::open(self.sent_path(&meta)).await {
+                return Ok(Snapshot {
+                    meta,
+                    snapshot: file,
+                });
+            }
+            if !self.checkpoint_dir(&meta).exists() {
                 return Err(std::io::Error::other(format!(
-                    "checkpoint of {} holds {}",
-                    snapshot_name(&meta),
-                    snapshot_name(&written)
+                    "snapshot {name} was replaced by a newer one"
                 )));
             }
-            let bytes = tokio::fs::metadata(&path)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(0);
-            tracing::info!(
-                snapshot = %snapshot_name(&meta),
-                bytes,
-                ms = started.elapsed().as_millis() as u64,
-                "wrote snapshot records to send"
-            );
+            self.reading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name);
         }
+        let this = self.clone();
+        let announced = meta.clone();
+        // Everything after the pin happens on the blocking thread, so the pin is released
+        // even if the sender stops waiting.
+        let file = tokio::task::spawn_blocking(move || {
+            let result = this.write_out(&announced);
+            let _no_publish = this.snapshot_lock.blocking_lock();
+            this.reading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&snapshot_name(&announced));
+            let file = result.and_then(|()| std::fs::File::open(this.sent_path(&announced)));
+            // A newer snapshot may have been published meanwhile.
+            if let Err(e) = this.prune() {
+                tracing::warn!(error = %e, "could not remove the files of older snapshots");
+            }
+            file
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
         Ok(Snapshot {
             meta,
-            snapshot: tokio::fs::File::open(&path).await?,
+            snapshot: tokio::fs::File::from_std(file),
         })
+    }
+
+    /// Writes the records of the checkpoint of `meta` to its sent file.
+    fn write_out(&self, meta: &SnapshotMeta) -> std::io::Result<()> {
+        let started = std::time::Instant::now();
+        let staged = self.snapshot_dir.join("send-building");
+        let written = match open_checkpoint(&self.checkpoint_dir(meta))
+            .and_then(|db| dump_db(&db, &staged))
+        {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
+            }
+        };
+        if written.last_log_id != meta.last_log_id {
+            let _ = std::fs::remove_file(&staged);
+            return Err(std::io::Error::other(format!(
+                "the checkpoint of {} holds {}",
+                snapshot_name(meta),
+                snapshot_name(&written)
+            )));
+        }
+        std::fs::rename(&staged, self.sent_path(meta))?;
+        self.sync_snapshot_dir()?;
+        let bytes = std::fs::metadata(self.sent_path(meta))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        tracing::info!(
+            snapshot = %snapshot_name(meta),
+            bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "wrote snapshot records to send"
+        );
+        Ok(())
     }
 
     async fn current_snapshot_meta(
@@ -966,15 +1031,19 @@ impl StateMachine {
         meta: &SnapshotMeta,
         mut snapshot: tokio::fs::File,
     ) -> Result<(), std::io::Error> {
-        snapshot.flush().await.map_err(io_error)?;
-        snapshot.sync_all().await.map_err(io_error)?;
-        drop(snapshot);
         let incoming = self
             .incoming
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| read_error(std::io::Error::other("no snapshot was being received")))?;
+            .take();
+        let Some(incoming) = incoming else {
+            // Not received: openraft restores the member's own current snapshot at start
+            // when the applied state is behind it.
+            return self.restore_own_snapshot(meta, snapshot).await;
+        };
+        snapshot.flush().await.map_err(io_error)?;
+        snapshot.sync_all().await.map_err(io_error)?;
+        drop(snapshot);
         let (sent, kind) = snapshot_file_meta(incoming.clone())
             .await
             .map_err(read_error)?;
@@ -997,6 +1066,43 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Replaces the state with the member's own current snapshot (`snapshot`, from
+    /// [`Self::current_snapshot`]): its file's records, or its checkpoint's written out.
+    async fn restore_own_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: tokio::fs::File,
+    ) -> Result<(), std::io::Error> {
+        let sendable = self
+            .sendable(Snapshot {
+                meta: meta.clone(),
+                snapshot,
+            })
+            .await
+            .map_err(read_error)?;
+        let mut file = sendable.snapshot;
+        let (held, _) = read_header_async(&mut file).await.map_err(read_error)?;
+        drop(file);
+        if held.last_log_id != meta.last_log_id {
+            return Err(read_error(std::io::Error::other(format!(
+                "restoring snapshot {}, the files hold {}",
+                snapshot_name(meta),
+                snapshot_name(&held)
+            ))));
+        }
+        let path = match self.current_snapshot_meta().await? {
+            Some((_, SnapshotKind::Checkpoint)) => self.sent_path(meta),
+            _ => self.data_path(),
+        };
+        tracing::warn!(
+            snapshot = %snapshot_name(meta),
+            "the applied state is behind the member's own snapshot; restoring it"
+        );
+        tokio::task::block_in_place(|| self.install_from(&path, meta))?;
+        self.clear_install_marker()?;
+        Ok(())
+    }
+
     async fn current_snapshot(&self) -> Result<Option<Snapshot>, std::io::Error> {
         // Opened before its header is read: a rename that replaces the file meanwhile does
         // not change what this handle reads, so meta and data stay one snapshot.
@@ -1005,17 +1111,7 @@ impl StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read_error(e)),
         };
-        let mut header = Vec::new();
-        let meta = loop {
-            let mut chunk = [0u8; 4096];
-            let n = file.read(&mut chunk).await.map_err(read_error)?;
-            header.extend_from_slice(&chunk[..n]);
-            match read_snapshot_header(&mut header.as_slice()) {
-                Ok((meta, _)) => break meta,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && n > 0 => continue,
-                Err(e) => return Err(read_error(e)),
-            }
-        };
+        let (meta, _) = read_header_async(&mut file).await.map_err(read_error)?;
         file.seek(std::io::SeekFrom::Start(0))
             .await
             .map_err(read_error)?;
@@ -1023,6 +1119,23 @@ impl StateMachine {
             meta,
             snapshot: file,
         }))
+    }
+}
+
+/// The header of a snapshot file, read from its start.
+async fn read_header_async(
+    file: &mut tokio::fs::File,
+) -> std::io::Result<(SnapshotMeta, SnapshotKind)> {
+    file.seek(std::io::SeekFrom::Start(0)).await?;
+    let mut header = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = file.read(&mut chunk).await?;
+        header.extend_from_slice(&chunk[..n]);
+        match read_snapshot_header(&mut header.as_slice()) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && n > 0 => continue,
+            other => return other,
+        }
     }
 }
 
@@ -1320,6 +1433,35 @@ mod tests {
         assert_eq!(current.meta, second.meta);
         let sent = restarted.sendable(current).await.expect("records");
         assert_eq!(sent.meta, second.meta);
+    }
+
+    /// openraft restores a member's own snapshot at start when the applied state is behind
+    /// it (a power loss after unsynced applies); a checkpoint is restored through its
+    /// written-out records.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_behind_its_own_snapshot_is_restored_from_it() {
+        let (_dir, mut sm) = machine();
+        sm.apply_entry(entry(3, vec![put("a", "1", 0), put("b", "2", 0)]))
+            .expect("apply");
+        let built = sm.build_snapshot().await.expect("build");
+        let mut lost = WriteBatch::default();
+        lost.delete_range_cf(sm.mvcc.cf(CF_KV), Vec::<u8>::new(), vec![0xFF; 8]);
+        lost.delete_cf(sm.mvcc.cf(CF_META), META_APPLIED);
+        sm.db().write(lost).expect("write");
+        let (applied, _) = sm.applied_state().await.expect("applied");
+        assert_eq!(applied, None);
+
+        let current = sm.get_current_snapshot().await.expect("get").expect("one");
+        assert_eq!(current.meta, built.meta);
+        sm.install_snapshot(&current.meta, current.snapshot)
+            .await
+            .expect("restore");
+        let (applied, _) = sm.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(3));
+        let rev = sm.mvcc.current_revision();
+        let a = sm.mvcc.get(b"a", rev).expect("get").expect("a");
+        assert_eq!(a.value, b"1".to_vec());
+        assert!(!sm.install_marker().exists());
     }
 
     /// A member that crashed while a snapshot replaced its state finishes the install from the
