@@ -78,16 +78,20 @@ impl Group {
         self.outcomes.push(applied.outcome);
     }
 
-    /// Empties the group: the batch to write (the caller adds its applied index) and the
-    /// outcomes to publish, in command order.
-    pub fn take(&mut self, mvcc: &Mvcc) -> (WriteBatch, Vec<Outcome>) {
+    /// Empties the group: the batch to write (the caller adds its applied index), the
+    /// outcomes to publish, in command order,
+    /// and the newest version of every key the group wrote.
+    pub fn take(
+        &mut self,
+        mvcc: &Mvcc,
+    ) -> (WriteBatch, Vec<Outcome>, BTreeMap<Vec<u8>, Option<Version>>) {
         let mut group = std::mem::take(self);
         if let Some(rev) = group.revision {
             group
                 .batch
                 .put_cf(mvcc.cf(CF_META), META_REVISION, encode(&rev));
         }
-        (group.batch, group.outcomes)
+        (group.batch, group.outcomes, group.overlay)
     }
 }
 
@@ -181,6 +185,9 @@ impl<'a> Applier<'a> {
         }
         if let Some(v) = self.group.and_then(|g| g.overlay.get(key)) {
             return Ok(v.clone());
+        }
+        if let Some(v) = self.mvcc.cached_latest(key) {
+            return Ok(v);
         }
         Ok(self
             .mvcc

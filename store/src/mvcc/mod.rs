@@ -57,6 +57,110 @@ pub struct Mvcc {
     /// On-disk size (bytes) as last measured by `refresh_size`.
     size: AtomicI64,
     in_use: AtomicI64,
+    /// The newest version of keys the apply path wrote lately.
+    latest: std::sync::Mutex<LatestCache>,
+}
+
+/// The newest version (`None`: deleted) of keys the apply path wrote lately, as it wrote them.
+/// A put or delete reads its key's current version from here instead of seeking the `kv`
+/// family through every memtable and level. Only the apply path uses it: it is updated after
+/// each group's write and cleared when a snapshot install replaces the state. Compaction
+/// never removes a live newest version (a deleted key only loses its tombstone), so it never
+/// makes an entry wrong.
+#[derive(Default)]
+pub(crate) struct LatestCache {
+    entries: HashMap<Vec<u8>, Option<(i64, KvRecord)>>,
+    bytes: usize,
+}
+
+#[cfg(test)]
+mod latest_cache_tests {
+    use super::*;
+
+    fn version(rev: i64, value_len: usize) -> Option<(i64, KvRecord)> {
+        Some((
+            rev,
+            KvRecord {
+                create_revision: rev,
+                version: 1,
+                lease: 0,
+                value: vec![b'v'; value_len],
+            },
+        ))
+    }
+
+    /// The cache stays within its byte bound, forgets what it drops, keeps no large value,
+    /// and a newer write replaces an older one.
+    #[test]
+    fn the_latest_cache_is_bounded_and_replaces_versions() {
+        let mut cache = LatestCache::default();
+        for i in 0..200_000i64 {
+            cache.insert(format!("key-{i}").into_bytes(), version(i, 256));
+            assert!(cache.bytes <= LATEST_CACHE_BYTES);
+        }
+        let accounted: usize = cache
+            .entries
+            .iter()
+            .map(|(k, v)| LatestCache::cost(k, v))
+            .sum();
+        assert_eq!(accounted, cache.bytes);
+        assert!(cache.entries.len() > 50_000, "{}", cache.entries.len());
+
+        cache.insert(b"a".to_vec(), version(7, 10));
+        cache.insert(b"a".to_vec(), None);
+        assert_eq!(cache.get(b"a"), Some(None));
+        cache.insert(b"a".to_vec(), version(9, LATEST_CACHE_MAX_VALUE + 1));
+        assert_eq!(
+            cache.get(b"a"),
+            None,
+            "a large value is not kept, nor the older entry"
+        );
+    }
+}
+
+/// Bytes of keys and values the latest-version cache holds at most.
+const LATEST_CACHE_BYTES: usize = 32 << 20;
+/// Larger values are not kept (one would displace thousands of small ones).
+const LATEST_CACHE_MAX_VALUE: usize = 16 << 10;
+
+impl LatestCache {
+    fn cost(key: &[u8], version: &Option<(i64, KvRecord)>) -> usize {
+        // The map's own overhead per entry, roughly.
+        64 + key.len() + version.as_ref().map_or(0, |(_, r)| r.value.len())
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Option<(i64, KvRecord)>> {
+        self.entries.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: Vec<u8>, version: Option<(i64, KvRecord)>) {
+        let large = version
+            .as_ref()
+            .is_some_and(|(_, r)| r.value.len() > LATEST_CACHE_MAX_VALUE);
+        if let Some(old) = self.entries.remove(&key) {
+            self.bytes -= Self::cost(&key, &old);
+        }
+        if large {
+            return;
+        }
+        self.bytes += Self::cost(&key, &version);
+        self.entries.insert(key, version);
+        if self.bytes > LATEST_CACHE_BYTES {
+            // Drop a quarter, in the map's (arbitrary) order.
+            let mut excess = self.bytes - LATEST_CACHE_BYTES * 3 / 4;
+            let mut freed = 0;
+            self.entries.retain(|k, v| {
+                if excess == 0 {
+                    return true;
+                }
+                let c = Self::cost(k, v);
+                excess = excess.saturating_sub(c);
+                freed += c;
+                false
+            });
+            self.bytes -= freed;
+        }
+    }
 }
 
 /// Alarm types (etcd's `AlarmType`).
@@ -151,6 +255,7 @@ impl Mvcc {
             auth: std::sync::RwLock::new(Arc::new(AuthState::initial())),
             size: AtomicI64::new(0),
             in_use: AtomicI64::new(0),
+            latest: Default::default(),
         });
         mvcc.load_alarms()?;
         mvcc.load_auth()?;
@@ -676,6 +781,30 @@ impl Mvcc {
         Ok(())
     }
 
+    /// [`Self::commit`] for a group of commands, then remembers the newest version of every key
+    /// the group wrote (see [`LatestCache`]).
+    pub fn commit_group(
+        &self,
+        batch: WriteBatch,
+        outcomes: Vec<apply::Outcome>,
+        latest: impl IntoIterator<Item = (Vec<u8>, Option<(i64, KvRecord)>)>,
+    ) -> Result<(), StorageError> {
+        self.commit(batch, outcomes)?;
+        let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, version) in latest {
+            cache.insert(key, version);
+        }
+        Ok(())
+    }
+
+    /// The newest version of `key` (`Some(None)`: deleted) if the apply path wrote it lately.
+    pub(crate) fn cached_latest(&self, key: &[u8]) -> Option<Option<(i64, KvRecord)>> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+    }
+
     fn publish(&self, outcome: apply::Outcome) {
         if let Some(revision) = outcome.revision {
             self.current.store(revision, Ordering::Release);
@@ -701,6 +830,7 @@ impl Mvcc {
 
     /// Reloads the counters after the whole state was replaced (a Raft snapshot install).
     pub(crate) fn reload(&self) -> Result<(), StorageError> {
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = LatestCache::default();
         let meta = self.cf(CF_META);
         let get = |key: &[u8], default: i64| -> Result<i64, StorageError> {
             Ok(match self.db.get_cf(meta, key)? {

@@ -39,8 +39,10 @@ impl Fixture {
         let r = f(&mut a)?;
         let mut group = Group::default();
         group.add(&self.mvcc, a.finish());
-        let (batch, outcomes) = group.take(&self.mvcc);
-        self.mvcc.commit(batch, outcomes).expect("commit");
+        let (batch, outcomes, latest) = group.take(&self.mvcc);
+        self.mvcc
+            .commit_group(batch, outcomes, latest)
+            .expect("commit");
         Ok(r)
     }
 

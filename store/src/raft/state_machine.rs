@@ -421,7 +421,7 @@ impl StateMachine {
         upto: usize,
         last: usize,
     ) -> Result<(), std::io::Error> {
-        let (mut batch, outcomes) = group.take(&self.mvcc);
+        let (mut batch, outcomes, latest) = group.take(&self.mvcc);
         if upto == last {
             self.entry_applied(&mut batch, log_id);
         } else {
@@ -431,7 +431,9 @@ impl StateMachine {
                 encode(&(log_id, (upto + 1) as u64)),
             );
         }
-        self.mvcc.commit(batch, outcomes).map_err(io_error)
+        self.mvcc
+            .commit_group(batch, outcomes, latest)
+            .map_err(io_error)
     }
 
     fn note_leases(&self, command: &Command) {
