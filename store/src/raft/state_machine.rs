@@ -611,8 +611,14 @@ impl StateMachine {
     /// checkpoint itself (entries are applied while it is taken).
     fn checkpoint(&self) -> std::io::Result<SnapshotMeta> {
         let building = self.snapshot_dir.join("ckpt-building");
-        if building.exists() {
-            std::fs::remove_dir_all(&building)?;
+        // RocksDB stages a checkpoint in `<dir>.tmp`; a failed build may leave either.
+        for stale in [
+            building.clone(),
+            self.snapshot_dir.join("ckpt-building.tmp"),
+        ] {
+            if stale.exists() {
+                std::fs::remove_dir_all(&stale)?;
+            }
         }
         {
             let _not_installing = self.state_lock.read().unwrap_or_else(|e| e.into_inner());
