@@ -968,15 +968,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
-        let applied: Option<LogId> = match self.mvcc.meta_get(META_APPLIED).map_err(read_error)? {
-            Some(v) => decode("applied", &v).map_err(read_error)?,
-            None => None,
-        };
-        let membership = match self.mvcc.meta_get(META_MEMBERSHIP).map_err(read_error)? {
-            Some(v) => decode("membership", &v).map_err(read_error)?,
-            None => StoredMembership::default(),
-        };
-        Ok((applied, membership))
+        let meta_cf = self.mvcc.cf(CF_META);
+        let meta = recorded_meta(|key| self.db().get_cf(meta_cf, key))?;
+        Ok((meta.last_log_id, meta.last_membership))
     }
 
     async fn apply<S>(&mut self, mut entries: S) -> Result<(), std::io::Error>
