@@ -111,19 +111,8 @@ impl StateMachine {
             applied_commands: Arc::default(),
         };
         sm.finish_interrupted_install()?;
-        sm.prune()?;
-        // What a build or a write-out left when the member stopped.
-        for entry in std::fs::read_dir(&sm.snapshot_dir)? {
-            let path = entry?.path();
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            if name.contains("building") {
-                if path.is_dir() {
-                    std::fs::remove_dir_all(&path)?;
-                } else {
-                    std::fs::remove_file(&path)?;
-                }
-            }
-        }
+        // Nothing is being built or written out yet: what such work left goes too.
+        sm.prune_files(true)?;
         Ok(sm)
     }
 
@@ -559,6 +548,11 @@ impl StateMachine {
     /// Removes checkpoints and sent files that are not of the current snapshot, and
     /// checkpoints a build left unfinished. Called with the snapshot lock held, or at start.
     fn prune(&self) -> std::io::Result<()> {
+        self.prune_files(false)
+    }
+
+    /// [`Self::prune`], and with `unfinished` the leftovers of builds and write-outs too.
+    fn prune_files(&self, unfinished: bool) -> std::io::Result<()> {
         let current = match std::fs::File::open(self.data_path()) {
             Ok(f) => Some(read_snapshot_header(&mut std::io::BufReader::new(f))?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -584,10 +578,19 @@ impl StateMachine {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if name.contains("building") || keep.contains(&path) {
+            if keep.contains(&path) {
                 continue;
             }
-            if name.starts_with("ckpt-") {
+            if name.contains("building") {
+                if !unfinished {
+                    continue;
+                }
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)?;
+                } else {
+                    std::fs::remove_file(&path)?;
+                }
+            } else if name.starts_with("ckpt-") {
                 std::fs::remove_dir_all(&path)?;
             } else if name.starts_with("send-") {
                 std::fs::remove_file(&path)?;
