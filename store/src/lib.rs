@@ -239,7 +239,7 @@ pub async fn run(
     let state_machine =
         StateMachine::new(mvcc.clone(), leases.clone(), config.data_dir.join("snap"))?;
     let applied_commands = state_machine.applied_commands.clone();
-    let log = LogStore::new(db.clone());
+    let log = LogStore::new(db.clone(), id);
     let peer_client_tls = match &config.peer_tls {
         Some(files) => Some(server::tls::peer_client_config(files).context("peer TLS")?),
         None => None,
@@ -517,7 +517,8 @@ async fn lease_expiry_loop(
     checkpoint_interval: Option<Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut metrics = member.raft.metrics();
+    // Server metrics change with the role and leader only, not with every entry.
+    let mut metrics = member.raft.server_metrics();
     let mut was_leader = false;
     let mut last_checkpoint = tokio::time::Instant::now();
     let checkpointing = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -635,7 +636,7 @@ async fn exit_when_removed(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     const REMOVAL_SETTLE: Duration = Duration::from_secs(15);
-    let mut metrics = member.raft.metrics();
+    let mut metrics = member.raft.server_metrics();
     let mut was_member = false;
     let mut out_since: Option<tokio::time::Instant> = None;
     loop {

@@ -288,7 +288,8 @@ impl Member {
     }
 
     pub fn leader(&self) -> Option<(NodeId, MemberNode)> {
-        let m = self.raft.metrics().borrow_watched().clone();
+        let metrics = self.raft.server_metrics();
+        let m = metrics.borrow_watched();
         let leader = m.current_leader?;
         let node = m
             .membership_config
@@ -299,7 +300,7 @@ impl Member {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow_watched().current_leader == Some(self.id)
+        self.raft.server_metrics().borrow_watched().current_leader == Some(self.id)
     }
 
     /// Waits up to the request timeout for some member to lead.

@@ -39,7 +39,8 @@ impl Peer for PeerService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(request.get_ref())?;
-        encode(&self.member.raft.append_entries(req).await)
+        let r = encode(&self.member.raft.append_entries(req).await);
+        r
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
