@@ -1,20 +1,22 @@
 //! Raft's transport: openraft messages, bincode-encoded, over the `flotillapb.Peer` gRPC
 //! service on the peer URLs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla_proto::flotillapb::peer_client::PeerClient;
 use flotilla_proto::flotillapb::RaftPayload;
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{
     NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::v2::RaftNetworkV2;
-use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
+use openraft::network::{stream_append_sequential, Backoff, RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::OptionalSend;
 use openraft_legacy::network_v1::{
@@ -115,22 +117,32 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> Self::Network {
+        let url = node.peer_urls.first().cloned().unwrap_or_default();
         PeerNetwork {
             rpc: Connection {
                 target,
-                url: node.peer_urls.first().cloned().unwrap_or_default(),
+                url: url.clone(),
                 peers: self.peers.clone(),
             }
             .into_v2(),
+            url,
+            peers: self.peers.clone(),
+            streaming: true,
             state_machine: self.state_machine.clone(),
         }
     }
 }
 
-/// One peer's messages: openraft-legacy's chunked snapshot transfer over [`Connection`], with
-/// a checkpoint's records written out before it is sent.
+/// One peer's messages: log entries over one pipelined stream, votes over unary calls, and
+/// openraft-legacy's chunked snapshot transfer over [`Connection`], with a checkpoint's
+/// records written out before it is sent.
 pub struct PeerNetwork {
     rpc: Adapter<TypeConfig, Connection, tokio::fs::File>,
+    url: String,
+    peers: Arc<PeerClients>,
+    /// False once the peer answered that it has no `StreamAppend` (an older version): entries
+    /// then go one unary call at a time.
+    streaming: bool,
     state_machine: StateMachine,
 }
 
@@ -143,6 +155,89 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.rpc.append_entries(rpc, option).await
+    }
+
+    /// Entries go out without waiting for the answers to those before them (etcd's
+    /// pipelined appends): the next batch, or the commit index that lets the follower apply,
+    /// need not wait a round trip behind the previous one. Answers come back in order on the
+    /// same stream.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, StreamItem>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        if !self.streaming {
+            return stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let mut client = self
+                .peers
+                .client(&self.url)
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+            let sent = Arc::new(Mutex::new(VecDeque::new()));
+            let sent_at = sent.clone();
+            let requests = input.map(move |req| {
+                sent_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(Instant::now());
+                // Encoding to a Vec cannot fail for these types; an empty payload would be
+                // refused by the follower as undecodable, ending the stream.
+                RaftPayload {
+                    data: bincode::serialize(&req).unwrap_or_default(),
+                }
+            });
+            let answers = match client.stream_append(requests).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    self.streaming = false;
+                    return Err(RPCError::Network(NetworkError::new(&s)));
+                }
+                Err(s) => return Err(status_error(s)),
+            };
+            let ttl = option.soft_ttl();
+            let stream = futures::stream::unfold(Some(answers), move |answers| {
+                let sent = sent.clone();
+                async move {
+                    let mut answers = answers?;
+                    let item = loop {
+                        match tokio::time::timeout(ttl, answers.message()).await {
+                            Ok(Ok(Some(p))) => {
+                                sent.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                                break bincode::deserialize::<StreamAppendResult<TypeConfig>>(
+                                    &p.data,
+                                )
+                                .map_err(|e| RPCError::Network(NetworkError::new(&e)));
+                            }
+                            Ok(Ok(None)) => return None,
+                            Ok(Err(s)) => break Err(status_error(s)),
+                            // Idle is fine; a request unanswered for the whole TTL is not
+                            // (a partition or a stalled peer).
+                            Err(_) => {
+                                let oldest = sent
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .front()
+                                    .copied();
+                                if oldest.is_some_and(|t| t.elapsed() >= ttl) {
+                                    let e = std::io::Error::new(
+                                        std::io::ErrorKind::TimedOut,
+                                        "no answer to an append within the RPC timeout",
+                                    );
+                                    break Err(RPCError::Unreachable(Unreachable::new(&e)));
+                                }
+                            }
+                        }
+                    };
+                    let next = if item.is_ok() { Some(answers) } else { None };
+                    Some((item, next))
+                }
+            });
+            Ok(Box::pin(stream) as BoxStream<'s, StreamItem>)
+        })
     }
 
     async fn vote(
@@ -185,6 +280,16 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
 
 type RpcResult<T, E> = Result<T, RPCError<TypeConfig, RaftError<TypeConfig, E>>>;
 
+type StreamItem = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+
+/// A failed peer call as openraft counts it: unreachable (backs off) or a network error.
+fn status_error<E: std::error::Error>(s: tonic::Status) -> RPCError<TypeConfig, E> {
+    match s.code() {
+        tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
+        _ => RPCError::Network(NetworkError::new(&s)),
+    }
+}
+
 impl Connection {
     async fn call<Req, Resp, E>(
         &self,
@@ -216,10 +321,7 @@ impl Connection {
                     .store(true, std::sync::atomic::Ordering::Release);
             }
         }
-        let reply = reply.map_err(|s| match s.code() {
-            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
-            _ => RPCError::Network(NetworkError::new(&s)),
-        })?;
+        let reply = reply.map_err(status_error)?;
         let decoded: Result<Resp, RaftError<TypeConfig, E>> =
             bincode::deserialize(&reply.into_inner().data)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

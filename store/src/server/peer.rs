@@ -1,5 +1,6 @@
 //! The member-to-member service: Raft messages and requests forwarded to the leader.
 
+use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver as _;
 use std::sync::Arc;
 
@@ -39,8 +40,50 @@ impl Peer for PeerService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(request.get_ref())?;
-        let r = encode(&self.member.raft.append_entries(req).await);
-        r
+        encode(&self.member.raft.append_entries(req).await)
+    }
+
+    type StreamAppendStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, Status>> + Send>>;
+
+    /// A leader's pipelined appends: each request is handed to Raft as it arrives, and the
+    /// answers go back in order. An undecodable request ends the stream with an error.
+    async fn stream_append(
+        &self,
+        request: Request<tonic::Streaming<RaftPayload>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<Status>();
+        let mut failed_tx = Some(failed_tx);
+        let input = request
+            .into_inner()
+            .map(move |item| {
+                let decoded = item.and_then(|p| decode::<AppendEntriesRequest<TypeConfig>>(&p));
+                match decoded {
+                    Ok(req) => Some(req),
+                    Err(status) => {
+                        if let Some(tx) = failed_tx.take() {
+                            let _ = tx.send(status);
+                        }
+                        None
+                    }
+                }
+            })
+            .take_while(|r| std::future::ready(r.is_some()))
+            .filter_map(std::future::ready);
+        let answers = self.member.raft.stream_append(input).map(|r| match r {
+            Ok(result) => bincode::serialize(&result)
+                .map(|data| RaftPayload { data })
+                .map_err(|e| Status::internal(format!("cannot encode raft message: {e}"))),
+            Err(fatal) => Err(Status::unavailable(fatal.to_string())),
+        });
+        // After the last answer: the reason the input ended early, if it did.
+        let failure = futures::stream::once(failed_rx).filter_map(|r| {
+            std::future::ready(match r {
+                Ok(status) => Some(Err(status)),
+                Err(_) => None,
+            })
+        });
+        Ok(Response::new(Box::pin(answers.chain(failure))))
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
