@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_proto::flotillapb::peer_client::PeerClient;
 use flotilla_proto::flotillapb::RaftPayload;
+use futures::stream::{AbortHandle, Abortable};
 use futures::{Stream, StreamExt};
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{
@@ -160,7 +161,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     /// Entries go out without waiting for the answers to those before them (etcd's
     /// pipelined appends): the next batch, or the commit index that lets the follower apply,
     /// need not wait a round trip behind the previous one. Answers come back in order on the
-    /// same stream.
+    /// same stream. Heartbeats come this way too, one request per stream.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
@@ -173,16 +174,21 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             return stream_append_sequential(self, input, option);
         }
         Box::pin(async move {
+            let ttl = option.hard_ttl();
             let mut client = self
                 .peers
                 .client(&self.url)
                 .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-            let sent = Arc::new(Mutex::new(VecDeque::new()));
-            let sent_at = sent.clone();
-            let requests = input.map(move |req| {
-                sent_at
-                    .lock()
+            let progress = Arc::new(Mutex::new(Progress::default()));
+            let sent = progress.clone();
+            // Ends the requests when the answers are dropped or fail, so that a stream
+            // openraft gave up on takes none of the next stream's requests, and the
+            // follower sees its input end.
+            let (stop, registration) = AbortHandle::new_pair();
+            let requests = Abortable::new(input, registration).map(move |req| {
+                sent.lock()
                     .unwrap_or_else(|p| p.into_inner())
+                    .unanswered
                     .push_back(Instant::now());
                 // Encoding to a Vec cannot fail for these types; an empty payload would be
                 // refused by the follower as undecodable, ending the stream.
@@ -190,23 +196,27 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                     data: bincode::serialize(&req).unwrap_or_default(),
                 }
             });
-            let answers = match client.stream_append(requests).await {
-                Ok(r) => r.into_inner(),
-                Err(s) if s.code() == tonic::Code::Unimplemented => {
+            let stop = StopOnDrop(stop);
+            let answers = match tokio::time::timeout(ttl, client.stream_append(requests)).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
                     self.streaming = false;
                     return Err(RPCError::Network(NetworkError::new(&s)));
                 }
-                Err(s) => return Err(status_error(s)),
+                Ok(Err(s)) => return Err(status_error(s)),
+                Err(_) => return Err(stalled("opening the append stream")),
             };
-            let ttl = option.soft_ttl();
-            let stream = futures::stream::unfold(Some(answers), move |answers| {
-                let sent = sent.clone();
+            let stream = futures::stream::unfold(Some((answers, stop)), move |state| {
+                let progress = progress.clone();
                 async move {
-                    let mut answers = answers?;
+                    let (mut answers, stop) = state?;
                     let item = loop {
                         match tokio::time::timeout(ttl, answers.message()).await {
                             Ok(Ok(Some(p))) => {
-                                sent.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                                let mut progress =
+                                    progress.lock().unwrap_or_else(|p| p.into_inner());
+                                progress.unanswered.pop_front();
+                                progress.last_answer = Some(Instant::now());
                                 break bincode::deserialize::<StreamAppendResult<TypeConfig>>(
                                     &p.data,
                                 )
@@ -214,25 +224,25 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                             }
                             Ok(Ok(None)) => return None,
                             Ok(Err(s)) => break Err(status_error(s)),
-                            // Idle is fine; a request unanswered for the whole TTL is not
-                            // (a partition or a stalled peer).
-                            Err(_) => {
-                                let oldest = sent
+                            // Idle is fine; no answer for a whole TTL while a request waits
+                            // is not (a partition or a stalled peer).
+                            Err(_)
+                                if progress
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
-                                    .front()
-                                    .copied();
-                                if oldest.is_some_and(|t| t.elapsed() >= ttl) {
-                                    let e = std::io::Error::new(
-                                        std::io::ErrorKind::TimedOut,
-                                        "no answer to an append within the RPC timeout",
-                                    );
-                                    break Err(RPCError::Unreachable(Unreachable::new(&e)));
-                                }
+                                    .stalled(ttl) =>
+                            {
+                                break Err(stalled("waiting for an append's answer"));
                             }
+                            Err(_) => {}
                         }
                     };
-                    let next = if item.is_ok() { Some(answers) } else { None };
+                    // After an error (a transport failure, a conflict, a newer vote) openraft
+                    // ends this stream and opens a new one.
+                    let next = match &item {
+                        Ok(Ok(_)) => Some((answers, stop)),
+                        _ => None,
+                    };
                     Some((item, next))
                 }
             });
@@ -281,6 +291,43 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
 type RpcResult<T, E> = Result<T, RPCError<TypeConfig, RaftError<TypeConfig, E>>>;
 
 type StreamItem = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+
+/// Where an append stream stands: when each unanswered request went out, and the last answer.
+#[derive(Default)]
+struct Progress {
+    unanswered: VecDeque<Instant>,
+    last_answer: Option<Instant>,
+}
+
+impl Progress {
+    /// A request is waiting, and neither it nor any answer came within `ttl`.
+    fn stalled(&self, ttl: Duration) -> bool {
+        let Some(oldest) = self.unanswered.front() else {
+            return false;
+        };
+        let since = self.last_answer.map_or(*oldest, |a| a.max(*oldest));
+        since.elapsed() >= ttl
+    }
+}
+
+/// Ends an append stream's requests when its answers are dropped.
+struct StopOnDrop(AbortHandle);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A peer that stopped answering: a network error, which openraft retries without the
+/// back-off it keeps for unreachable peers (a slow fsync is not an outage).
+fn stalled(what: &str) -> RPCError<TypeConfig> {
+    let e = std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer from the peer within the RPC timeout while {what}"),
+    );
+    RPCError::Network(NetworkError::new(&e))
+}
 
 /// A failed peer call as openraft counts it: unreachable (backs off) or a network error.
 fn status_error<E: std::error::Error>(s: tonic::Status) -> RPCError<TypeConfig, E> {

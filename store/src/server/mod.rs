@@ -209,6 +209,10 @@ pub async fn serve_peers(
 ) -> Result<(), tonic::transport::Error> {
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // A leader that vanished without closing its connection leaves its append stream
+        // open; the pings end it.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(
             PeerServer::new(peer::PeerService { member })
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
