@@ -401,3 +401,36 @@ impl RaftNetwork<TypeConfig> for Connection {
         self.call("vote", &rpc, option.hard_ttl()).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ago(ms: u64) -> Instant {
+        Instant::now() - Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn an_append_stream_stalls_only_when_a_request_waits_a_whole_ttl_without_any_answer() {
+        let ttl = Duration::from_millis(100);
+        let mut p = Progress::default();
+        assert!(!p.stalled(ttl), "idle: nothing is waiting");
+        p.unanswered.push_back(ago(10));
+        assert!(!p.stalled(ttl), "a request sent just now");
+        p.unanswered.clear();
+        p.unanswered.push_back(ago(500));
+        assert!(
+            p.stalled(ttl),
+            "a request unanswered for longer than the TTL"
+        );
+        p.last_answer = Some(ago(20));
+        assert!(
+            !p.stalled(ttl),
+            "answers are still coming: the peer is slow, not gone"
+        );
+        p.last_answer = Some(ago(300));
+        assert!(p.stalled(ttl), "the last answer is older than the TTL too");
+        p.unanswered.clear();
+        assert!(!p.stalled(ttl), "everything answered");
+    }
+}
