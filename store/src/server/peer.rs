@@ -27,10 +27,14 @@ fn decode<T: serde::de::DeserializeOwned>(p: &RaftPayload) -> Result<T, Status> 
         .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+fn payload<T: serde::Serialize>(v: &T) -> Result<RaftPayload, Status> {
     bincode::serialize(v)
-        .map(|data| Response::new(RaftPayload { data }))
+        .map(|data| RaftPayload { data })
         .map_err(|e| Status::internal(format!("cannot encode raft message: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    payload(v).map(Response::new)
 }
 
 #[tonic::async_trait]
@@ -71,9 +75,7 @@ impl Peer for PeerService {
             .take_while(|r| std::future::ready(r.is_some()))
             .filter_map(std::future::ready);
         let answers = self.member.raft.stream_append(input).map(|r| match r {
-            Ok(result) => bincode::serialize(&result)
-                .map(|data| RaftPayload { data })
-                .map_err(|e| Status::internal(format!("cannot encode raft message: {e}"))),
+            Ok(result) => payload(&result),
             Err(fatal) => Err(Status::unavailable(fatal.to_string())),
         });
         // After the last answer: the reason the input ended early, if it did.
