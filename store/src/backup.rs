@@ -98,11 +98,7 @@ pub fn write(db: &DB, header: &Header, out: &mut impl Write) -> anyhow::Result<u
             } else {
                 v
             };
-            w.write_all(&[tag as u8])?;
-            w.write_all(&(k.len() as u32).to_be_bytes())?;
-            w.write_all(k)?;
-            w.write_all(&(v.len() as u32).to_be_bytes())?;
-            w.write_all(v)?;
+            crate::raft::state_machine::write_record(&mut w, tag, k, v)?;
             it.next();
         }
         it.status()?;

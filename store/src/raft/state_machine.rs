@@ -773,6 +773,21 @@ fn family<'a>(db: &'a DB, name: &str) -> std::io::Result<&'a rocksdb::ColumnFami
         .ok_or_else(|| std::io::Error::other(format!("no {name} column family")))
 }
 
+/// One record of a snapshot or backup file: the family's tag, then the key and the value,
+/// each after its length (u32, big-endian).
+pub(crate) fn write_record(
+    out: &mut impl Write,
+    tag: usize,
+    key: &[u8],
+    value: &[u8],
+) -> std::io::Result<()> {
+    out.write_all(&[tag as u8])?;
+    out.write_all(&(key.len() as u32).to_be_bytes())?;
+    out.write_all(key)?;
+    out.write_all(&(value.len() as u32).to_be_bytes())?;
+    out.write_all(value)
+}
+
 /// Writes the three families of `db`, read from one consistent RocksDB snapshot, to `path`
 /// (see [`write_snapshot_header`] for the layout), synced. Returns the snapshot's meta.
 fn dump_db(db: &DB, path: &Path) -> std::io::Result<SnapshotMeta> {
@@ -789,11 +804,7 @@ fn dump_db(db: &DB, path: &Path) -> std::io::Result<SnapshotMeta> {
         let mut it = snap.raw_iterator_cf_opt(family(db, name)?, read);
         it.seek_to_first();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            out.write_all(&[tag as u8])?;
-            out.write_all(&(k.len() as u32).to_be_bytes())?;
-            out.write_all(k)?;
-            out.write_all(&(v.len() as u32).to_be_bytes())?;
-            out.write_all(v)?;
+            write_record(&mut out, tag, k, v)?;
             it.next();
         }
         it.status().map_err(read_error)?;
