@@ -22,7 +22,7 @@ use crate::lease::LeaseKeeper;
 use crate::mvcc::Mvcc;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerClients;
-use crate::raft::{MemberNode, NodeId, Raft, RaftCommand};
+use crate::raft::{FnResponder, MemberNode, NodeId, Raft, RaftCommand, TypeConfig};
 
 /// How long a client request may wait for the cluster (etcd's request timeout is 5 s plus
 /// the election timeout).
@@ -144,33 +144,35 @@ pub async fn proposal_loop(
             return;
         };
         let Some(m) = member.upgrade() else { return };
-        tokio::spawn(async move {
-            let (commands, replies): (Vec<Command>, Vec<_>) =
-                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-            let entry = RaftCommand::new(&CommandBatch { commands });
-            let outcome = m.raft.client_write(entry).await;
-            drop(slot);
-            match outcome {
-                Ok(resp) => {
-                    let mut results = resp.data.0.results.into_iter();
-                    for reply in replies {
-                        let _ = reply.send(Ok(results.next().and_then(|r| r.result)));
-                    }
-                }
-                Err(e) => {
-                    let err = match e {
-                        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-                            EtcdError::NotLeader
+        let (commands, replies): (Vec<Command>, Vec<_>) =
+            batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+        let entry = RaftCommand::new(&CommandBatch { commands });
+        // The state machine calls this as it applies the entry (or RaftCore, when it refuses
+        // the entry): the replies go straight to the waiting clients, and the slot frees.
+        let responder = FnResponder::new(
+            move |outcome: openraft::raft::ClientWriteResult<TypeConfig>| {
+                drop(slot);
+                match outcome {
+                    Ok(resp) => {
+                        let mut results = resp.data.0.results.into_iter();
+                        for reply in replies {
+                            let _ = reply.send(Ok(results.next().and_then(|r| r.result)));
                         }
-                        RaftError::APIError(e) => EtcdError::Internal(e.to_string()),
-                        RaftError::Fatal(_) => EtcdError::Stopped,
-                    };
-                    for reply in replies {
-                        let _ = reply.send(Err(err.clone()));
+                    }
+                    Err(e) => {
+                        let err = match e {
+                            ClientWriteError::ForwardToLeader(_) => EtcdError::NotLeader,
+                            e => EtcdError::Internal(e.to_string()),
+                        };
+                        for reply in replies {
+                            let _ = reply.send(Err(err.clone()));
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
+        // A fatal error drops the responder unanswered: its clients see the member stopped.
+        let _ = m.raft.write(entry).responder(responder).await;
     }
 }
 

@@ -64,14 +64,52 @@ impl<'de> Deserialize<'de> for RaftResponse {
     }
 }
 
-openraft::declare_raft_types!(
-    pub TypeConfig:
-        D = RaftCommand,
-        R = RaftResponse,
-        NodeId = NodeId,
-        Node = MemberNode,
-        AsyncRuntime = openraft::TokioRuntime,
-);
+/// The Raft type configuration. Written out rather than declared with openraft's macro, which
+/// cannot name a responder: writes answer through [`FnResponder`].
+#[derive(Debug, Clone, Copy, Default, Eq, PartialEq, Ord, PartialOrd)]
+pub struct TypeConfig {}
+
+impl openraft::RaftTypeConfig for TypeConfig {
+    type D = RaftCommand;
+    type R = RaftResponse;
+    type NodeId = NodeId;
+    type Node = MemberNode;
+    type Term = u64;
+    type LeaderId = openraft::impls::leader_id_adv::LeaderId<u64, NodeId>;
+    type Vote = openraft::impls::Vote<Self::LeaderId>;
+    type Payload = openraft::EntryPayload<RaftCommand, NodeId, MemberNode>;
+    type Entry =
+        openraft::Entry<<Self::LeaderId as openraft::vote::RaftLeaderId>::Committed, Self::Payload>;
+    type Responder<T>
+        = FnResponder<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type Batch<T>
+        = openraft::impls::InlineBatch<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type AsyncRuntime = openraft::TokioRuntime;
+    type ErrorSource = openraft::impls::BoxedErrorSource;
+}
+
+/// A write's responder: a function the state machine calls with the write's result as it
+/// applies the entry. Proposals hand each client its result from there, without a task in
+/// between to wake.
+pub struct FnResponder<T>(Box<dyn FnOnce(T) + Send>);
+
+impl<T> FnResponder<T> {
+    pub fn new(f: impl FnOnce(T) + Send + 'static) -> FnResponder<T> {
+        FnResponder(Box::new(f))
+    }
+}
+
+impl<T: openraft::OptionalSend + 'static> openraft::raft::responder::Responder<TypeConfig, T>
+    for FnResponder<T>
+{
+    fn on_complete(self, result: T) {
+        (self.0)(result)
+    }
+}
 
 pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
