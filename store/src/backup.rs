@@ -88,7 +88,7 @@ pub fn write(db: &DB, header: &Header, out: &mut impl Write) -> anyhow::Result<u
         let cf = db
             .cf_handle(name)
             .with_context(|| format!("column family {name} is missing"))?;
-        let mut it = snap.raw_iterator_cf(cf);
+        let mut it = snap.raw_iterator_cf_opt(cf, crate::mvcc::total_order());
         it.seek_to_first();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let stripped;

@@ -163,21 +163,43 @@ pub(crate) fn open_db(dir: &std::path::Path) -> anyhow::Result<Arc<DB>> {
     // It fills only as data is read.
     let cache =
         rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES).context("making the block cache")?;
-    let mut table = rocksdb::BlockBasedOptions::default();
-    table.set_block_cache(&cache);
     let families = Mvcc::column_families()
         .into_iter()
         .chain(LogStore::column_families())
-        .map(|name| {
-            let mut cf = Options::default();
-            cf.set_write_buffer_size(32 << 20);
-            cf.set_block_based_table_factory(&table);
-            ColumnFamilyDescriptor::new(name, cf)
-        })
+        .map(|name| ColumnFamilyDescriptor::new(name, family_options(name, &cache)))
         .collect::<Vec<_>>();
     let db = DB::open_cf_descriptors(&opts, dir, families)
         .with_context(|| format!("opening {}", dir.display()))?;
     Ok(Arc::new(db))
+}
+
+/// Bits per key of the kv family's prefix filters: about 1% false positives.
+const KV_FILTER_BITS_PER_KEY: f64 = 10.0;
+/// The share of a kv memtable's size its prefix filter takes.
+const KV_MEMTABLE_FILTER_RATIO: f64 = 0.02;
+
+/// A column family's options. The kv family filters on each key's prefix without its
+/// revision (`mvcc::keys::kv_key_prefix`): a put reads its key's current version first, and
+/// for a key never written the filters answer without a seek through the memtable and the
+/// files. Its iterators must then say whether they stay within one key's versions
+/// (`Mvcc::get_record`) or walk in total order (everything else, `mvcc::total_order`).
+pub(crate) fn family_options(name: &str, cache: &rocksdb::Cache) -> Options {
+    let mut cf = Options::default();
+    cf.set_write_buffer_size(32 << 20);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    if name == mvcc::CF_KV {
+        cf.set_prefix_extractor(rocksdb::SliceTransform::create(
+            "flotilla.kv.user_key",
+            mvcc::keys::kv_key_prefix,
+            Some(mvcc::keys::is_kv_key),
+        ));
+        cf.set_memtable_prefix_bloom_ratio(KV_MEMTABLE_FILTER_RATIO);
+        table.set_bloom_filter(KV_FILTER_BITS_PER_KEY, false);
+        table.set_whole_key_filtering(false);
+    }
+    cf.set_block_based_table_factory(&table);
+    cf
 }
 
 use mvcc::Mvcc;

@@ -63,7 +63,7 @@ fn compact(mvcc: &Mvcc, revision: i64) -> Result<(), StorageError> {
     let kv = mvcc.cf(CF_KV);
     let mut batch = WriteBatch::default();
     // A scan of every version must not push the working set out of the block cache.
-    let mut read = rocksdb::ReadOptions::default();
+    let mut read = super::total_order();
     read.fill_cache(false);
     let mut it = db.raw_iterator_cf_opt(kv, read);
     it.seek_to_first();

@@ -49,6 +49,19 @@ pub fn past_key(user_key: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Whether `encoded` is a whole kv-family key: escaped user key, terminator, revision.
+pub fn is_kv_key(encoded: &[u8]) -> bool {
+    let n = encoded.len();
+    n >= 10 && encoded[n - 10] == ESCAPE && encoded[n - 9] == TERMINATOR
+}
+
+/// The part of a kv-family key every version of its user key shares: all but the revision.
+/// The family's prefix filters are built on it, so looking up a key that was never written
+/// skips the memtable and the files without a seek (see `Mvcc::get_record`).
+pub fn kv_key_prefix(encoded: &[u8]) -> &[u8] {
+    &encoded[..encoded.len().saturating_sub(8)]
+}
+
 /// Splits a kv-family key into the user key and the revision.
 pub fn decode_kv_key(encoded: &[u8]) -> Option<(Vec<u8>, i64)> {
     let mut user_key = Vec::with_capacity(encoded.len().saturating_sub(10));
@@ -230,6 +243,41 @@ mod tests {
             assert!(past_key(pair[0]) < kv_key(pair[1], i64::MAX));
             assert!(past_key(pair[0]) < seek_key(pair[1]));
         }
+    }
+
+    #[test]
+    fn a_key_prefix_is_shared_by_its_versions_only_and_groups_them() {
+        let keys: Vec<&[u8]> = vec![
+            b"",
+            b"\x00",
+            b"\x00\x01",
+            b"a",
+            b"a\x00",
+            b"a\x00\x01",
+            b"ab",
+        ];
+        let mut all = Vec::new();
+        for k in &keys {
+            for rev in [1i64, 7, i64::MAX] {
+                let enc = kv_key(k, rev);
+                assert!(is_kv_key(&enc));
+                assert_eq!(kv_key_prefix(&enc), kv_key_prefix(&kv_key(k, 2)));
+                all.push((enc, k.to_vec()));
+            }
+        }
+        for (a, ka) in &all {
+            for (b, kb) in &all {
+                assert_eq!(kv_key_prefix(a) == kv_key_prefix(b), ka == kb);
+            }
+        }
+        // Versions sharing a prefix sit together in byte order (what prefix filters need).
+        all.sort();
+        let prefixes: Vec<&[u8]> = all.iter().map(|(e, _)| kv_key_prefix(e)).collect();
+        let mut runs = prefixes.clone();
+        runs.dedup();
+        assert_eq!(runs.len(), keys.len());
+        assert!(!is_kv_key(b"k1"));
+        assert!(!is_kv_key(&seek_key(b"abcdefghijkl")));
     }
 
     #[test]

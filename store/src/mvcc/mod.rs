@@ -167,6 +167,14 @@ impl LatestCache {
 pub const ALARM_NOSPACE: i32 = 1;
 pub const ALARM_CORRUPT: i32 = 2;
 
+/// Read options for an iterator that walks keys in order across user keys. The kv family's
+/// prefix filters would otherwise let an iterator skip files that hold later keys.
+pub(crate) fn total_order() -> rocksdb::ReadOptions {
+    let mut read = rocksdb::ReadOptions::default();
+    read.set_total_order_seek(true);
+    read
+}
+
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     what: &'static str,
     bytes: &[u8],
@@ -433,7 +441,10 @@ impl Mvcc {
         key: &[u8],
         revision: i64,
     ) -> Result<Option<(i64, KvRecord)>, StorageError> {
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_KV));
+        // Within one key's versions: the prefix filters skip what never held the key.
+        let mut read = rocksdb::ReadOptions::default();
+        read.set_prefix_same_as_start(true);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_KV), read);
         it.seek(kv_key(key, revision));
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
             if let Some((user_key, rev)) = decode_kv_key(k) {
@@ -495,7 +506,7 @@ impl Mvcc {
                 return Ok(());
             }
         }
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_KV));
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_KV), total_order());
         it.seek(seek_key(key));
         while let Some(k) = it.key() {
             let Some((user_key, rev)) = decode_kv_key(k) else {
@@ -662,7 +673,7 @@ impl Mvcc {
         let snapshot = self.db.snapshot();
         let compacted = self.compact_revision();
         let mut hasher = crc32fast::Hasher::new();
-        let mut it = snapshot.raw_iterator_cf(self.cf(CF_KV));
+        let mut it = snapshot.raw_iterator_cf_opt(self.cf(CF_KV), total_order());
         it.seek_to_first();
         let mut current_key: Option<Vec<u8>> = None;
         let mut seen_at_or_below = false;

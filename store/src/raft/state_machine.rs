@@ -450,7 +450,9 @@ impl StateMachine {
         }
         for name in SNAPSHOT_FAMILIES {
             let cf = self.mvcc.cf(name);
-            let mut it = self.db().raw_iterator_cf(cf);
+            let mut it = self
+                .db()
+                .raw_iterator_cf_opt(cf, crate::mvcc::total_order());
             it.seek_to_last();
             if let Some(last) = it.key() {
                 let mut end = last.to_vec();
@@ -799,7 +801,7 @@ fn dump_db(db: &DB, path: &Path) -> std::io::Result<SnapshotMeta> {
     write_snapshot_header(&mut out, &meta, SnapshotKind::Records)?;
     for (tag, name) in SNAPSHOT_FAMILIES.iter().enumerate() {
         // A scan of everything must not push the working set out of the block cache.
-        let mut read = rocksdb::ReadOptions::default();
+        let mut read = crate::mvcc::total_order();
         read.fill_cache(false);
         let mut it = snap.raw_iterator_cf_opt(family(db, name)?, read);
         it.seek_to_first();
