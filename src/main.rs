@@ -193,9 +193,15 @@ pub(crate) async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // Without the LIFO slot a woken task queues behind those already woken. When an applied
+    // entry answers hundreds of clients at once, their handlers all run before the HTTP/2
+    // connection task, which then writes their responses in one syscall instead of one
+    // each (leader writev per put at 256 clients: 1.02 -> 0.16; put 17.7k -> 18.5k/s).
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    let runtime = builder.build()?;
     match cli.command {
         Command::Store(StoreArgs {
             command: Some(StoreCommand::Snapshot(cmd)),
