@@ -196,9 +196,11 @@ fn main() -> anyhow::Result<()> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     // Without the LIFO slot a woken task queues behind those already woken. When an applied
-    // entry answers hundreds of clients at once, their handlers all run before the HTTP/2
-    // connection task, which then writes their responses in one syscall instead of one
-    // each (leader writev per put at 256 clients: 1.02 -> 0.16; put 17.7k -> 18.5k/s).
+    // entry answers hundreds of clients at once, their handlers mostly run before the HTTP/2
+    // connection task, which then writes their responses together instead of one each
+    // (leader writev per put at 256 clients: 1.02 -> 0.16; put 17.7k -> 18.5k/s). The cfg
+    // comes from .cargo/config.toml; RUSTFLAGS in the environment replaces it, and the
+    // member logs which it got.
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
     let runtime = builder.build()?;
@@ -209,6 +211,15 @@ fn main() -> anyhow::Result<()> {
         }) => runtime.block_on(snapshot::run(cmd)),
         Command::Store(a) => {
             init_tracing(&a.log_level);
+            tracing::info!(
+                lifo_slot = !cfg!(tokio_unstable),
+                "tokio runtime (built {} --cfg tokio_unstable)",
+                if cfg!(tokio_unstable) {
+                    "with"
+                } else {
+                    "without"
+                }
+            );
             let initial_cluster = a
                 .initial_cluster
                 .unwrap_or_else(|| format!("{}={}", a.name, a.initial_advertise_peer_urls));

@@ -189,8 +189,10 @@ pub(crate) fn family_options(name: &str, cache: &rocksdb::Cache) -> Options {
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(cache);
     if name == mvcc::CF_KV {
+        // Table files record the extractor's name, and RocksDB trusts a file's filter when
+        // the name matches: change the name whenever `kv_key_prefix` changes.
         cf.set_prefix_extractor(rocksdb::SliceTransform::create(
-            "flotilla.kv.user_key",
+            "flotilla.kv.user_key.v1",
             mvcc::keys::kv_key_prefix,
             Some(mvcc::keys::is_kv_key),
         ));

@@ -162,6 +162,9 @@ pub async fn proposal_loop(
                     Err(e) => {
                         let err = match e {
                             ClientWriteError::ForwardToLeader(_) => EtcdError::NotLeader,
+                            // Appended, then dropped when another leader's log replaced it: it
+                            // may still commit there, so it is not retried (etcd's answer).
+                            ClientWriteError::LogEntryDiscarded(_) => EtcdError::LeaderChanged,
                             e => EtcdError::Internal(e.to_string()),
                         };
                         for reply in replies {

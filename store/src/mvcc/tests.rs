@@ -475,3 +475,27 @@ fn scans_and_gets_see_every_file_with_prefix_filters() {
     assert_eq!(f.get_at("h", f.mvcc.current_revision()), None);
     assert_eq!(f.versions_on_disk(), 7);
 }
+
+/// Compaction's range deletion of a long history, with the history and the deletion in
+/// different table files: reads of the key (filtered) and of its neighbours still agree.
+#[test]
+fn a_range_deleted_history_across_files_reads_the_same_with_prefix_filters() {
+    let f = open();
+    let flush = |f: &Fixture| f.mvcc.db().flush_cf(f.mvcc.cf(CF_KV)).expect("flush");
+    for i in 0..20 {
+        f.put("hot", &format!("v{i}")); // revisions 2..=21
+        if i % 5 == 4 {
+            flush(&f);
+        }
+    }
+    f.put("hot0", "n"); // 22
+    flush(&f);
+    compactor::compact_for_tests(&f.mvcc, 22);
+    flush(&f);
+    f.put("hos", "n"); // 23
+    assert_eq!(f.get_at("hot", 23), Some(("v19".into(), 2, 21, 20)));
+    assert_eq!(f.get_at("hot0", 23), Some(("n".into(), 22, 22, 1)));
+    assert_eq!(f.get_at("hotter", 23), None);
+    assert_eq!(f.keys(range("hos", "hou")), ["hos", "hot", "hot0"]);
+    assert_eq!(f.versions_on_disk(), 3);
+}
