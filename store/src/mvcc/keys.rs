@@ -207,23 +207,27 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// User keys in byte order, around the escape byte and the terminator.
+    const SAMPLE_KEYS: &[&[u8]] = &[
+        b"",
+        b"\x00",
+        b"\x00\x00",
+        b"\x00\x01",
+        b"a",
+        b"a\x00",
+        b"a\x00\x01",
+        b"a\x00b",
+        b"ab",
+        b"b",
+        b"\xff",
+        b"\xff\xff",
+    ];
+
     #[test]
     fn encoded_order_is_user_key_then_newest_revision() {
-        let keys: Vec<&[u8]> = vec![
-            b"",
-            b"\x00",
-            b"\x00\x00",
-            b"\x00\x01",
-            b"a",
-            b"a\x00",
-            b"a\x00b",
-            b"ab",
-            b"b",
-            b"\xff",
-            b"\xff\xff",
-        ];
+        let keys = SAMPLE_KEYS;
         let mut encoded = Vec::new();
-        for k in &keys {
+        for k in keys {
             for rev in [9i64, 3, 1] {
                 encoded.push((kv_key(k, rev), k.to_vec(), rev));
             }
@@ -247,17 +251,9 @@ mod tests {
 
     #[test]
     fn a_key_prefix_is_shared_by_its_versions_only_and_groups_them() {
-        let keys: Vec<&[u8]> = vec![
-            b"",
-            b"\x00",
-            b"\x00\x01",
-            b"a",
-            b"a\x00",
-            b"a\x00\x01",
-            b"ab",
-        ];
+        let keys = SAMPLE_KEYS;
         let mut all = Vec::new();
-        for k in &keys {
+        for k in keys {
             for rev in [1i64, 7, i64::MAX] {
                 let enc = kv_key(k, rev);
                 assert!(is_kv_key(&enc));
