@@ -51,17 +51,22 @@ impl Plan {
         if n >= self.total {
             return None;
         }
+        let now = Instant::now();
         let due = if self.rate > 0 {
             self.start + Duration::from_secs_f64(n as f64 / self.rate as f64)
         } else {
-            Instant::now()
+            now
         };
         if let Some(deadline) = self.deadline {
-            if due >= deadline || Instant::now() >= deadline {
+            if due >= deadline || now >= deadline {
                 return None;
             }
         }
-        tokio::time::sleep_until(due).await;
+        // Only a request not yet due waits: tokio's timer rounds a deadline up to its next
+        // millisecond tick, so sleeping until `now` would hold every request back up to 1 ms.
+        if due > now {
+            tokio::time::sleep_until(due).await;
+        }
         Some((n, due))
     }
 }
