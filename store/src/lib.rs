@@ -6,6 +6,7 @@ pub mod auth;
 pub mod backup;
 pub mod corruption;
 pub mod error;
+pub mod forward;
 pub mod lease;
 pub mod member;
 pub mod mvcc;
@@ -368,11 +369,12 @@ pub async fn run(
         mvcc: mvcc.clone(),
         leases: leases.clone(),
         log,
-        peers,
+        peers: peers.clone(),
         limits,
         read_waiters,
         proposals,
         forwards,
+        forward_streams: forward::ForwardStreams::new(peers.clone()),
         lease_checkpoint_gate: tokio::sync::Mutex::new(()),
         watch_hub,
     });

@@ -11,7 +11,7 @@ use flotilla_proto::etcdserverpb::{
 };
 use flotilla_proto::flotillapb::{
     command, command_result, forward_request, forward_response, AuthInfo, BatchResult, Command,
-    CommandBatch, CommandResult, ForwardRequest, ReadIndexRequest,
+    CommandBatch, CommandResult, ForwardRequest, ForwardResponse, ReadIndexRequest,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
@@ -77,11 +77,17 @@ pub struct Member {
     pub proposals: mpsc::Sender<Proposal>,
     /// Commands this member (a follower) forwards to the leader, batched.
     pub forwards: mpsc::Sender<Forwarded>,
+    /// The streams forwarded requests travel on, one per leader.
+    pub forward_streams: crate::forward::ForwardStreams,
     /// Orders lease checkpoints and the renewals that clear them in the log (see `lease`).
     pub lease_checkpoint_gate: tokio::sync::Mutex<()>,
     /// Hands applied revisions to the watch streams that watch their keys.
     pub watch_hub: Arc<crate::watch_hub::WatchHub>,
 }
+
+/// A command queued for the log: where its result will come, or why it was not queued.
+pub type PendingCommand =
+    Result<oneshot::Receiver<Result<Option<command_result::Result>, EtcdError>>, EtcdError>;
 
 pub struct Proposal {
     command: Command,
@@ -211,39 +217,88 @@ pub async fn forward_loop(
         };
         let leader = batch[0].leader.clone();
         let Some(m) = member.upgrade() else { return };
-        tokio::spawn(async move {
-            let (commands, replies): (Vec<Command>, Vec<_>) =
-                batch.into_iter().map(|f| (f.command, f.reply)).unzip();
-            let sent = commands.len();
-            let outcome = m
-                .forward(
-                    &leader,
-                    forward_request::Request::Commands(CommandBatch { commands }),
-                )
-                .await;
+        let (commands, replies): (Vec<Command>, Vec<_>) =
+            batch.into_iter().map(|f| (f.command, f.reply)).unzip();
+        let sent = commands.len();
+        let request = forward_request::Request::Commands(CommandBatch { commands });
+        // The results go to the clients from the task reading the leader's answers.
+        let deliver = move |outcome: Result<forward_response::Response, EtcdError>| {
             drop(slot);
-            match outcome {
-                Ok(forward_response::Response::Commands(BatchResult { results }))
-                    if results.len() == sent =>
-                {
-                    for (reply, r) in replies.into_iter().zip(results) {
-                        let _ = reply.send(Ok(r.result));
-                    }
-                }
-                Ok(_) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(EtcdError::Internal(
-                            "leader answered a different request".into(),
-                        )));
-                    }
-                }
-                Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
+            deliver_forwarded(outcome, replies, sent);
+        };
+        let url = leader.peer_urls.first().cloned().unwrap_or_default();
+        match m.forward_streams.stream(&url).await {
+            Ok(Some(stream)) => {
+                let request = ForwardRequest {
+                    request: Some(request),
+                };
+                stream
+                    .send(
+                        request,
+                        Box::new(move |answer| deliver(forward_outcome(answer))),
+                    )
+                    .await;
             }
-        });
+            // No stream to this leader (or it cannot be opened): a unary call says why.
+            _ => {
+                tokio::spawn(async move { deliver(m.forward(&leader, request).await) });
+            }
+        }
+    }
+}
+
+/// Hands each client of a forwarded batch its command's result.
+fn deliver_forwarded(
+    outcome: Result<forward_response::Response, EtcdError>,
+    replies: Vec<oneshot::Sender<Result<Option<command_result::Result>, EtcdError>>>,
+    sent: usize,
+) {
+    match outcome {
+        Ok(forward_response::Response::Commands(BatchResult { results }))
+            if results.len() == sent =>
+        {
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(r.result));
+            }
+        }
+        Ok(_) => {
+            for reply in replies {
+                let _ = reply.send(Err(EtcdError::Internal(
+                    "leader answered a different request".into(),
+                )));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// What a forwarded request's answer (or the gRPC status it failed with) means to the
+/// follower's client.
+fn forward_outcome(
+    outcome: Result<ForwardResponse, tonic::Status>,
+) -> Result<forward_response::Response, EtcdError> {
+    match outcome {
+        Ok(resp) => resp
+            .response
+            .ok_or_else(|| EtcdError::Internal("empty forward response".into())),
+        Err(s) if s.message() == EtcdError::NotLeader.to_string() => Err(EtcdError::NotLeader),
+        Err(s)
+            if s.code() == tonic::Code::Unavailable && s.message().starts_with("etcdserver:") =>
+        {
+            Err(EtcdError::from_wire(s.code() as i32, s.message()))
+        }
+        // The leader could not be reached: whether the command was applied is unknown.
+        Err(s)
+            if s.code() == tonic::Code::Unavailable
+                || s.code() == tonic::Code::DeadlineExceeded =>
+        {
+            Err(EtcdError::Timeout)
+        }
+        Err(s) => Err(EtcdError::from_wire(s.code() as i32, s.message())),
     }
 }
 
@@ -383,10 +438,21 @@ impl Member {
     /// Leader: proposes forwarded commands in order and gives one result each (an error as
     /// a result, so one command's failure does not fail the others).
     pub async fn propose_forwarded(&self, commands: Vec<Command>) -> Vec<CommandResult> {
+        let pending = self.enqueue_forwarded(commands).await;
+        Member::forwarded_results(pending).await
+    }
+
+    /// Leader: queues forwarded commands for the log, in order.
+    pub async fn enqueue_forwarded(&self, commands: Vec<Command>) -> Vec<PendingCommand> {
         let mut pending = Vec::with_capacity(commands.len());
         for command in commands {
             pending.push(self.enqueue_local(command).await);
         }
+        pending
+    }
+
+    /// The results of commands [`Self::enqueue_forwarded`] queued, one each.
+    pub async fn forwarded_results(pending: Vec<PendingCommand>) -> Vec<CommandResult> {
         let mut results = Vec::with_capacity(pending.len());
         for p in pending {
             let outcome = match p {
@@ -479,35 +545,23 @@ impl Member {
         request: forward_request::Request,
     ) -> Result<forward_response::Response, EtcdError> {
         let url = leader.peer_urls.first().ok_or(EtcdError::NoLeader)?;
-        let mut client = self
-            .peers
-            .client(url)
-            .map_err(|e| EtcdError::Internal(e.to_string()))?;
-        let mut req = tonic::Request::new(ForwardRequest {
+        let request = ForwardRequest {
             request: Some(request),
-        });
-        req.set_timeout(REQUEST_TIMEOUT);
-        match client.forward(req).await {
-            Ok(resp) => resp
-                .into_inner()
-                .response
-                .ok_or_else(|| EtcdError::Internal("empty forward response".into())),
-            Err(s) if s.message() == EtcdError::NotLeader.to_string() => Err(EtcdError::NotLeader),
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && s.message().starts_with("etcdserver:") =>
-            {
-                Err(EtcdError::from_wire(s.code() as i32, s.message()))
+        };
+        let outcome = match self.forward_streams.call(url, request).await {
+            Ok(outcome) => outcome,
+            // A leader without the stream (an older version): one call per request.
+            Err(request) => {
+                let mut client = self
+                    .peers
+                    .client(url)
+                    .map_err(|e| EtcdError::Internal(e.to_string()))?;
+                let mut req = tonic::Request::new(request);
+                req.set_timeout(REQUEST_TIMEOUT);
+                client.forward(req).await.map(tonic::Response::into_inner)
             }
-            // The leader could not be reached: whether the command was applied is unknown.
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    || s.code() == tonic::Code::DeadlineExceeded =>
-            {
-                Err(EtcdError::Timeout)
-            }
-            Err(s) => Err(EtcdError::from_wire(s.code() as i32, s.message())),
-        }
+        };
+        forward_outcome(outcome)
     }
 
     /// The leader's read index: the log index every linearizable read must wait for.

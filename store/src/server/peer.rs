@@ -8,7 +8,7 @@ use flotilla_proto::etcdserverpb::{HashKvRequest, HashKvResponse};
 use flotilla_proto::flotillapb::peer_server::Peer;
 use flotilla_proto::flotillapb::{
     forward_request, forward_response, BatchResult, CommandResult, ForwardRequest, ForwardResponse,
-    RaftPayload,
+    ForwardStreamRequest, ForwardStreamResponse, RaftPayload,
 };
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft_legacy::network_v1::{ChunkedSnapshotReceiver, InstallSnapshotRequest};
@@ -125,46 +125,25 @@ impl Peer for PeerService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let member = &self.member;
-        let response = match request.into_inner().request {
-            Some(forward_request::Request::Command(c)) => {
-                let result = member.propose_local(&c).await?;
-                forward_response::Response::Command(CommandResult { result })
-            }
-            Some(forward_request::Request::Commands(batch)) => {
-                forward_response::Response::Commands(BatchResult {
-                    results: member.propose_forwarded(batch.commands).await,
-                })
-            }
-            Some(forward_request::Request::ReadIndex(_)) => {
-                if !member.is_leader() {
-                    return Err(EtcdError::NotLeader.into());
-                }
-                forward_response::Response::ReadIndex(member.read_index_shared().await?)
-            }
-            Some(forward_request::Request::LeaseKeepAlive(r)) => {
-                if !member.is_leader() {
-                    return Err(EtcdError::NotLeader.into());
-                }
-                forward_response::Response::LeaseKeepAlive(member.lease_keep_alive_local(&r).await?)
-            }
-            Some(forward_request::Request::LeaseTimeToLive(r)) => {
-                if !member.is_leader() {
-                    return Err(EtcdError::NotLeader.into());
-                }
-                forward_response::Response::LeaseTimeToLive(member.lease_time_to_live_local(&r)?)
-            }
-            Some(
-                r @ (forward_request::Request::MemberAdd(_)
-                | forward_request::Request::MemberRemove(_)
-                | forward_request::Request::MemberPromote(_)
-                | forward_request::Request::MemberUpdate(_)),
-            ) => member.change_membership_local(r).await?,
-            None => return Err(Status::invalid_argument("empty forward request")),
-        };
+        let response = serve_forward(&self.member, request.into_inner().request).await?;
         Ok(Response::new(ForwardResponse {
             response: Some(response),
         }))
+    }
+
+    type ForwardStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<ForwardStreamResponse, Status>> + Send>,
+    >;
+
+    /// A follower's forwarded requests on one stream (see `crate::forward`).
+    async fn forward_stream(
+        &self,
+        request: Request<tonic::Streaming<ForwardStreamRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let answers = crate::forward::serve(self.member.clone(), request.into_inner());
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(answers),
+        )))
     }
 
     async fn hash_kv(
@@ -187,4 +166,48 @@ impl Peer for PeerService {
             hash_revision: revision,
         }))
     }
+}
+
+/// Serves one forwarded request on the leader.
+pub async fn serve_forward(
+    member: &Arc<Member>,
+    request: Option<forward_request::Request>,
+) -> Result<forward_response::Response, Status> {
+    let response = match request {
+        Some(forward_request::Request::Command(c)) => {
+            let result = member.propose_local(&c).await?;
+            forward_response::Response::Command(CommandResult { result })
+        }
+        Some(forward_request::Request::Commands(batch)) => {
+            forward_response::Response::Commands(BatchResult {
+                results: member.propose_forwarded(batch.commands).await,
+            })
+        }
+        Some(forward_request::Request::ReadIndex(_)) => {
+            if !member.is_leader() {
+                return Err(EtcdError::NotLeader.into());
+            }
+            forward_response::Response::ReadIndex(member.read_index_shared().await?)
+        }
+        Some(forward_request::Request::LeaseKeepAlive(r)) => {
+            if !member.is_leader() {
+                return Err(EtcdError::NotLeader.into());
+            }
+            forward_response::Response::LeaseKeepAlive(member.lease_keep_alive_local(&r).await?)
+        }
+        Some(forward_request::Request::LeaseTimeToLive(r)) => {
+            if !member.is_leader() {
+                return Err(EtcdError::NotLeader.into());
+            }
+            forward_response::Response::LeaseTimeToLive(member.lease_time_to_live_local(&r)?)
+        }
+        Some(
+            r @ (forward_request::Request::MemberAdd(_)
+            | forward_request::Request::MemberRemove(_)
+            | forward_request::Request::MemberPromote(_)
+            | forward_request::Request::MemberUpdate(_)),
+        ) => member.change_membership_local(r).await?,
+        None => return Err(Status::invalid_argument("empty forward request")),
+    };
+    Ok(response)
 }
