@@ -178,15 +178,6 @@ pub(crate) fn open_db(dir: &std::path::Path) -> anyhow::Result<Arc<DB>> {
 const KV_FILTER_BITS_PER_KEY: f64 = 10.0;
 /// The share of a kv memtable's size its prefix filter takes.
 const KV_MEMTABLE_FILTER_RATIO: f64 = 0.02;
-/// Memtable size of the kv family. Its keys arrive in random order, and a skiplist insert
-/// reads a cache line per level on the way down; a smaller memtable keeps more of those in
-/// the CPU's caches, and its flushes are smaller bursts. Measured against 32 MiB (3 members
-/// and the load generator on 2 cores): 8 MiB cut the members' CPU per put at 256 clients
-/// by about a tenth (skiplist search 6.1% -> 4.7% of the machine, flush threads
-/// 6.8% -> 4.2%), put 24.7k -> 27.1k/s.
-const KV_WRITE_BUFFER_BYTES: usize = 8 << 20;
-/// Memtable size of the other families (sequential keys: the log, revisions; or few).
-const WRITE_BUFFER_BYTES: usize = 32 << 20;
 
 /// A column family's options. The kv family filters on each key's prefix without its
 /// revision (`mvcc::keys::kv_key_prefix`): a put reads its key's current version first, and
@@ -195,11 +186,10 @@ const WRITE_BUFFER_BYTES: usize = 32 << 20;
 /// (`Mvcc::get_record`) or walk in total order (everything else, `mvcc::total_order`).
 pub(crate) fn family_options(name: &str, cache: &rocksdb::Cache) -> Options {
     let mut cf = Options::default();
-    cf.set_write_buffer_size(WRITE_BUFFER_BYTES);
+    cf.set_write_buffer_size(32 << 20);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(cache);
     if name == mvcc::CF_KV {
-        cf.set_write_buffer_size(KV_WRITE_BUFFER_BYTES);
         // Table files record the extractor's name, and RocksDB trusts a file's filter when
         // the name matches: change the name whenever `kv_key_prefix` changes.
         cf.set_prefix_extractor(rocksdb::SliceTransform::create(
