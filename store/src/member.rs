@@ -239,10 +239,12 @@ pub async fn forward_loop(
                     )
                     .await;
             }
-            // No stream to this leader (or it cannot be opened): a unary call says why.
-            _ => {
+            // A leader without the stream: a unary call.
+            Ok(None) => {
                 tokio::spawn(async move { deliver(m.forward(&leader, request).await) });
             }
+            // The leader cannot be reached.
+            Err(status) => deliver(forward_outcome(Err(status))),
         }
     }
 }
