@@ -318,7 +318,13 @@ pub fn serve(
                                     }
                                     .boxed()
                                 }
-                                other => serve_one(member.clone(), other).boxed(),
+                                other => {
+                                    let member = member.clone();
+                                    async move {
+                                        crate::server::peer::serve_forward(&member, other).await
+                                    }
+                                    .boxed()
+                                }
                             };
                             serving.push(
                                 tokio::time::timeout(REQUEST_TIMEOUT, served).map(move |r| {
@@ -361,14 +367,6 @@ pub fn serve(
         }
     });
     rx
-}
-
-/// Serves a forwarded request other than a batch of commands, as the unary `Forward` does.
-pub async fn serve_one(
-    member: Arc<Member>,
-    request: Option<forward_request::Request>,
-) -> Result<forward_response::Response, Status> {
-    crate::server::peer::serve_forward(&member, request).await
 }
 
 #[cfg(test)]
