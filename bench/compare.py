@@ -137,9 +137,10 @@ class Cluster:
             self.kill(i)
 
 
-def bench(cluster, *args):
-    """Runs `flotilla bench ... --json` and returns the parsed result (None on failure)."""
-    cmd = [FLOTILLA, "bench"] + list(args) + ["--endpoints", cluster.endpoints(), "--json"]
+def bench(cluster, *args, endpoints=None):
+    """Runs `flotilla bench ... --json` against `endpoints` (default: every member) and returns
+    the parsed result (None on failure)."""
+    cmd = [FLOTILLA, "bench"] + list(args) + ["--endpoints", endpoints or cluster.endpoints(), "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -275,7 +276,10 @@ def main():
     n = lambda x: str(max(1, int(x * scale)))  # noqa: E731
 
     loads = [
-        ("put, 1 client", ["put", "--clients", "1", "--total", n(3000), "--key-space-size", "100000"]),
+        # One client talks to one member, so the member matters: the leader (etcd's own
+        # benchmark method for this row), then a follower, which hands each write to the leader.
+        ("put, 1 client, leader", ["put", "--clients", "1", "--total", n(3000), "--key-space-size", "100000", "@leader"]),
+        ("put, 1 client, follower", ["put", "--clients", "1", "--total", n(3000), "--key-space-size", "100000", "@follower"]),
         ("put, 16 clients", ["put", "--clients", "16", "--conns", "4", "--total", n(30000), "--key-space-size", "100000"]),
         ("put, 256 clients", ["put", "--clients", "256", "--conns", "16", "--total", n(100000), "--key-space-size", "100000"]),
         ("range l, 1 client", ["range", "--consistency", "l", "--clients", "1", "--total", n(3000), "--key-space-size", "1000"]),
@@ -301,8 +305,12 @@ def main():
             try:
                 # Keys for the range loads.
                 bench(c, "put", "--clients", "16", "--total", "1000", "--key-space-size", "1000", "--sequential-keys")
+                leader = c.leader()
+                follower = next(i for i in (1, 2, 3) if i != leader)
+                targets = {"@leader": c.endpoint(leader), "@follower": c.endpoint(follower)}
                 for name, cmd in loads:
-                    r = bench(c, *cmd)
+                    endpoints = next((targets[a] for a in cmd if a in targets), None)
+                    r = bench(c, *[a for a in cmd if a not in targets], endpoints=endpoints)
                     results[name][s].append(r)
                     if r:
                         log(f"  {name}: {r['requests_per_second']:.0f}/s p99 {r['latency_ms']['p99']:.2f} ms")
