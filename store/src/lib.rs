@@ -264,7 +264,12 @@ pub async fn run(
     let state_machine =
         StateMachine::new(mvcc.clone(), leases.clone(), config.data_dir.join("snap"))?;
     let applied_commands = state_machine.applied_commands.clone();
-    let log = LogStore::new(db.clone(), id);
+    let log = LogStore::open(db.clone(), &config.data_dir.join("log"), id).with_context(|| {
+        format!(
+            "opening the Raft log in {}",
+            config.data_dir.join("log").display()
+        )
+    })?;
     let peer_client_tls = match &config.peer_tls {
         Some(files) => Some(server::tls::peer_client_config(files).context("peer TLS")?),
         None => None,
