@@ -333,10 +333,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if let Some(entries) = self.recent().get(start, end) {
             return Ok(entries);
         }
-        // Read outside the lock: appends go on meanwhile.
-        let located = self.wal().locate(start, end)?;
-        let mut out = Vec::with_capacity(located.len());
-        for record in located {
+        // Read under the lock: a truncation cuts the file and may write other records at
+        // the same offsets, and openraft takes a failed read as fatal. Reads here are the
+        // cold path (entries older than `Recent` holds).
+        let wal = self.wal();
+        let mut out = Vec::new();
+        for record in wal.locate(start, end)? {
             out.push(decode("log entry", &record.read()?).map_err(read_error)?);
         }
         Ok(out)
@@ -364,6 +366,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
+        // openraft counts a saved vote as flushing every write before it: the appends still
+        // waiting for the flusher must be synced first (they are in another file).
+        if self.flushing.load(Ordering::Acquire) > 0 {
+            let file = self.wal().current_file();
+            file.sync_data()?;
+        }
         self.put_meta_synced(KEY_VOTE, vote)
     }
 

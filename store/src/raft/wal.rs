@@ -400,10 +400,9 @@ impl Wal {
             return Ok(());
         }
         if from <= self.first {
-            // Nothing kept: the next entry starts a new segment.
-            let keep = self.first;
+            // Nothing kept: the next entry starts a new segment. (Entries before `first` are
+            // purged: the next one is still `first`.)
             self.locations.clear();
-            self.first = from.min(keep);
             self.remove_segments(|_| true)?;
             return self.roll(self.first);
         }
