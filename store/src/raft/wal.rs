@@ -96,6 +96,14 @@ fn checksum(index: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
+/// Appends one record (the layout in the module comment) to `buf`.
+fn put_record(buf: &mut Vec<u8>, len: u32, index: u64, payload: &[u8]) {
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&checksum(index, payload).to_le_bytes());
+    buf.extend_from_slice(&index.to_le_bytes());
+    buf.extend_from_slice(payload);
+}
+
 fn segment_name(seq: u64, first_index: u64) -> String {
     format!("{seq:016x}-{first_index:016x}.wal")
 }
@@ -330,10 +338,7 @@ impl Wal {
             let offset = buf.len() as u64;
             let len = u32::try_from(payload.len())
                 .map_err(|_| std::io::Error::other("raft log: entry over 4 GiB"))?;
-            buf.extend_from_slice(&len.to_le_bytes());
-            buf.extend_from_slice(&checksum(*index, payload).to_le_bytes());
-            buf.extend_from_slice(&index.to_le_bytes());
-            buf.extend_from_slice(payload);
+            put_record(&mut buf, len, *index, payload);
             pending.push((offset, len));
         }
         self.write_buffered(&mut buf, &mut pending)
@@ -531,12 +536,8 @@ mod tests {
         drop(wal);
         // Half of a sixth record: its header, and a payload cut short by the crash.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        let p = payload(6);
-        let mut rec = Vec::new();
-        rec.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&checksum(6, &p).to_le_bytes());
-        rec.extend_from_slice(&6u64.to_le_bytes());
-        rec.extend_from_slice(&p[..p.len() / 2]);
+        let mut rec = record(6, &payload(6));
+        rec.truncate(rec.len() - payload(6).len() / 2);
         file.write_all_at(&rec, end).unwrap();
         drop(file);
         let mut wal = Wal::open_with(dir.path(), Some(0), 1 << 20).unwrap();
@@ -549,10 +550,7 @@ mod tests {
 
     fn record(index: u64, p: &[u8]) -> Vec<u8> {
         let mut rec = Vec::new();
-        rec.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&checksum(index, p).to_le_bytes());
-        rec.extend_from_slice(&index.to_le_bytes());
-        rec.extend_from_slice(p);
+        put_record(&mut rec, p.len() as u32, index, p);
         rec
     }
 
