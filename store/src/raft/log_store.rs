@@ -30,6 +30,9 @@ pub const CF_RAFT: &str = "raft";
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// Set (with the `log` family emptied, in one synced write) once the log is in segment
+/// files: from then on a missing log directory means lost entries, not an old data dir.
+const KEY_LOG_IN_SEGMENTS: &[u8] = b"log_in_segments";
 
 /// How many appends may wait for the flusher before `append` blocks (back-pressure).
 const FLUSH_QUEUE: usize = 4096;
@@ -146,14 +149,28 @@ impl LogStore {
     /// A data dir without `dir` may hold its log in the `log` family: those entries are
     /// written to segments in a sibling directory first, which takes `dir`'s name only when
     /// complete, and then the family is emptied. A crash at any point leaves either the
-    /// family or `dir` whole.
+    /// family or `dir` whole. Once the log is in segments, a missing `dir` is refused: the
+    /// member would start without entries it acknowledged, yet with its vote.
     pub fn open(db: Arc<DB>, dir: &Path, id: NodeId) -> std::io::Result<LogStore> {
         let purged: Option<LogId> = get_meta(&db, KEY_LAST_PURGED)?;
         let purged_index = purged.map(|l| l.index);
+        let in_segments: Option<bool> = get_meta(&db, KEY_LOG_IN_SEGMENTS)?;
         if !dir.exists() {
+            if in_segments == Some(true) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "raft log: {} is missing, but this member's log was kept there; \
+                         starting without it would forget entries the member acknowledged \
+                         (put the directory back, or remove the member from the cluster and \
+                         add it again with an empty data dir)",
+                        dir.display()
+                    ),
+                ));
+            }
             import_family(&db, dir, purged_index)?;
         }
-        empty_family(&db)?;
+        seal_family(&db, in_segments == Some(true))?;
         let wal = Arc::new(Mutex::new(Wal::open(dir, purged_index)?));
         let (tx, rx) = sync_channel(FLUSH_QUEUE);
         let flush_wal = wal.clone();
@@ -236,17 +253,27 @@ fn get_meta<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Deletes what the `log` family holds (its entries are in the segments now).
-fn empty_family(db: &DB) -> std::io::Result<()> {
+/// Deletes what the `log` family holds (its entries are in the segments now) and records
+/// that the log is in segments, in one synced write.
+fn seal_family(db: &DB, sealed: bool) -> std::io::Result<()> {
     let cf = db.cf_handle(CF_LOG).expect("log column family exists");
     let mut it = db.raw_iterator_cf(cf);
     it.seek_to_first();
-    if !it.valid() {
-        return it.status().map_err(read_error);
-    }
+    let empty = !it.valid();
+    it.status().map_err(read_error)?;
     drop(it);
+    if empty && sealed {
+        return Ok(());
+    }
     let mut batch = WriteBatch::default();
-    batch.delete_range_cf(cf, index_key(0), index_key(u64::MAX));
+    if !empty {
+        batch.delete_range_cf(cf, index_key(0), index_key(u64::MAX));
+    }
+    batch.put_cf(
+        db.cf_handle(CF_RAFT).expect("raft column family exists"),
+        KEY_LOG_IN_SEGMENTS,
+        encode(&true),
+    );
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
     db.write_opt(batch, &opts).map_err(io_error)
@@ -617,5 +644,61 @@ mod tests {
             indexes(&log.try_get_log_entries(29..).await.unwrap()),
             [29, 30, 31, 32]
         );
+    }
+
+    /// Once the log is in segments, its directory is part of the member's state: without
+    /// it the member would come back with its vote and none of its entries.
+    #[tokio::test]
+    async fn a_missing_log_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_db(&dir.path().join("db")).unwrap();
+        let log_dir = dir.path().join("log");
+        let mut log = LogStore::open(db.clone(), &log_dir, 1).unwrap();
+        log.append((0..=5).map(|i| entry(i, 1)), IOFlushed::noop())
+            .await
+            .unwrap();
+        log.save_vote(&Vote::new(1, 2)).await.unwrap();
+        drop(log);
+        std::fs::remove_dir_all(&log_dir).unwrap();
+        let err = LogStore::open(db, &log_dir, 1).err().expect("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("is missing"), "{err}");
+    }
+
+    /// Reads of entries older than the in-memory window go to the files while truncations
+    /// cut them and appends write new records in their place: every read sees a whole run
+    /// of entries, never a failure (openraft stops on a failed read).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_racing_truncations_see_whole_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_db(&dir.path().join("db")).unwrap();
+        let mut log = LogStore::open(db, &dir.path().join("log"), 1).unwrap();
+        let last = RECENT_ENTRIES as u64 + 500;
+        log.append((0..=last).map(|i| entry(i, 1)), IOFlushed::noop())
+            .await
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut reader = log.get_log_reader().await;
+        let done = stop.clone();
+        let reads = tokio::spawn(async move {
+            let mut n = 0;
+            while !done.load(Ordering::Relaxed) {
+                let got = reader.try_get_log_entries(30..60).await.expect("a read");
+                let want: Vec<u64> = (30..30 + got.len() as u64).collect();
+                assert_eq!(indexes(&got), want);
+                n += 1;
+            }
+            n
+        });
+        for term in 2..=12 {
+            log.truncate_after(Some(entry(40, term - 1).log_id))
+                .await
+                .unwrap();
+            log.append((41..=last).map(|i| entry(i, term)), IOFlushed::noop())
+                .await
+                .unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reads.await.unwrap() > 0);
     }
 }

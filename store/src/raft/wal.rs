@@ -131,19 +131,42 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Reads a segment's records from the start: their indexes and locations, and the end of
-/// the last whole one. Stops at zeros, a torn or corrupt record, or an index out of
-/// sequence; says whether it stopped before the file's end for such a reason.
-fn scan(file: &File, seq: u64, first_index: u64) -> std::io::Result<(Vec<Location>, u64, bool)> {
+/// Why [`scan`] stopped before a segment's end.
+#[derive(Debug, PartialEq)]
+enum Stop {
+    /// Zeros: where the next record goes.
+    End,
+    /// A record that runs past the file's end.
+    Torn,
+    /// A whole record whose index is not the next one.
+    OutOfSequence(u64),
+    /// A whole record whose checksum does not match.
+    Checksum(u64),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::End => write!(f, "the end of the records"),
+            Stop::Torn => write!(f, "a record cut short"),
+            Stop::OutOfSequence(i) => write!(f, "a record with index {i} out of sequence"),
+            Stop::Checksum(i) => write!(f, "a record (index {i}) that fails its checksum"),
+        }
+    }
+}
+
+/// Reads a segment's records from the start: their locations, the end of the last whole
+/// one, and why it stopped there.
+fn scan(file: &File, seq: u64, first_index: u64) -> std::io::Result<(Vec<Location>, u64, Stop)> {
     let size = file.metadata()?.len();
     let mut input = BufReader::with_capacity(1 << 20, file);
     let mut out = Vec::new();
     let mut offset = 0u64;
     let mut payload = Vec::new();
-    let mut expected = first_index;
+    let mut expected = Some(first_index);
     loop {
         if offset + HEADER as u64 > size {
-            return Ok((out, offset, false));
+            return Ok((out, offset, Stop::End));
         }
         let mut header = [0u8; HEADER];
         input.read_exact(&mut header)?;
@@ -151,19 +174,22 @@ fn scan(file: &File, seq: u64, first_index: u64) -> std::io::Result<(Vec<Locatio
         let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
         let index = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         if len == 0 && crc == 0 && index == 0 {
-            return Ok((out, offset, false));
+            return Ok((out, offset, Stop::End));
         }
-        if index != expected || offset + (HEADER as u64) + u64::from(len) > size {
-            return Ok((out, offset, true));
+        if offset + (HEADER as u64) + u64::from(len) > size {
+            return Ok((out, offset, Stop::Torn));
+        }
+        if Some(index) != expected {
+            return Ok((out, offset, Stop::OutOfSequence(index)));
         }
         payload.resize(len as usize, 0);
         input.read_exact(&mut payload)?;
         if checksum(index, &payload) != crc {
-            return Ok((out, offset, true));
+            return Ok((out, offset, Stop::Checksum(index)));
         }
         out.push(Location { seq, offset, len });
         offset += HEADER as u64 + u64::from(len);
-        expected += 1;
+        expected = index.checked_add(1);
     }
 }
 
@@ -198,27 +224,52 @@ impl Wal {
         };
         let count = found.len();
         let mut next: Option<u64> = None;
+        let mut prev_seq: Option<u64> = None;
         for (i, (seq, first_index, path)) in found.into_iter().enumerate() {
             let last = i + 1 == count;
+            if prev_seq == Some(seq) {
+                return Err(corrupt(format!(
+                    "raft log: two segments numbered {seq} in {}",
+                    dir.display()
+                )));
+            }
+            prev_seq = Some(seq);
             // A gap is corruption unless all before it is purged (a crash between starting a
             // segment past the purge point and removing the ones before it).
-            if next.is_some_and(|n| n != first_index) && first_index > wal.first {
+            if let Some(n) = next.filter(|n| *n != first_index && first_index > wal.first) {
                 return Err(corrupt(format!(
                     "raft log: {} starts at index {first_index}, the segment before ends at {}",
                     path.display(),
-                    next.unwrap_or(0).saturating_sub(1)
+                    n.saturating_sub(1)
                 )));
             }
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let (locations, end, broken) = scan(&file, seq, first_index)?;
-            if broken && !last {
+            let (locations, end, stop) = scan(&file, seq, first_index)?;
+            let size = file.metadata()?.len();
+            if stop != Stop::End {
+                if !last {
+                    return Err(corrupt(format!(
+                        "raft log: {} has {stop} at offset {end}",
+                        path.display()
+                    )));
+                }
+                // The tail written after the last sync: appends are acknowledged only after
+                // a sync, so nothing acknowledged is lost here, unless the disk changed
+                // synced bytes, which this cannot tell apart.
+                tracing::warn!(
+                    segment = %path.display(),
+                    offset = end,
+                    "raft log: dropping the log's tail from {stop} on (writes that were not \
+                     synced before the member stopped)"
+                );
+            }
+            let Some(after) = first_index.checked_add(locations.len() as u64) else {
                 return Err(corrupt(format!(
-                    "raft log: {} has a corrupt record at offset {end}",
+                    "raft log: {} runs past the largest index",
                     path.display()
                 )));
-            }
-            next = Some(first_index + locations.len() as u64);
-            let size = file.metadata()?.len();
+            };
+            next = Some(after);
             if last {
                 cut(&file, end, size)?;
             }
@@ -227,10 +278,11 @@ impl Wal {
                 if index < wal.first {
                     continue;
                 }
-                if wal.locations.is_empty() && index != wal.first {
+                let expected = wal.first + wal.locations.len() as u64;
+                if index != expected {
                     return Err(corrupt(format!(
-                        "raft log: entries after {} are missing (the first kept is {index})",
-                        wal.first - 1
+                        "raft log: {} holds index {index} where {expected} should come next",
+                        path.display()
                     )));
                 }
                 wal.locations.push_back(loc);
@@ -474,11 +526,13 @@ impl Wal {
         } else {
             gone
         };
+        // Each removal is synced before the next, so a crash leaves them done in order.
         for seq in order {
             let seg = self.segments.remove(&seq).expect("listed");
             std::fs::remove_file(&seg.path)?;
+            sync_dir(&self.dir)?;
         }
-        sync_dir(&self.dir)
+        Ok(())
     }
 }
 
@@ -675,5 +729,47 @@ mod tests {
         let all = wal.read(1, 4).unwrap();
         assert_eq!(all[1].1.len(), 5000);
         assert_eq!(all.len(), 3);
+    }
+
+    /// Segment files that do not fit together (a copy left by hand, a bad restore) are
+    /// refused, not read as a log with holes or repeats.
+    #[test]
+    fn segments_that_do_not_fit_together_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open_with(dir.path(), Some(0), 512).unwrap();
+        wal.append(&entries(1..=20)).unwrap();
+        let paths: Vec<PathBuf> = wal.segments.values().map(|s| s.path.clone()).collect();
+        let last_seq = *wal.segments.keys().next_back().unwrap();
+        drop(wal);
+        assert!(paths.len() >= 3);
+
+        // A later segment that repeats entries from the start.
+        let repeat = dir.path().join(segment_name(last_seq + 1, 1));
+        std::fs::copy(&paths[0], &repeat).unwrap();
+        let err = Wal::open_with(dir.path(), Some(0), 512)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("should come next"), "{err}");
+        std::fs::remove_file(&repeat).unwrap();
+
+        // Two segments with one number.
+        let (_, first) = parse_name(paths[1].file_name().unwrap().to_str().unwrap()).unwrap();
+        let twin = dir.path().join(segment_name(1, first));
+        std::fs::copy(&paths[1], &twin).unwrap();
+        let err = Wal::open_with(dir.path(), Some(0), 512)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("two segments numbered 1"), "{err}");
+        std::fs::remove_file(&twin).unwrap();
+
+        // A name whose first index leaves no room for its records.
+        let (seq, _) = parse_name(paths[2].file_name().unwrap().to_str().unwrap()).unwrap();
+        let far = dir.path().join(segment_name(seq, u64::MAX - 1));
+        std::fs::rename(&paths[2], &far).unwrap();
+        assert!(Wal::open_with(dir.path(), Some(0), 512).is_err());
+        std::fs::rename(&far, &paths[2]).unwrap();
+
+        let wal = Wal::open_with(dir.path(), Some(0), 512).unwrap();
+        assert_eq!(indexes(&wal), (1..=20).collect::<Vec<_>>());
     }
 }
