@@ -277,14 +277,17 @@ def main():
 
     loads = [
         # One client talks to one member, so the member matters: the leader (etcd's own
-        # benchmark method for this row), then a follower, which hands each write to the leader.
+        # benchmark method for this row), then a follower, which hands each write to the leader
+        # and asks it for the read index of each linearizable read. A serializable read is
+        # answered by the member itself: a follower, the member that is not also busy leading.
         ("put, 1 client, leader", ["put", "--clients", "1", "--total", n(3000), "--key-space-size", "100000", "@leader"]),
         ("put, 1 client, follower", ["put", "--clients", "1", "--total", n(3000), "--key-space-size", "100000", "@follower"]),
         ("put, 16 clients", ["put", "--clients", "16", "--conns", "4", "--total", n(30000), "--key-space-size", "100000"]),
         ("put, 256 clients", ["put", "--clients", "256", "--conns", "16", "--total", n(100000), "--key-space-size", "100000"]),
-        ("range l, 1 client", ["range", "--consistency", "l", "--clients", "1", "--total", n(3000), "--key-space-size", "1000"]),
+        ("range l, 1 client, leader", ["range", "--consistency", "l", "--clients", "1", "--total", n(3000), "--key-space-size", "1000", "@leader"]),
+        ("range l, 1 client, follower", ["range", "--consistency", "l", "--clients", "1", "--total", n(3000), "--key-space-size", "1000", "@follower"]),
         ("range l, 256 clients", ["range", "--consistency", "l", "--clients", "256", "--conns", "16", "--total", n(100000), "--key-space-size", "1000"]),
-        ("range s, 1 client", ["range", "--consistency", "s", "--clients", "1", "--total", n(3000), "--key-space-size", "1000"]),
+        ("range s, 1 client, follower", ["range", "--consistency", "s", "--clients", "1", "--total", n(3000), "--key-space-size", "1000", "@follower"]),
         ("range s, 256 clients", ["range", "--consistency", "s", "--clients", "256", "--conns", "16", "--total", n(100000), "--key-space-size", "1000"]),
         ("txn-mixed 1:1, 64 clients", ["txn-mixed", "--clients", "64", "--conns", "8", "--total", n(30000), "--key-space-size", "1000"]),
         ("watch 10k watchers, 1k puts/s", ["watch", "--watchers", n(10000), "--streams", "100", "--clients", "16", "--put-rate", "1000", "--duration", "10s", "--key-size", "16"]),
