@@ -155,7 +155,7 @@ impl LogStore {
         let purged: Option<LogId> = get_meta(&db, KEY_LAST_PURGED)?;
         let purged_index = purged.map(|l| l.index);
         let in_segments: Option<bool> = get_meta(&db, KEY_LOG_IN_SEGMENTS)?;
-        if !dir.exists() {
+        if !dir.try_exists()? {
             if in_segments == Some(true) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::NotFound,

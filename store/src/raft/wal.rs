@@ -14,11 +14,12 @@
 //! ```
 //!
 //! Indexes run on by one within a segment and from one segment to the next. Opening reads the
-//! segments in order and stops at the first record that is zeros, torn or out of sequence:
+//! segments in order and stops at the first record that is zeros, torn or fails its checksum:
 //! everything after it in the last segment was never synced (a sync covers all writes before
 //! it, and an append is acknowledged only after its sync). The same in an earlier segment is
-//! corruption, refused. Truncation zeros the records it drops, so a later crash cannot bring
-//! them back.
+//! corruption, refused, as is a whole record out of sequence anywhere (a record is only ever
+//! written where its index goes). Truncation zeros the records it drops, so a later crash
+//! cannot bring them back.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -179,13 +180,14 @@ fn scan(file: &File, seq: u64, first_index: u64) -> std::io::Result<(Vec<Locatio
         if offset + (HEADER as u64) + u64::from(len) > size {
             return Ok((out, offset, Stop::Torn));
         }
-        if Some(index) != expected {
-            return Ok((out, offset, Stop::OutOfSequence(index)));
-        }
         payload.resize(len as usize, 0);
         input.read_exact(&mut payload)?;
+        // The checksum first: a torn header is garbage, index and all.
         if checksum(index, &payload) != crc {
             return Ok((out, offset, Stop::Checksum(index)));
+        }
+        if Some(index) != expected {
+            return Ok((out, offset, Stop::OutOfSequence(index)));
         }
         out.push(Location { seq, offset, len });
         offset += HEADER as u64 + u64::from(len);
@@ -247,7 +249,9 @@ impl Wal {
             let (locations, end, stop) = scan(&file, seq, first_index)?;
             let size = file.metadata()?.len();
             if stop != Stop::End {
-                if !last {
+                // A whole record with the wrong index was never written there: records are
+                // written at the offset their index goes to, and truncation zeroes and syncs.
+                if !last || matches!(stop, Stop::OutOfSequence(_)) {
                     return Err(corrupt(format!(
                         "raft log: {} has {stop} at offset {end}",
                         path.display()
@@ -344,7 +348,12 @@ impl Wal {
         if let Some(old) = self.segments.values().next_back() {
             old.file.sync_data()?;
         }
-        let seq = self.segments.keys().next_back().map_or(1, |s| s + 1);
+        let seq = match self.segments.keys().next_back() {
+            None => 1,
+            Some(s) => s
+                .checked_add(1)
+                .ok_or_else(|| corrupt("raft log: segment numbers are used up".to_string()))?,
+        };
         let path = self.dir.join(segment_name(seq, first_index));
         let file = OpenOptions::new()
             .read(true)
@@ -762,14 +771,50 @@ mod tests {
         assert!(err.to_string().contains("two segments numbered 1"), "{err}");
         std::fs::remove_file(&twin).unwrap();
 
-        // A name whose first index leaves no room for its records.
-        let (seq, _) = parse_name(paths[2].file_name().unwrap().to_str().unwrap()).unwrap();
-        let far = dir.path().join(segment_name(seq, u64::MAX - 1));
-        std::fs::rename(&paths[2], &far).unwrap();
-        assert!(Wal::open_with(dir.path(), Some(0), 512).is_err());
-        std::fs::rename(&far, &paths[2]).unwrap();
+        // A whole record in the last segment whose index is not the next one: not a torn
+        // write, so refused rather than dropped.
+        let last = paths.last().unwrap();
+        let mut bytes = std::fs::read(last).unwrap();
+        let (_, first) = parse_name(last.file_name().unwrap().to_str().unwrap()).unwrap();
+        let rec = record(first + 5, &payload(first));
+        let saved = bytes[..rec.len()].to_vec();
+        bytes[..rec.len()].copy_from_slice(&rec);
+        std::fs::write(last, &bytes).unwrap();
+        let err = Wal::open_with(dir.path(), Some(0), 512)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("out of sequence"), "{err}");
+        bytes[..rec.len()].copy_from_slice(&saved);
+        std::fs::write(last, &bytes).unwrap();
 
         let wal = Wal::open_with(dir.path(), Some(0), 512).unwrap();
         assert_eq!(indexes(&wal), (1..=20).collect::<Vec<_>>());
+    }
+
+    /// Indexes and segment numbers near the largest u64 are refused, never wrapped.
+    #[test]
+    fn numbers_at_the_end_of_the_range_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(1, u64::MAX));
+        let mut bytes = record(u64::MAX, &payload(1));
+        bytes.resize(512, 0);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Wal::open_with(dir.path(), Some(u64::MAX - 1), 512)
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("runs past the largest index"),
+            "{err}"
+        );
+        std::fs::remove_file(&path).unwrap();
+
+        // The last segment number in use: the next segment has none to take.
+        std::fs::write(dir.path().join(segment_name(u64::MAX, 1)), vec![0u8; 512]).unwrap();
+        let mut wal = Wal::open_with(dir.path(), Some(0), 512).unwrap();
+        let err = wal.append(&entries(1..=20)).err().expect("refused");
+        assert!(
+            err.to_string().contains("segment numbers are used up"),
+            "{err}"
+        );
     }
 }
