@@ -193,3 +193,66 @@ fn grow_to_five_through_learners_and_shrink_back_removing_the_leader() {
         );
     }
 }
+
+/// The highest log index among member `i`'s snapshot checkpoints (`snap/ckpt-TERM-INDEX`).
+fn snapshot_index(c: &Cluster, i: usize) -> Option<u64> {
+    std::fs::read_dir(c.members[i].data_dir.join("snap"))
+        .ok()?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let rest = name.strip_prefix("ckpt-")?;
+            rest.split_once('-')?.1.parse::<u64>().ok()
+        })
+        .max()
+}
+
+/// A snapshot taken before a compaction holds the history the compaction removed, and a new
+/// member would be sent all of it: a compaction that removes `--snapshot-count` or more
+/// revisions of the latest snapshot makes every member take a new one, with few commands
+/// applied since.
+#[test]
+fn a_compaction_of_the_snapshots_history_refreshes_the_snapshot() {
+    let c = Cluster::start_with(3, &["--snapshot-count", "1000"]);
+    let load = flotilla(&[
+        "bench",
+        "put",
+        "--endpoints",
+        &c.endpoints(),
+        "--clients",
+        "4",
+        "--total",
+        "1100",
+        "--key-space-size",
+        "1",
+    ]);
+    assert!(load.status.success(), "bench: {}", describe(&load));
+    // The count-based snapshot, somewhere past 1,000 commands.
+    let before: Vec<u64> = (0..3)
+        .map(|i| {
+            poll(Duration::from_secs(20), || snapshot_index(&c, i))
+                .unwrap_or_else(|| c.fail(&format!("member {i} took no snapshot")))
+        })
+        .collect();
+    let raft_index = |i: usize| -> u64 {
+        let out = c.etcdctl_at(i, &["endpoint", "status", "-w", "json"]);
+        parse_json(&stdout(&out))[0]["Status"]["raftIndex"]
+            .as_u64()
+            .expect("raftIndex")
+    };
+    let ahead = raft_index(c.leader());
+    let rev = c.revision();
+    c.ok(&["compaction", "--physical", &rev.to_string()]);
+    // Fewer than 1,000 commands since the last snapshot: only the compaction can explain a
+    // newer one, and it covers the compaction's entry.
+    for (i, old) in before.into_iter().enumerate() {
+        let new = poll(Duration::from_secs(20), || {
+            snapshot_index(&c, i).filter(|n| *n > ahead)
+        });
+        assert!(
+            new.is_some(),
+            "member {i}: no snapshot after the compaction (was at index {old}, the compaction \
+             is past {ahead})\n{}",
+            c.log_tails()
+        );
+    }
+}

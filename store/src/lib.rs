@@ -517,7 +517,10 @@ async fn size_loop(
 }
 
 /// Takes a Raft snapshot (and so lets the log be purged) every `snapshot_count` applied
-/// commands, on every member, as etcd's `--snapshot-count` does.
+/// commands, on every member, as etcd's `--snapshot-count` does; and after a physical
+/// compaction that removed `snapshot_count` or more revisions the latest snapshot holds. A
+/// snapshot is a checkpoint of the table files, so one taken before a compaction keeps the
+/// compacted history on disk, and a member that needs it later is sent all of that history.
 async fn snapshot_loop(
     member: Arc<Member>,
     applied: Arc<std::sync::atomic::AtomicU64>,
@@ -525,18 +528,42 @@ async fn snapshot_loop(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut compaction = member.mvcc.compaction_progress();
     let mut last = 0u64;
+    // What the latest snapshot holds, as far as this loop knows: revisions up to `held.1`,
+    // compacted below `held.0`. At start, taken as the state now.
+    let mut held = (
+        *compaction.borrow_and_update(),
+        member.mvcc.current_revision(),
+    );
+    let mut watching = true;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return Ok(()),
-        }
-        let now = applied.load(std::sync::atomic::Ordering::Relaxed);
-        if now.saturating_sub(last) >= snapshot_count {
-            match member.raft.trigger().snapshot().await {
-                Ok(()) => last = now,
-                Err(e) => tracing::warn!(error = %e, "could not start a snapshot"),
+        let compacted = tokio::select! {
+            _ = tick.tick() => false,
+            r = compaction.changed(), if watching => {
+                watching = r.is_ok();
+                watching
             }
+            _ = stop.changed() => return Ok(()),
+        };
+        let now = applied.load(std::sync::atomic::Ordering::Relaxed);
+        let done = *compaction.borrow_and_update();
+        let stale_history = done.min(held.1).saturating_sub(held.0) as u64;
+        let why = if now.saturating_sub(last) >= snapshot_count {
+            "applied commands"
+        } else if compacted && stale_history >= snapshot_count {
+            "compacted history"
+        } else {
+            continue;
+        };
+        let revision = member.mvcc.current_revision();
+        match member.raft.trigger().snapshot().await {
+            Ok(()) => {
+                tracing::debug!(reason = why, revision, "snapshot triggered");
+                last = now;
+                held = (done, revision);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not start a snapshot"),
         }
     }
 }
