@@ -518,9 +518,10 @@ async fn size_loop(
 
 /// Takes a Raft snapshot (and so lets the log be purged) every `snapshot_count` applied
 /// commands, on every member, as etcd's `--snapshot-count` does; and after a physical
-/// compaction that removed `snapshot_count` or more revisions the latest snapshot holds. A
-/// snapshot is a checkpoint of the table files, so one taken before a compaction keeps the
-/// compacted history on disk, and a member that needs it later is sent all of that history.
+/// compaction that moved the compaction point `snapshot_count` or more revisions into the
+/// history the latest snapshot holds. A snapshot is a checkpoint of the table files, so one
+/// taken before a compaction keeps the compacted history on disk, and a member that needs
+/// it later is sent all of that history.
 async fn snapshot_loop(
     member: Arc<Member>,
     applied: Arc<std::sync::atomic::AtomicU64>,
@@ -528,40 +529,57 @@ async fn snapshot_loop(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut compaction = member.mvcc.compaction_progress();
+    let data = member.raft.data_metrics();
     let mut last = 0u64;
-    // What the latest snapshot holds, as far as this loop knows: revisions up to `held.1`,
-    // compacted below `held.0`. At start, taken as the state now.
-    let mut held = (
-        *compaction.borrow_and_update(),
-        member.mvcc.current_revision(),
-    );
+    // The history the latest snapshot holds, as far as this loop can tell: revisions up to
+    // `held.1`, compacted below `held.0`. Taken when a new snapshot shows up in the metrics:
+    // the compaction point when it was asked for (or, installed from the leader, the one
+    // seen before it), the revision then. At start, the state as it is: a compaction that
+    // finished before a restart is caught by the count alone.
+    let mut seen = data.borrow_watched().snapshot;
+    let mut done_before = *compaction.borrow_and_update();
+    let mut held = (done_before, member.mvcc.current_revision());
+    // A snapshot asked for (when, and the compaction point then): no refresh is asked for
+    // again until it shows up.
+    let mut asked: Option<(tokio::time::Instant, i64)> = None;
     let mut watching = true;
     loop {
-        let compacted = tokio::select! {
-            _ = tick.tick() => false,
-            r = compaction.changed(), if watching => {
-                watching = r.is_ok();
-                watching
-            }
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = compaction.changed(), if watching => watching = r.is_ok(),
             _ = stop.changed() => return Ok(()),
+        }
+        let (snapshot, last_applied) = {
+            let m = data.borrow_watched();
+            (m.snapshot, m.last_applied)
         };
-        let now = applied.load(std::sync::atomic::Ordering::Relaxed);
+        if snapshot != seen {
+            seen = snapshot;
+            let done_then = asked.take().map_or(done_before, |(_, d)| d);
+            held = (done_then, member.mvcc.current_revision());
+        }
         let done = *compaction.borrow_and_update();
-        let stale_history = done.min(held.1).saturating_sub(held.0) as u64;
+        done_before = done;
+        let now = applied.load(std::sync::atomic::Ordering::Relaxed);
+        let stale_history = done.min(held.1).saturating_sub(held.0).max(0) as u64;
+        // A snapshot at the index of the latest one would be thrown away: wait for an entry.
+        let refresh = stale_history >= snapshot_count
+            && snapshot < last_applied
+            && asked.is_none_or(|(t, _)| t.elapsed() > Duration::from_secs(30));
         let why = if now.saturating_sub(last) >= snapshot_count {
             "applied commands"
-        } else if compacted && stale_history >= snapshot_count {
+        } else if refresh {
             "compacted history"
         } else {
             continue;
         };
-        let revision = member.mvcc.current_revision();
         match member.raft.trigger().snapshot().await {
             Ok(()) => {
-                tracing::debug!(reason = why, revision, "snapshot triggered");
+                tracing::debug!(reason = why, "snapshot triggered");
                 last = now;
-                held = (done, revision);
+                asked = Some((tokio::time::Instant::now(), done));
             }
             Err(e) => tracing::warn!(error = %e, "could not start a snapshot"),
         }

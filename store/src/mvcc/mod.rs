@@ -853,6 +853,9 @@ impl Mvcc {
             .store(get(META_REVISION, 1)?, Ordering::Release);
         let compacted = get(META_COMPACT, 0)?;
         self.compacted.store(compacted, Ordering::Release);
+        // What the new state's own physical compaction reached, so the compactor finishes
+        // it rather than take the replaced state's progress for it.
+        self.compact_done.send_replace(get(META_COMPACT_DONE, 0)?);
         self.compact_target.send_replace(compacted);
         self.load_alarms()?;
         self.load_auth()?;

@@ -499,3 +499,35 @@ fn a_range_deleted_history_across_files_reads_the_same_with_prefix_filters() {
     assert_eq!(f.keys(range("hos", "hou")), ["hos", "hot", "hot0"]);
     assert_eq!(f.versions_on_disk(), 3);
 }
+
+/// A state put in place whole (a snapshot install) brings its own physical compaction
+/// progress: the compactor must finish what the sender's had not, not take this member's
+/// earlier progress for it.
+#[test]
+fn reloading_a_replaced_state_takes_its_compaction_progress() {
+    let f = open();
+    for v in ["1", "2", "3", "4"] {
+        f.put("a", v); // 2..=5
+    }
+    f.apply(|a| {
+        a.compact(&CompactionRequest {
+            revision: 5,
+            physical: false,
+        })
+    })
+    .expect("compact");
+    compactor::compact_for_tests(&f.mvcc, 5);
+    f.mvcc.compact_done.send_replace(5);
+    // The replacing state: compacted to 5 logically, physically not yet.
+    f.mvcc
+        .db()
+        .put_cf(f.mvcc.cf(CF_META), META_COMPACT_DONE, super::encode(&0i64))
+        .expect("meta");
+    f.mvcc.reload().expect("reload");
+    assert_eq!(*f.mvcc.compaction_progress().borrow(), 0);
+    assert_eq!(
+        *f.mvcc.compact_target.borrow(),
+        5,
+        "so the compactor runs again"
+    );
+}
