@@ -285,7 +285,7 @@ fn import_family(db: &DB, dir: &Path, purged: Option<u64>) -> std::io::Result<()
     let mut staging = dir.as_os_str().to_owned();
     staging.push(".import");
     let staging = std::path::PathBuf::from(staging);
-    if staging.exists() {
+    if staging.try_exists()? {
         std::fs::remove_dir_all(&staging)?;
     }
     let mut wal = Wal::open(&staging, purged)?;

@@ -180,7 +180,7 @@ impl StateMachine {
             Ok(name) => {
                 let path = self.snapshot_dir.join(name.trim());
                 // Gone once the install reached the rename that made it current.
-                if path.exists() {
+                if path.try_exists()? {
                     let (meta, _) = read_snapshot_header(&mut std::io::BufReader::new(
                         std::fs::File::open(&path)?,
                     ))?;
@@ -621,7 +621,7 @@ impl StateMachine {
             building.clone(),
             self.snapshot_dir.join("ckpt-building.tmp"),
         ] {
-            if stale.exists() {
+            if stale.try_exists()? {
                 std::fs::remove_dir_all(&stale)?;
             }
         }
@@ -640,7 +640,7 @@ impl StateMachine {
             recorded_meta(|key| db.get_cf(meta_cf, key))?
         };
         let dir = self.checkpoint_dir(&meta);
-        if dir.exists() {
+        if dir.try_exists()? {
             // Nothing was applied since the last one.
             std::fs::remove_dir_all(&building)?;
         } else {
@@ -670,7 +670,7 @@ impl StateMachine {
                     snapshot: file,
                 });
             }
-            if !self.checkpoint_dir(&meta).exists() {
+            if !self.checkpoint_dir(&meta).try_exists()? {
                 return Err(std::io::Error::other(format!(
                     "snapshot {name} was replaced by a newer one"
                 )));

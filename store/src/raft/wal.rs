@@ -274,9 +274,6 @@ impl Wal {
                 )));
             };
             next = Some(after);
-            if last {
-                cut(&file, end, size)?;
-            }
             for (k, loc) in locations.into_iter().enumerate() {
                 let index = first_index + k as u64;
                 if index < wal.first {
@@ -290,6 +287,10 @@ impl Wal {
                     )));
                 }
                 wal.locations.push_back(loc);
+            }
+            // Only once the segment is known to fit: a refused log is left as it was found.
+            if last {
+                cut(&file, end, size)?;
             }
             wal.segments.insert(
                 seq,
