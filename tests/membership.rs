@@ -257,3 +257,70 @@ fn a_compaction_of_the_snapshots_history_refreshes_the_snapshot() {
         );
     }
 }
+
+/// What the latest snapshot holds is read from the snapshot itself, not taken from the
+/// state at start: a member restarted after a compaction removed its snapshot's history
+/// (before it could take a new one) takes a new one then.
+#[test]
+fn a_snapshot_of_compacted_history_is_refreshed_after_a_restart() {
+    let mut c = Cluster::start_with(3, &["--snapshot-count", "1000"]);
+    let load = flotilla(&[
+        "bench",
+        "put",
+        "--endpoints",
+        &c.endpoints(),
+        "--clients",
+        "4",
+        "--total",
+        "1500",
+        "--key-space-size",
+        "1",
+    ]);
+    assert!(load.status.success(), "bench: {}", describe(&load));
+    // Every member's snapshot holds about 1,000 revisions of the one key.
+    for i in 0..3 {
+        poll(Duration::from_secs(20), || snapshot_index(&c, i))
+            .unwrap_or_else(|| c.fail(&format!("member {i} took no snapshot")));
+    }
+    // With a count too large to refresh anything, the compaction leaves those snapshots as
+    // they are.
+    for i in 0..3 {
+        c.kill(i);
+    }
+    c.set_extra_args(&["--snapshot-count", "1000000"]);
+    c.start_all();
+    let before: Vec<u64> = (0..3)
+        .map(|i| snapshot_index(&c, i).expect("snapshot"))
+        .collect();
+    let rev = c.revision();
+    c.ok(&["compaction", "--physical", &rev.to_string()]);
+    let status = c.etcdctl_at(c.leader(), &["endpoint", "status", "-w", "json"]);
+    let compacted_at = parse_json(&stdout(&status))[0]["Status"]["raftIndex"]
+        .as_u64()
+        .expect("raftIndex");
+    // `--physical` waited for one member's physical compaction; 1,500 revisions take the
+    // others milliseconds. The pause makes it all but certain they finished before the
+    // kill, the case this test is about (one that had not would finish at start, and the
+    // compaction's progress would then trigger the refresh on its own).
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..3 {
+        assert_eq!(snapshot_index(&c, i), Some(before[i]), "member {i}");
+        c.kill(i);
+    }
+    // 500: the history the snapshots hold and the compaction removed (about 1,000
+    // revisions) is past it, and the commands applied after the restart are far from it.
+    c.set_extra_args(&["--snapshot-count", "500"]);
+    c.start_all();
+    for i in 0..3 {
+        let new = poll(Duration::from_secs(20), || {
+            snapshot_index(&c, i).filter(|n| *n >= compacted_at)
+        });
+        assert!(
+            new.is_some(),
+            "member {i}: no snapshot after the restart (still at {}, the compaction is at \
+             {compacted_at})\n{}",
+            before[i],
+            c.log_tails()
+        );
+    }
+}

@@ -263,7 +263,7 @@ pub async fn run(
     leases.reload(&mvcc);
     let state_machine =
         StateMachine::new(mvcc.clone(), leases.clone(), config.data_dir.join("snap"))?;
-    let applied_commands = state_machine.applied_commands.clone();
+    let snapshot_machine = state_machine.clone();
     let log = LogStore::open(db.clone(), &config.data_dir.join("log"), id).with_context(|| {
         format!(
             "opening the Raft log in {}",
@@ -454,7 +454,7 @@ pub async fn run(
     tasks.spawn(size_loop(member.clone(), stop_rx.clone()));
     tasks.spawn(snapshot_loop(
         member.clone(),
-        applied_commands,
+        snapshot_machine,
         config.snapshot_count.max(1),
         stop_rx.clone(),
     ));
@@ -516,6 +516,103 @@ async fn size_loop(
     }
 }
 
+/// What [`snapshot_loop`] does on a tick.
+#[derive(Debug, PartialEq, Eq)]
+enum SnapshotStep {
+    /// Ask openraft for a snapshot, for this reason.
+    Take(&'static str),
+    /// Propose a no-op entry first: a snapshot at the latest one's index would be thrown
+    /// away, and in a cluster with no writes no other entry comes.
+    ProposeNoop,
+    Wait,
+}
+
+/// Revisions of the latest snapshot's history that the compaction has removed since it was
+/// taken: `held` is (its compaction progress, its revision), `done` the state's progress.
+fn stale_history(held: (i64, i64), done: i64) -> u64 {
+    done.min(held.1).saturating_sub(held.0).max(0) as u64
+}
+
+/// `since_last`: commands applied since the last snapshot was asked for; `stale`: see
+/// [`stale_history`]; `at_last_applied`: the latest snapshot is at the last applied index;
+/// `may_refresh`, `may_nudge`: no snapshot was asked for, no no-op proposed, lately.
+fn snapshot_step(
+    snapshot_count: u64,
+    since_last: u64,
+    stale: u64,
+    at_last_applied: bool,
+    may_refresh: bool,
+    may_nudge: bool,
+) -> SnapshotStep {
+    let refresh = stale >= snapshot_count && may_refresh;
+    if refresh && at_last_applied {
+        return if may_nudge {
+            SnapshotStep::ProposeNoop
+        } else {
+            SnapshotStep::Wait
+        };
+    }
+    if since_last >= snapshot_count {
+        SnapshotStep::Take("applied commands")
+    } else if refresh {
+        SnapshotStep::Take("compacted history")
+    } else {
+        SnapshotStep::Wait
+    }
+}
+
+#[cfg(test)]
+mod snapshot_step_tests {
+    use super::*;
+
+    #[test]
+    fn a_compacted_history_is_refreshed_once_an_entry_gives_it_an_index() {
+        // Commands alone.
+        assert_eq!(
+            snapshot_step(1000, 1000, 0, false, true, true),
+            SnapshotStep::Take("applied commands")
+        );
+        assert_eq!(
+            snapshot_step(1000, 999, 999, false, true, true),
+            SnapshotStep::Wait
+        );
+        // The compaction removed the snapshot's history: a new one, if there is an entry
+        // past it; else a no-op entry first, once per 30 s.
+        assert_eq!(
+            snapshot_step(1000, 3, 1000, false, true, true),
+            SnapshotStep::Take("compacted history")
+        );
+        assert_eq!(
+            snapshot_step(1000, 3, 1000, true, true, true),
+            SnapshotStep::ProposeNoop
+        );
+        assert_eq!(
+            snapshot_step(1000, 3, 1000, true, true, false),
+            SnapshotStep::Wait
+        );
+        // One asked for lately: wait for it to show up.
+        assert_eq!(
+            snapshot_step(1000, 3, 1000, false, false, true),
+            SnapshotStep::Wait
+        );
+        assert_eq!(
+            snapshot_step(1000, 3, 1000, true, false, true),
+            SnapshotStep::Wait
+        );
+    }
+
+    #[test]
+    fn only_compacted_revisions_the_snapshot_holds_count() {
+        // A snapshot of revisions up to 1500, compacted below 200.
+        assert_eq!(stale_history((200, 1500), 200), 0);
+        assert_eq!(stale_history((200, 1500), 1200), 1000);
+        // Compacting past the snapshot's revision removes nothing more of it.
+        assert_eq!(stale_history((200, 1500), 90_000), 1300);
+        // A state whose compaction is behind the snapshot's (a reload): nothing.
+        assert_eq!(stale_history((200, 1500), 100), 0);
+    }
+}
+
 /// Takes a Raft snapshot (and so lets the log be purged) every `snapshot_count` applied
 /// commands, on every member, as etcd's `--snapshot-count` does; and after a physical
 /// compaction that moved the compaction point `snapshot_count` or more revisions into the
@@ -524,26 +621,42 @@ async fn size_loop(
 /// it later is sent all of that history.
 async fn snapshot_loop(
     member: Arc<Member>,
-    applied: Arc<std::sync::atomic::AtomicU64>,
+    state_machine: StateMachine,
     snapshot_count: u64,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let applied = state_machine.applied_commands.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut compaction = member.mvcc.compaction_progress();
     let data = member.raft.data_metrics();
     let mut last = 0u64;
-    // The history the latest snapshot holds, as far as this loop can tell: revisions up to
-    // `held.1`, compacted below `held.0`. Taken when a new snapshot shows up in the metrics:
-    // the compaction point when it was asked for (or, installed from the leader, the one
-    // seen before it), the revision then. At start, the state as it is: a compaction that
-    // finished before a restart is caught by the count alone.
+    // The history the latest snapshot holds: revisions up to `held.1`, compacted below
+    // `held.0`. Read from the snapshot's own checkpoint when it shows up in the metrics (and
+    // at start); a snapshot installed from the leader's file has none, and is taken to hold
+    // what the state held when it showed up.
+    let history = |snapshot: Option<raft::LogId>| {
+        let sm = state_machine.clone();
+        async move {
+            let read = tokio::task::spawn_blocking(move || sm.snapshot_history(snapshot))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            read.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading what the latest snapshot holds");
+                None
+            })
+        }
+    };
     let mut seen = data.borrow_watched().snapshot;
-    let mut done_before = *compaction.borrow_and_update();
-    let mut held = (done_before, member.mvcc.current_revision());
-    // A snapshot asked for (when, and the compaction point then): no refresh is asked for
-    // again until it shows up.
-    let mut asked: Option<(tokio::time::Instant, i64)> = None;
+    let mut held = match history(seen).await {
+        Some(held) => held,
+        None => (*compaction.borrow(), member.mvcc.current_revision()),
+    };
+    // A snapshot asked for: no refresh is asked for again until it shows up (or 30 s pass).
+    let mut asked: Option<tokio::time::Instant> = None;
+    // A no-op entry proposed so that a refresh has an index to be taken at.
+    let mut nudged: Option<tokio::time::Instant> = None;
     let mut watching = true;
     loop {
         tokio::select! {
@@ -555,31 +668,53 @@ async fn snapshot_loop(
             let m = data.borrow_watched();
             (m.snapshot, m.last_applied)
         };
+        let done = *compaction.borrow_and_update();
         if snapshot != seen {
             seen = snapshot;
-            let done_then = asked.take().map_or(done_before, |(_, d)| d);
-            held = (done_then, member.mvcc.current_revision());
+            asked = None;
+            held = match history(snapshot).await {
+                Some(held) => held,
+                None => (done, member.mvcc.current_revision()),
+            };
         }
-        let done = *compaction.borrow_and_update();
-        done_before = done;
         let now = applied.load(std::sync::atomic::Ordering::Relaxed);
-        let stale_history = done.min(held.1).saturating_sub(held.0).max(0) as u64;
-        // A snapshot at the index of the latest one would be thrown away: wait for an entry.
-        let refresh = stale_history >= snapshot_count
-            && snapshot < last_applied
-            && asked.is_none_or(|(t, _)| t.elapsed() > Duration::from_secs(30));
-        let why = if now.saturating_sub(last) >= snapshot_count {
-            "applied commands"
-        } else if refresh {
-            "compacted history"
-        } else {
-            continue;
+        let waited = |since: Option<tokio::time::Instant>| {
+            since.is_none_or(|t| t.elapsed() > Duration::from_secs(30))
+        };
+        let why = match snapshot_step(
+            snapshot_count,
+            now.saturating_sub(last),
+            stale_history(held, done),
+            snapshot >= last_applied,
+            waited(asked),
+            waited(nudged),
+        ) {
+            SnapshotStep::Take(why) => why,
+            SnapshotStep::ProposeNoop => {
+                nudged = Some(tokio::time::Instant::now());
+                let m = member.clone();
+                tokio::spawn(async move {
+                    let noop = Command {
+                        auth: None,
+                        request: Some(command::Request::LeaseCheckpoint(
+                            flotilla_proto::etcdserverpb::LeaseCheckpointRequest {
+                                checkpoints: Vec::new(),
+                            },
+                        )),
+                    };
+                    if let Err(e) = m.propose(noop).await {
+                        tracing::debug!(error = %e, "proposing a no-op for a snapshot refresh");
+                    }
+                });
+                continue;
+            }
+            SnapshotStep::Wait => continue,
         };
         match member.raft.trigger().snapshot().await {
             Ok(()) => {
                 tracing::debug!(reason = why, "snapshot triggered");
                 last = now;
-                asked = Some((tokio::time::Instant::now(), done));
+                asked = Some(tokio::time::Instant::now());
             }
             Err(e) => tracing::warn!(error = %e, "could not start a snapshot"),
         }

@@ -182,6 +182,11 @@ impl Cluster {
         cluster
     }
 
+    /// Replaces the flags members start with from now on (a restart takes them).
+    pub fn set_extra_args(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -37,7 +37,10 @@ use super::{
 use crate::error::EtcdError;
 use crate::lease::LeaseKeeper;
 use crate::mvcc::apply::{Applier, Group};
-use crate::mvcc::keys::{member_meta_key, META_APPLIED, META_APPLIED_PARTIAL, META_MEMBERSHIP};
+use crate::mvcc::keys::{
+    member_meta_key, META_APPLIED, META_APPLIED_PARTIAL, META_COMPACT_DONE, META_MEMBERSHIP,
+    META_REVISION,
+};
 use crate::mvcc::{decode, encode, Mvcc, CF_KV, CF_META, CF_REV};
 
 /// Whether a command reads and writes only keys: a put, delete or txn that attaches no
@@ -604,6 +607,37 @@ impl StateMachine {
     fn checkpoint_dir(&self, meta: &SnapshotMeta) -> PathBuf {
         self.snapshot_dir
             .join(format!("ckpt-{}", snapshot_name(meta)))
+    }
+
+    /// The history the snapshot at `last` holds, read from its checkpoint's own `meta`
+    /// family: how far its physical compaction had got, and its revision. `None` when this
+    /// member has no checkpoint at `last`: a snapshot installed from the leader's file, or
+    /// one a newer snapshot has replaced meanwhile. Blocking: opens the checkpoint.
+    pub fn snapshot_history(&self, last: Option<LogId>) -> std::io::Result<Option<(i64, i64)>> {
+        let dir = self.checkpoint_dir(&SnapshotMeta {
+            last_log_id: last,
+            ..Default::default()
+        });
+        if !dir.try_exists()? {
+            return Ok(None);
+        }
+        let db = match open_checkpoint(&dir) {
+            Ok(db) => db,
+            // Pruned while it was being opened: a newer snapshot replaced it.
+            Err(_) if !dir.try_exists()? => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta_cf = family(&db, CF_META)?;
+        let counter = |key: &[u8], default: i64| -> std::io::Result<i64> {
+            match db.get_cf(meta_cf, key).map_err(read_error)? {
+                Some(v) => decode::<i64>("meta", &v).map_err(read_error),
+                None => Ok(default),
+            }
+        };
+        Ok(Some((
+            counter(META_COMPACT_DONE, 0)?,
+            counter(META_REVISION, 1)?,
+        )))
     }
 
     fn sent_path(&self, meta: &SnapshotMeta) -> PathBuf {
@@ -1451,6 +1485,42 @@ mod tests {
         assert_eq!(current.meta, second.meta);
         let sent = restarted.sendable(current).await.expect("records");
         assert_eq!(sent.meta, second.meta);
+    }
+
+    /// What a snapshot holds is read from its own checkpoint: the revision and compaction
+    /// progress it was taken with, whatever the state did after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshots_history_is_read_from_its_checkpoint() {
+        let (_dir, mut sm) = machine();
+        assert_eq!(sm.snapshot_history(None).expect("read"), None);
+        sm.apply_entry(entry(
+            1,
+            vec![put("a", "1", 0), put("a", "2", 0), put("a", "3", 0)],
+        ))
+        .expect("apply");
+        let first = sm.build_snapshot().await.expect("build");
+        assert_eq!(
+            sm.snapshot_history(first.meta.last_log_id).expect("read"),
+            Some((0, 4))
+        );
+        sm.apply_entry(entry(2, vec![put("a", "4", 0)]))
+            .expect("apply");
+        crate::mvcc::compactor::compact_for_tests(&sm.mvcc, 4);
+        assert_eq!(
+            sm.snapshot_history(first.meta.last_log_id).expect("read"),
+            Some((0, 4)),
+            "the state's later writes and compaction are not the snapshot's"
+        );
+        let second = sm.build_snapshot().await.expect("build");
+        assert_eq!(
+            sm.snapshot_history(second.meta.last_log_id).expect("read"),
+            Some((4, 5))
+        );
+        // The first one's checkpoint is gone with it.
+        assert_eq!(
+            sm.snapshot_history(first.meta.last_log_id).expect("read"),
+            None
+        );
     }
 
     /// openraft restores a member's own snapshot at start when the applied state is behind
