@@ -206,13 +206,9 @@ fn snapshot_index(c: &Cluster, i: usize) -> Option<u64> {
         .max()
 }
 
-/// A snapshot taken before a compaction holds the history the compaction removed, and a new
-/// member would be sent all of it: a compaction that removes `--snapshot-count` or more
-/// revisions of the latest snapshot makes every member take a new one, with few commands
-/// applied since.
-#[test]
-fn a_compaction_of_the_snapshots_history_refreshes_the_snapshot() {
-    let c = Cluster::start_with(3, &["--snapshot-count", "1000"]);
+/// 1,500 revisions of one key: past a `--snapshot-count` of 1,000, so every member takes a
+/// snapshot holding about 1,000 of them.
+fn put_one_key_1500_times(c: &Cluster) {
     let load = flotilla(&[
         "bench",
         "put",
@@ -226,6 +222,16 @@ fn a_compaction_of_the_snapshots_history_refreshes_the_snapshot() {
         "1",
     ]);
     assert!(load.status.success(), "bench: {}", describe(&load));
+}
+
+/// A snapshot taken before a compaction holds the history the compaction removed, and a new
+/// member would be sent all of it: a compaction that removes `--snapshot-count` or more
+/// revisions of the latest snapshot makes every member take a new one, with few commands
+/// applied since.
+#[test]
+fn a_compaction_of_the_snapshots_history_refreshes_the_snapshot() {
+    let c = Cluster::start_with(3, &["--snapshot-count", "1000"]);
+    put_one_key_1500_times(&c);
     // The count-based snapshot, somewhere past 1,000 commands: it holds 1,000 revisions or
     // more, all of which the compaction below removes.
     let before: Vec<u64> = (0..3)
@@ -264,19 +270,7 @@ fn a_compaction_of_the_snapshots_history_refreshes_the_snapshot() {
 #[test]
 fn a_snapshot_of_compacted_history_is_refreshed_after_a_restart() {
     let mut c = Cluster::start_with(3, &["--snapshot-count", "1000"]);
-    let load = flotilla(&[
-        "bench",
-        "put",
-        "--endpoints",
-        &c.endpoints(),
-        "--clients",
-        "4",
-        "--total",
-        "1500",
-        "--key-space-size",
-        "1",
-    ]);
-    assert!(load.status.success(), "bench: {}", describe(&load));
+    put_one_key_1500_times(&c);
     // Every member's snapshot holds about 1,000 revisions of the one key.
     for i in 0..3 {
         poll(Duration::from_secs(20), || snapshot_index(&c, i))
