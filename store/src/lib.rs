@@ -121,6 +121,14 @@ fn fnv64(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// Prepares a thread that will read or write the store's RocksDB: turns off RocksDB's
+/// per-thread perf counters, which it otherwise bumps on every key comparison (a memtable
+/// insert makes dozens). Nothing reads them. Call it when each runtime thread starts
+/// (`tokio::runtime::Builder::on_thread_start`); RocksDB's own threads keep their default.
+pub fn on_thread_start() {
+    rocksdb::perf::set_perf_stats(rocksdb::perf::PerfStatsLevel::Disable);
+}
+
 /// A member's ID, from its peer URLs and the cluster token (as etcd derives it).
 pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
     let mut urls = peer_urls.to_vec();
