@@ -169,6 +169,19 @@ impl LogStore {
                 ));
             }
             import_family(&db, dir, purged_index)?;
+        } else if in_segments == Some(true) && !super::wal::has_segments(dir)? {
+            // The log always keeps a segment (a truncation of all it holds cuts the first
+            // one), so an empty directory lost its files.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "raft log: {} holds no segment file, but this member's log was kept there; \
+                     starting without them would forget entries the member acknowledged \
+                     (put the files back, or remove the member from the cluster and add it \
+                     again with an empty data dir)",
+                    dir.display()
+                ),
+            ));
         }
         seal_family(&db, in_segments == Some(true))?;
         let wal = Arc::new(Mutex::new(Wal::open(dir, purged_index)?));
@@ -659,10 +672,47 @@ mod tests {
             .unwrap();
         log.save_vote(&Vote::new(1, 2)).await.unwrap();
         drop(log);
+        // Emptied: every segment file gone, the directory left.
+        for item in std::fs::read_dir(&log_dir).unwrap() {
+            std::fs::remove_file(item.unwrap().path()).unwrap();
+        }
+        let err = LogStore::open(db.clone(), &log_dir, 1)
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("holds no segment"), "{err}");
         std::fs::remove_dir_all(&log_dir).unwrap();
         let err = LogStore::open(db, &log_dir, 1).err().expect("refused");
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
         assert!(err.to_string().contains("is missing"), "{err}");
+    }
+
+    /// Truncating all the log holds, right after a purge and with nothing after it, leaves a
+    /// log that opens: the member starts, keeps what it appends afterwards, and an emptied
+    /// directory is still told apart from it.
+    #[tokio::test]
+    async fn a_log_truncated_to_nothing_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_db(&dir.path().join("db")).unwrap();
+        let log_dir = dir.path().join("log");
+        let mut log = LogStore::open(db.clone(), &log_dir, 1).unwrap();
+        log.append((0..=20).map(|i| entry(i, 1)), IOFlushed::noop())
+            .await
+            .unwrap();
+        log.purge(entry(10, 1).log_id).await.unwrap();
+        log.truncate_after(Some(entry(10, 1).log_id)).await.unwrap();
+        drop(log);
+        let mut log = LogStore::open(db.clone(), &log_dir, 1).unwrap();
+        assert!(indexes(&log.try_get_log_entries(11..).await.unwrap()).is_empty());
+        log.append((11..=12).map(|i| entry(i, 2)), IOFlushed::noop())
+            .await
+            .unwrap();
+        drop(log);
+        let mut log = LogStore::open(db, &log_dir, 1).unwrap();
+        assert_eq!(
+            indexes(&log.try_get_log_entries(11..).await.unwrap()),
+            [11, 12]
+        );
     }
 
     /// Reads of entries older than the in-memory window go to the files while truncations

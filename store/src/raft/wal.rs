@@ -109,6 +109,16 @@ fn segment_name(seq: u64, first_index: u64) -> String {
     format!("{seq:016x}-{first_index:016x}.wal")
 }
 
+/// Whether `dir` holds at least one segment file.
+pub fn has_segments(dir: &Path) -> std::io::Result<bool> {
+    for item in std::fs::read_dir(dir)? {
+        if item?.file_name().to_str().and_then(parse_name).is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn parse_name(name: &str) -> Option<(u64, u64)> {
     let stem = name.strip_suffix(".wal")?;
     let (seq, first) = stem.split_once('-')?;
@@ -461,18 +471,15 @@ impl Wal {
     }
 
     /// Drops the entries from `from` on and syncs: later segments are removed, and in the
-    /// segment that held `from` the dropped records are zeroed.
+    /// segment that held `from` the dropped records are zeroed. The log keeps that segment
+    /// even when nothing is left in it (its purged records stay before the cut), so it never
+    /// goes without a segment, and an opened log that has none lost its files.
     pub fn truncate(&mut self, from: u64) -> std::io::Result<()> {
         if from >= self.next_index() {
             return Ok(());
         }
-        if from <= self.first {
-            // Nothing kept: the next entry starts a new segment. (Entries before `first` are
-            // purged: the next one is still `first`.)
-            self.locations.clear();
-            self.remove_segments(|_| true)?;
-            return self.roll(self.first);
-        }
+        // Entries before `first` are purged: dropping from there drops all the log holds.
+        let from = from.max(self.first);
         let at = self.locations[(from - self.first) as usize];
         self.remove_segments(|seq| seq > at.seq)?;
         let seg = self.segments.get_mut(&at.seq).expect("the entry's segment");
