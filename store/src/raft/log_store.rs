@@ -157,31 +157,13 @@ impl LogStore {
         let in_segments: Option<bool> = get_meta(&db, KEY_LOG_IN_SEGMENTS)?;
         if !dir.try_exists()? {
             if in_segments == Some(true) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!(
-                        "raft log: {} is missing, but this member's log was kept there; \
-                         starting without it would forget entries the member acknowledged \
-                         (put the directory back, or remove the member from the cluster and \
-                         add it again with an empty data dir)",
-                        dir.display()
-                    ),
-                ));
+                return Err(lost_log(dir, "is missing", "the directory"));
             }
             import_family(&db, dir, purged_index)?;
         } else if in_segments == Some(true) && !super::wal::has_segments(dir)? {
             // The log always keeps a segment (a truncation of all it holds cuts the first
             // one), so an empty directory lost its files.
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!(
-                    "raft log: {} holds no segment file, but this member's log was kept there; \
-                     starting without them would forget entries the member acknowledged \
-                     (put the files back, or remove the member from the cluster and add it \
-                     again with an empty data dir)",
-                    dir.display()
-                ),
-            ));
+            return Err(lost_log(dir, "holds no segment file", "its files"));
         }
         seal_family(&db, in_segments == Some(true))?;
         let wal = Arc::new(Mutex::new(Wal::open(dir, purged_index)?));
@@ -290,6 +272,19 @@ fn seal_family(db: &DB, sealed: bool) -> std::io::Result<()> {
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
     db.write_opt(batch, &opts).map_err(io_error)
+}
+
+/// The refusal to start a member whose log directory (`dir`) lost its files.
+fn lost_log(dir: &Path, state: &str, restore: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!(
+            "raft log: {} {state}, but this member's log was kept there; starting without it \
+             would forget entries the member acknowledged (put {restore} back, or remove the \
+             member from the cluster and add it again with an empty data dir)",
+            dir.display()
+        ),
+    )
 }
 
 /// Writes the entries of the `log` family after `purged` to segments in `dir`, by way of a
