@@ -181,3 +181,51 @@ fn garbage_on_client_and_peer_ports() {
         assert!(c.is_alive(i), "member {i} exited after garbage input");
     }
 }
+
+/// A gRPC call the client port does not serve gets `Unimplemented` with grpc-go's words,
+/// and the member goes on serving.
+#[test]
+fn unknown_services_on_the_client_port() {
+    use flotilla_proto::flotillapb::{peer_client::PeerClient, RaftPayload};
+
+    let c = Cluster::start(1);
+    let url = c.members[0].client_url();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (unknown, malformed) = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        // The peer service lives on the peer port only.
+        let unknown = PeerClient::new(channel.clone())
+            .vote(RaftPayload::default())
+            .await
+            .expect_err("the client port has no peer service");
+        // A path without a method.
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        let malformed = grpc
+            .unary::<RaftPayload, RaftPayload, _>(
+                tonic::Request::new(RaftPayload::default()),
+                http::uri::PathAndQuery::from_static("/etcdserverpb.KV"),
+                tonic::codec::ProstCodec::default(),
+            )
+            .await
+            .expect_err("a path without a method");
+        (unknown, malformed)
+    });
+    assert_eq!(unknown.code(), tonic::Code::Unimplemented, "{unknown:?}");
+    assert_eq!(unknown.message(), "unknown service flotillapb.Peer");
+    assert_eq!(
+        malformed.code(),
+        tonic::Code::Unimplemented,
+        "{malformed:?}"
+    );
+    assert!(
+        malformed.message().contains("malformed method name"),
+        "{malformed:?}"
+    );
+    assert_eq!(c.ok(&["put", "k", "v"]), "OK\n");
+    assert_eq!(c.ok(&["get", "k"]), "k\nv\n");
+}

@@ -30,64 +30,180 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// Concurrent HTTP/2 streams per client connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// The etcd services of one member, each reached by its gRPC path prefix.
+///
+/// Client connections are served by hyper directly, not through tonic's `Server`: that one
+/// puts every request through a router, a boxed clone of the whole service stack, a
+/// deadline layer and two body boxes before it reaches the service, which cost the members
+/// about 4% of their CPU under many small writes. Requests here go from the connection
+/// straight to the generated service. What this drops: the server-side `grpc-timeout`
+/// deadline (a client that gives up resets its stream, which drops the call, and every
+/// call is bounded by the member's own request timeout) and the connection details in each
+/// request's extensions, which no service reads.
+#[derive(Clone)]
+struct ClientServices {
+    kv: KvServer<kv::KvService>,
+    watch: WatchServer<watch::WatchService>,
+    lease: LeaseServer<lease::LeaseService>,
+    cluster: ClusterServer<cluster::ClusterService>,
+    maintenance: MaintenanceServer<cluster::MaintenanceService>,
+    auth: AuthServer<auth::AuthService>,
+}
+
+type GrpcResponse = http::Response<tonic::body::BoxBody>;
+type GrpcFuture = tonic::codegen::BoxFuture<GrpcResponse, std::convert::Infallible>;
+
+impl ClientServices {
+    fn new(member: &Arc<Member>) -> ClientServices {
+        let max = member.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        ClientServices {
+            kv: KvServer::new(kv::KvService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+            watch: WatchServer::new(watch::WatchService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+            lease: LeaseServer::new(lease::LeaseService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+            cluster: ClusterServer::new(cluster::ClusterService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+            maintenance: MaintenanceServer::new(cluster::MaintenanceService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+            auth: AuthServer::new(auth::AuthService {
+                member: member.clone(),
+            })
+            .max_decoding_message_size(max),
+        }
+    }
+}
+
+/// The service named by a gRPC path (`/package.Service/Method`), if the path has that shape.
+fn grpc_service_name(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix('/')?;
+    let (service, method) = rest.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some(service)
+}
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ClientServices {
+    type Response = GrpcResponse;
+    type Error = std::convert::Infallible;
+    type Future = GrpcFuture;
+
+    fn call(&self, request: http::Request<hyper::body::Incoming>) -> GrpcFuture {
+        use tonic::server::NamedService;
+        use tower::Service;
+        // The generated services are always ready; each call gets its own handle (a
+        // reference count and the codec settings).
+        match grpc_service_name(request.uri().path()) {
+            Some(KvServer::<kv::KvService>::NAME) => self.kv.clone().call(request),
+            Some(WatchServer::<watch::WatchService>::NAME) => self.watch.clone().call(request),
+            Some(LeaseServer::<lease::LeaseService>::NAME) => self.lease.clone().call(request),
+            Some(ClusterServer::<cluster::ClusterService>::NAME) => {
+                self.cluster.clone().call(request)
+            }
+            Some(MaintenanceServer::<cluster::MaintenanceService>::NAME) => {
+                self.maintenance.clone().call(request)
+            }
+            Some(AuthServer::<auth::AuthService>::NAME) => self.auth.clone().call(request),
+            // grpc-go's words for a service it does not have.
+            Some(service) => unimplemented(format!("unknown service {service}")),
+            None => unimplemented(format!("malformed method name: {:?}", request.uri().path())),
+        }
+    }
+}
+
+fn unimplemented(message: String) -> GrpcFuture {
+    Box::pin(std::future::ready(Ok(tonic::Status::unimplemented(
+        message,
+    )
+    .into_http())))
+}
+
 pub async fn serve_clients(
     member: Arc<Member>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let max = member.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .add_service(
-            KvServer::new(kv::KvService {
-                member: member.clone(),
-            })
-            .max_decoding_message_size(max),
-        )
-        .add_service(
-            WatchServer::new(watch::WatchService {
-                member: member.clone(),
-            })
-            .max_decoding_message_size(max),
-        )
-        .add_service(
-            LeaseServer::new(lease::LeaseService {
-                member: member.clone(),
-            })
-            .max_decoding_message_size(max),
-        )
-        .add_service(
-            ClusterServer::new(cluster::ClusterService {
-                member: member.clone(),
-            })
-            .max_decoding_message_size(max),
-        )
-        .add_service(
-            MaintenanceServer::new(cluster::MaintenanceService {
-                member: member.clone(),
-            })
-            .max_decoding_message_size(max),
-        )
-        .add_service(
-            AuthServer::new(auth::AuthService {
-                member: member.clone(),
-            })
-            .max_decoding_message_size(max),
-        );
+) -> Result<(), std::io::Error> {
+    let services = ClientServices::new(&member);
     match tls {
-        None => {
-            router
-                .serve_with_incoming_shutdown(client_connections(listener), shutdown)
-                .await
-        }
+        None => serve_grpc(client_connections(listener), services, shutdown).await,
         Some(acceptor) => {
-            router
-                .serve_with_incoming_shutdown(tls_client_connections(listener, acceptor), shutdown)
-                .await
+            serve_grpc(
+                tls_client_connections(listener, acceptor),
+                services,
+                shutdown,
+            )
+            .await
         }
     }
+}
+
+/// Serves HTTP/2 gRPC on every connection `incoming` yields until `shutdown` completes,
+/// then asks each connection to finish its open calls and waits until they all have.
+async fn serve_grpc<IO>(
+    incoming: impl futures::Stream<Item = std::io::Result<IO>>,
+    services: ClientServices,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), std::io::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    // Each connection holds a receiver; the sender's value turns true at shutdown, and
+    // `closed` resolves once every connection has ended.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut incoming = std::pin::pin!(incoming);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let io = tokio::select! {
+            _ = &mut shutdown => break,
+            io = incoming.next() => io,
+        };
+        let io = match io {
+            Some(Ok(io)) => io,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "accepting a client connection failed");
+                continue;
+            }
+            None => break,
+        };
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), services.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "client connection ended");
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "client connection ended");
+            }
+            drop(stop);
+        });
+    }
+    drop(stop_rx);
+    let _ = stop_tx.send(true);
+    stop_tx.closed().await;
+    Ok(())
 }
 
 /// How long a client may take over its TLS handshake.
