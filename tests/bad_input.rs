@@ -229,3 +229,73 @@ fn unknown_services_on_the_client_port() {
     assert_eq!(c.ok(&["put", "k", "v"]), "OK\n");
     assert_eq!(c.ok(&["get", "k"]), "k\nv\n");
 }
+
+/// `flotilla bench` against an endpoint that is not there, one that is not a gRPC server,
+/// and a server that refuses every request: a clear message, a non-zero exit, and no
+/// throughput for the failed run.
+#[test]
+fn bench_reports_unreachable_and_failing_servers() {
+    let stderr_of = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
+
+    // Nobody listens on the port.
+    let port = free_port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let out = flotilla(&["bench", "put", "--endpoints", &endpoint, "--total", "10"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr_of(&out).contains(&format!("cannot connect to http://{endpoint}")),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no result for a run that never started: {out:?}"
+    );
+
+    // Something listens, but it answers HTTP/2 with a closed connection.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = listener.local_addr().expect("addr").to_string();
+    let closer = std::thread::spawn(move || {
+        for stream in listener.incoming().take(1) {
+            let mut stream = stream.expect("accept");
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let out = flotilla(&["bench", "put", "--endpoints", &endpoint, "--total", "10"]);
+    closer.join().expect("closer");
+    assert!(!out.status.success(), "{out:?}");
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!("http://{endpoint}")) && !err.contains("panicked"),
+        "{out:?}"
+    );
+    assert!(out.stdout.is_empty(), "{out:?}");
+
+    // A real member that refuses every request (values over the request limit).
+    let c = Cluster::start(1);
+    let endpoint = c.members[0].endpoint();
+    let out = flotilla(&[
+        "bench",
+        "put",
+        "--endpoints",
+        &endpoint,
+        "--total",
+        "20",
+        "--clients",
+        "4",
+        "--val-size",
+        "2000000",
+        "--json",
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    let result: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON result");
+    assert_eq!(result["failed"], 20, "{result}");
+    assert_eq!(result["total"], 0, "{result}");
+    assert!(result["requests_per_second"].is_null(), "{result}");
+    let errors = result["errors"].to_string();
+    assert!(
+        errors.contains("etcdserver: request is too large"),
+        "{result}"
+    );
+    assert!(stderr_of(&out).contains("20 requests failed"), "{out:?}");
+}

@@ -7,16 +7,34 @@ use std::time::Duration;
 
 use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
 use flotilla_proto::etcdserverpb::{
-    request_op, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest,
+    request_op, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, TxnRequest, TxnResponse,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+use super::grpc;
 use super::report::Outcome;
-use super::{kv, Common, Kind};
+use super::{Common, Kind};
+
+const PUT: &str = "/etcdserverpb.KV/Put";
+const RANGE: &str = "/etcdserverpb.KV/Range";
+const TXN: &str = "/etcdserverpb.KV/Txn";
+
+/// The connections the clients share: tonic channels for the streaming keep-alives, plain
+/// HTTP/2 connections for the unary calls (see `grpc`).
+pub enum Conns<'a> {
+    Channels(&'a [Channel]),
+    Unary(&'a [grpc::Conn]),
+}
+
+/// One client's connection.
+enum Conn {
+    Channel(Channel),
+    Unary(grpc::Conn),
+}
 
 /// Shared pacing: who sends the next request, and when.
 pub struct Plan {
@@ -128,7 +146,7 @@ enum Op {
     KeepAlive,
 }
 
-pub async fn run(common: &Common, kind: &Kind, channels: &[Channel]) -> anyhow::Result<Outcome> {
+pub async fn run(common: &Common, kind: &Kind, conns: Conns<'_>) -> anyhow::Result<Outcome> {
     let op = match kind {
         Kind::Put => Op::Put,
         Kind::Range { consistency, key } => {
@@ -159,10 +177,13 @@ pub async fn run(common: &Common, kind: &Kind, channels: &[Channel]) -> anyhow::
     progress(plan.clone(), stop_rx);
     let mut tasks = Vec::new();
     for client in 0..common.clients.max(1) {
-        let channel = channels[client % channels.len()].clone();
+        let conn = match conns {
+            Conns::Channels(c) => Conn::Channel(c[client % c.len()].clone()),
+            Conns::Unary(c) => Conn::Unary(c[client % c.len()].clone()),
+        };
         let (common, plan, op) = (common.clone(), plan.clone(), op.clone());
         tasks.push(tokio::spawn(async move {
-            client_loop(&common, &plan, &op, channel).await
+            client_loop(&common, &plan, &op, conn).await
         }));
     }
     let mut outcome = Outcome::new();
@@ -174,56 +195,59 @@ pub async fn run(common: &Common, kind: &Kind, channels: &[Channel]) -> anyhow::
     Ok(outcome)
 }
 
-async fn client_loop(
-    common: &Common,
-    plan: &Plan,
-    op: &Op,
-    channel: Channel,
-) -> anyhow::Result<Outcome> {
+async fn client_loop(common: &Common, plan: &Plan, op: &Op, conn: Conn) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new();
-    let mut client = kv(&channel);
     let val = value(common);
     let mut keepalive = None;
-    if let Op::KeepAlive = op {
-        let mut leases = LeaseClient::new(channel.clone());
-        let id = leases
-            .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
-            .await?
-            .into_inner()
-            .id;
-        let (tx, rx) = mpsc::channel::<LeaseKeepAliveRequest>(1);
-        // Queue one keep-alive before the call: etcd's server sends the response headers
-        // only with its first message, which the call waits for.
-        tx.send(LeaseKeepAliveRequest { id }).await?;
-        let mut responses = leases
-            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        responses.message().await?;
-        keepalive = Some((id, tx, responses));
-    }
+    let unary = match (op, conn) {
+        (Op::KeepAlive, Conn::Channel(channel)) => {
+            let mut leases = LeaseClient::new(channel);
+            let id = leases
+                .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+                .await?
+                .into_inner()
+                .id;
+            let (tx, rx) = mpsc::channel::<LeaseKeepAliveRequest>(1);
+            // Queue one keep-alive before the call: etcd's server sends the response
+            // headers only with its first message, which the call waits for.
+            tx.send(LeaseKeepAliveRequest { id }).await?;
+            let mut responses = leases
+                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            responses.message().await?;
+            keepalive = Some((id, tx, responses));
+            None
+        }
+        (Op::KeepAlive, Conn::Unary(_)) => anyhow::bail!("lease keep-alives need a channel"),
+        (_, Conn::Unary(conn)) => Some(conn),
+        (_, Conn::Channel(_)) => anyhow::bail!("unary calls need a plain connection"),
+    };
     while let Some((n, due)) = plan.next().await {
         let result: Result<(), tonic::Status> = match op {
-            Op::Put => client
-                .put(PutRequest {
+            Op::Put => {
+                let conn = unary.as_ref().expect("checked above");
+                let req = PutRequest {
                     key: key(common, n),
                     value: val.clone(),
                     ..Default::default()
-                })
-                .await
-                .map(drop),
+                };
+                conn.unary::<_, PutResponse>(PUT, &req).await.map(drop)
+            }
             Op::Range {
                 serializable,
                 key: fixed,
-            } => client
-                .range(RangeRequest {
+            } => {
+                let conn = unary.as_ref().expect("checked above");
+                let req = RangeRequest {
                     key: fixed.clone().unwrap_or_else(|| key(common, n)),
                     serializable: *serializable,
                     ..Default::default()
-                })
-                .await
-                .map(drop),
+                };
+                conn.unary::<_, RangeResponse>(RANGE, &req).await.map(drop)
+            }
             Op::TxnPut { ops } => {
+                let conn = unary.as_ref().expect("checked above");
                 let success = (0..*ops)
                     .map(|i| RequestOp {
                         request: Some(request_op::Request::RequestPut(PutRequest {
@@ -233,39 +257,33 @@ async fn client_loop(
                         })),
                     })
                     .collect();
-                client
-                    .txn(TxnRequest {
-                        success,
-                        ..Default::default()
-                    })
-                    .await
-                    .map(drop)
+                let req = TxnRequest {
+                    success,
+                    ..Default::default()
+                };
+                conn.unary::<_, TxnResponse>(TXN, &req).await.map(drop)
             }
             Op::TxnMixed { read_share } => {
+                let conn = unary.as_ref().expect("checked above");
                 if rand::thread_rng().gen_bool(read_share.clamp(0.0, 1.0)) {
-                    client
-                        .range(RangeRequest {
-                            key: key(common, n),
-                            ..Default::default()
-                        })
-                        .await
-                        .map(drop)
+                    let req = RangeRequest {
+                        key: key(common, n),
+                        ..Default::default()
+                    };
+                    conn.unary::<_, RangeResponse>(RANGE, &req).await.map(drop)
                 } else {
                     let put = PutRequest {
                         key: key(common, n),
                         value: val.clone(),
                         ..Default::default()
                     };
-                    let success = vec![RequestOp {
-                        request: Some(request_op::Request::RequestPut(put)),
-                    }];
-                    client
-                        .txn(TxnRequest {
-                            success,
-                            ..Default::default()
-                        })
-                        .await
-                        .map(drop)
+                    let req = TxnRequest {
+                        success: vec![RequestOp {
+                            request: Some(request_op::Request::RequestPut(put)),
+                        }],
+                        ..Default::default()
+                    };
+                    conn.unary::<_, TxnResponse>(TXN, &req).await.map(drop)
                 }
             }
             Op::KeepAlive => {

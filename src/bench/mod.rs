@@ -6,6 +6,7 @@
 //! histograms; errors are counted by kind, and a run with errors exits non-zero.
 
 pub mod api;
+mod grpc;
 mod load;
 mod report;
 mod watch;
@@ -16,7 +17,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use flotilla_proto::etcdserverpb::kv_client::KvClient;
 use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use flotilla_proto::etcdserverpb::StatusRequest;
+use flotilla_proto::etcdserverpb::{StatusRequest, StatusResponse};
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Args, Debug, Clone)]
@@ -114,9 +115,9 @@ pub enum Kind {
     LeaseKeepalive,
 }
 
-/// Connects to each endpoint (failing clearly if one cannot be reached) and returns
-/// `conns` channels spread over them.
-pub async fn connect(common: &Common) -> anyhow::Result<Vec<Channel>> {
+/// The endpoint of each of the `--conns` connections: the endpoints in turn, or the leader
+/// alone with `--target-leader`. The first `endpoints` entries are distinct.
+async fn conn_urls(common: &Common) -> anyhow::Result<(Vec<String>, usize)> {
     let mut endpoints: Vec<String> = common
         .endpoints
         .split(',')
@@ -136,9 +137,18 @@ pub async fn connect(common: &Common) -> anyhow::Result<Vec<Channel>> {
     if common.target_leader {
         endpoints = vec![find_leader(&endpoints).await?];
     }
+    let urls = (0..common.conns.max(1))
+        .map(|i| endpoints[i % endpoints.len()].clone())
+        .collect();
+    Ok((urls, endpoints.len()))
+}
+
+/// Connects to each endpoint (failing clearly if one cannot be reached) and returns
+/// `conns` channels spread over them.
+pub async fn connect(common: &Common) -> anyhow::Result<Vec<Channel>> {
+    let (urls, distinct) = conn_urls(common).await?;
     let mut channels = Vec::new();
-    for i in 0..common.conns.max(1) {
-        let url = &endpoints[i % endpoints.len()];
+    for url in &urls {
         let channel = Endpoint::from_shared(url.clone())
             .with_context(|| format!("bad endpoint {url}"))?
             .connect_timeout(Duration::from_secs(3))
@@ -150,13 +160,28 @@ pub async fn connect(common: &Common) -> anyhow::Result<Vec<Channel>> {
     }
     // One request per endpoint up front, so a server that answers with errors fails the run
     // before any number is printed.
-    for ch in channels.iter().take(endpoints.len()) {
+    for (ch, url) in channels.iter().zip(&urls).take(distinct) {
         MaintenanceClient::new(ch.clone())
             .status(StatusRequest {})
             .await
-            .map_err(|s| anyhow::anyhow!("endpoint refused a status request: {}", s.message()))?;
+            .map_err(|s| anyhow::anyhow!("{url} refused a status request: {}", s.message()))?;
     }
     Ok(channels)
+}
+
+/// [`connect`] for the unary request loops: `conns` plain HTTP/2 connections.
+pub async fn connect_unary(common: &Common) -> anyhow::Result<Vec<grpc::Conn>> {
+    let (urls, distinct) = conn_urls(common).await?;
+    let mut conns = Vec::new();
+    for url in &urls {
+        conns.push(grpc::Conn::connect(url).await?);
+    }
+    for (conn, url) in conns.iter().zip(&urls).take(distinct) {
+        conn.unary::<_, StatusResponse>("/etcdserverpb.Maintenance/Status", &StatusRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{url} refused a status request: {}", s.message()))?;
+    }
+    Ok(conns)
 }
 
 async fn find_leader(endpoints: &[String]) -> anyhow::Result<String> {
@@ -179,17 +204,27 @@ async fn find_leader(endpoints: &[String]) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let channels = connect(&args.common).await?;
     let result = match &args.kind {
         Kind::Watch {
             watchers,
             streams,
             put_rate,
-        } => watch::run_watch(&args.common, &channels, *watchers, *streams, *put_rate).await?,
+        } => {
+            let channels = connect(&args.common).await?;
+            watch::run_watch(&args.common, &channels, *watchers, *streams, *put_rate).await?
+        }
         Kind::WatchGet { watchers } => {
+            let channels = connect(&args.common).await?;
             watch::run_watch_get(&args.common, &channels, *watchers).await?
         }
-        kind => load::run(&args.common, kind, &channels).await?,
+        Kind::LeaseKeepalive => {
+            let channels = connect(&args.common).await?;
+            load::run(&args.common, &args.kind, load::Conns::Channels(&channels)).await?
+        }
+        kind => {
+            let conns = connect_unary(&args.common).await?;
+            load::run(&args.common, kind, load::Conns::Unary(&conns)).await?
+        }
     };
     let name = format!("{:?}", args.kind)
         .split_whitespace()
