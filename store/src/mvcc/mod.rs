@@ -137,14 +137,25 @@ impl LatestCache {
         let large = version
             .as_ref()
             .is_some_and(|(_, r)| r.value.len() > LATEST_CACHE_MAX_VALUE);
-        if let Some(old) = self.entries.remove(&key) {
-            self.bytes -= Self::cost(&key, &old);
+        // One hash of the key whether it is new, replaced or dropped.
+        let added = Self::cost(&key, &version);
+        match self.entries.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                self.bytes -= Self::cost(e.key(), e.get());
+                if large {
+                    e.remove();
+                    return;
+                }
+                e.insert(version);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                if large {
+                    return;
+                }
+                e.insert(version);
+            }
         }
-        if large {
-            return;
-        }
-        self.bytes += Self::cost(&key, &version);
-        self.entries.insert(key, version);
+        self.bytes += added;
         if self.bytes > LATEST_CACHE_BYTES {
             // Drop a quarter, in the map's (arbitrary) order.
             let mut excess = self.bytes - LATEST_CACHE_BYTES * 3 / 4;

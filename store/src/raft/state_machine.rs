@@ -14,7 +14,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use flotilla_proto::etcdserverpb::{request_op, TxnRequest};
@@ -91,6 +91,9 @@ pub struct StateMachine {
     incoming: Arc<std::sync::Mutex<Option<PathBuf>>>,
     /// Commands applied since start, for the snapshot trigger (`--snapshot-count`).
     pub applied_commands: Arc<AtomicU64>,
+    /// False once the state is known to hold no `applied_partial` marker (the last write
+    /// finished its entry), so applying an entry need not look for one.
+    partial_marker: Arc<AtomicBool>,
 }
 
 const SNAPSHOT_FAMILIES: [&str; 3] = [CF_KV, CF_REV, CF_META];
@@ -112,6 +115,7 @@ impl StateMachine {
             state_lock: Arc::default(),
             incoming: Arc::default(),
             applied_commands: Arc::default(),
+            partial_marker: Arc::new(AtomicBool::new(true)),
         };
         sm.finish_interrupted_install()?;
         // Nothing is being built or written out yet: what such work left goes too.
@@ -295,6 +299,9 @@ impl StateMachine {
 
     /// How many commands of entry `log_id` were applied before a crash cut its batch short.
     fn commands_already_applied(&self, log_id: LogId) -> Result<usize, std::io::Error> {
+        if !self.partial_marker.load(Ordering::Acquire) {
+            return Ok(0);
+        }
         match self
             .mvcc
             .meta_get(META_APPLIED_PARTIAL)
@@ -332,6 +339,7 @@ impl StateMachine {
                 self.mvcc
                     .commit(finished(batch), Vec::new())
                     .map_err(io_error)?;
+                self.partial_marker.store(false, Ordering::Release);
                 return Ok(RaftResponse::default());
             }
             EntryPayload::Normal(cmd) => match CommandBatch::decode(cmd.0.as_slice()) {
@@ -347,6 +355,7 @@ impl StateMachine {
             self.mvcc
                 .commit(finished(WriteBatch::default()), Vec::new())
                 .map_err(io_error)?;
+            self.partial_marker.store(false, Ordering::Release);
             return Ok(RaftResponse::default());
         }
         self.applied_commands
@@ -414,9 +423,11 @@ impl StateMachine {
         last: usize,
     ) -> Result<(), std::io::Error> {
         let (mut batch, outcomes, latest) = group.take(&self.mvcc);
-        if upto == last {
+        let finishes = upto == last;
+        if finishes {
             self.entry_applied(&mut batch, log_id);
         } else {
+            self.partial_marker.store(true, Ordering::Release);
             batch.put_cf(
                 self.mvcc.cf(CF_META),
                 META_APPLIED_PARTIAL,
@@ -425,7 +436,11 @@ impl StateMachine {
         }
         self.mvcc
             .commit_group(batch, outcomes, latest)
-            .map_err(io_error)
+            .map_err(io_error)?;
+        if finishes {
+            self.partial_marker.store(false, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn note_leases(&self, command: &Command) {
@@ -505,6 +520,8 @@ impl StateMachine {
             self.db().flush_cf(self.mvcc.cf(name)).map_err(io_error)?;
         }
         self.db().flush_wal(true).map_err(io_error)?;
+        // The replaced state's meta came with it, marker and all.
+        self.partial_marker.store(true, Ordering::Release);
         self.mvcc.reload().map_err(io_error)?;
         self.leases.reload(&self.mvcc);
         Ok(())
@@ -1649,6 +1666,7 @@ mod tests {
             group.add(&sm.mvcc, applied);
         }
         sm.write_group(&mut group, e.log_id, 1, 3).expect("write");
+        assert!(sm.partial_marker.load(Ordering::Acquire));
         assert_eq!(sm.commands_already_applied(e.log_id).expect("partial"), 2);
         // Replaying the entry applies only what is left.
         sm.apply_entry(e).expect("apply");
@@ -1665,5 +1683,7 @@ mod tests {
             .meta_get(META_APPLIED_PARTIAL)
             .expect("meta")
             .is_none());
+        // The entry is whole: later entries do not look for a marker.
+        assert!(!sm.partial_marker.load(Ordering::Acquire));
     }
 }
