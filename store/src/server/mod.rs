@@ -8,6 +8,7 @@ pub mod kv;
 pub mod lease;
 pub mod peer;
 pub mod tls;
+mod unary;
 pub mod validate;
 pub mod watch;
 
@@ -39,9 +40,14 @@ const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// straight to the generated service. What this drops: the server-side `grpc-timeout`
 /// deadline (a client that gives up resets its stream, which drops the call, and every
 /// call is bounded by the member's own request timeout) and the connection details in each
-/// request's extensions, which no service reads.
+/// request's extensions, which no service reads. The KV service's unary methods skip
+/// tonic's streaming codec as well (`unary`).
 #[derive(Clone)]
 struct ClientServices {
+    /// The KV methods' implementation, for the unary calls `unary` serves.
+    kv_methods: Arc<kv::KvService>,
+    /// Largest request message.
+    max_message: usize,
     kv: KvServer<kv::KvService>,
     watch: WatchServer<watch::WatchService>,
     lease: LeaseServer<lease::LeaseService>,
@@ -57,6 +63,10 @@ impl ClientServices {
     fn new(member: &Arc<Member>) -> ClientServices {
         let max = member.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
         ClientServices {
+            kv_methods: Arc::new(kv::KvService {
+                member: member.clone(),
+            }),
+            max_message: max,
             kv: KvServer::new(kv::KvService {
                 member: member.clone(),
             })
@@ -98,8 +108,34 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ClientSer
     type Future = GrpcFuture;
 
     fn call(&self, request: http::Request<hyper::body::Incoming>) -> GrpcFuture {
+        use flotilla_proto::etcdserverpb::kv_server::Kv;
         use tonic::server::NamedService;
         use tower::Service;
+        let kv = &self.kv_methods;
+        let max = self.max_message;
+        match request.uri().path() {
+            "/etcdserverpb.KV/Range" => {
+                let kv = kv.clone();
+                return unary::call(request, max, move |r| async move { kv.range(r).await });
+            }
+            "/etcdserverpb.KV/Put" => {
+                let kv = kv.clone();
+                return unary::call(request, max, move |r| async move { kv.put(r).await });
+            }
+            "/etcdserverpb.KV/DeleteRange" => {
+                let kv = kv.clone();
+                return unary::call(
+                    request,
+                    max,
+                    move |r| async move { kv.delete_range(r).await },
+                );
+            }
+            "/etcdserverpb.KV/Txn" => {
+                let kv = kv.clone();
+                return unary::call(request, max, move |r| async move { kv.txn(r).await });
+            }
+            _ => {}
+        }
         // The generated services are always ready; each call gets its own handle (a
         // reference count and the codec settings).
         match grpc_service_name(request.uri().path()) {
