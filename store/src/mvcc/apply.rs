@@ -44,6 +44,14 @@ enum Op {
     Delete(&'static str, Vec<u8>),
 }
 
+impl Op {
+    fn target(&self) -> (&'static str, &[u8]) {
+        match self {
+            Op::Put(cf, k, _) | Op::Delete(cf, k) => (cf, k),
+        }
+    }
+}
+
 /// What one successful command wrote, for its [`Group`].
 pub struct Applied {
     ops: Vec<Op>,
@@ -51,11 +59,11 @@ pub struct Applied {
     outcome: Outcome,
 }
 
-/// Applied commands not yet written: one WriteBatch for many commands, and the newest
+/// Applied commands not yet written: their writes, for one WriteBatch, and the newest
 /// version of every key they wrote, which the next command's [`Applier`] reads first.
 #[derive(Default)]
 pub struct Group {
-    batch: WriteBatch,
+    ops: Vec<Op>,
     overlay: BTreeMap<Vec<u8>, Option<Version>>,
     /// The revision after the group's last write, if it wrote.
     revision: Option<i64>,
@@ -64,13 +72,8 @@ pub struct Group {
 
 impl Group {
     /// Adds a command's writes after the group's.
-    pub fn add(&mut self, mvcc: &Mvcc, applied: Applied) {
-        for op in applied.ops {
-            match op {
-                Op::Put(cf, k, v) => self.batch.put_cf(mvcc.cf(cf), k, v),
-                Op::Delete(cf, k) => self.batch.delete_cf(mvcc.cf(cf), k),
-            }
-        }
+    pub fn add(&mut self, applied: Applied) {
+        self.ops.extend(applied.ops);
         self.overlay.extend(applied.overlay);
         if let Some(rev) = applied.outcome.revision {
             self.revision = Some(rev);
@@ -86,12 +89,21 @@ impl Group {
         mvcc: &Mvcc,
     ) -> (WriteBatch, Vec<Outcome>, BTreeMap<Vec<u8>, Option<Version>>) {
         let mut group = std::mem::take(self);
-        if let Some(rev) = group.revision {
-            group
-                .batch
-                .put_cf(mvcc.cf(CF_META), META_REVISION, encode(&rev));
+        // In key order, each insert into a memtable's skiplist starts from where the one
+        // before it ended instead of from the top (about 1% of a member's CPU under 256-client
+        // puts). The sort is stable: two writes of one key keep their order.
+        group.ops.sort_by(|a, b| a.target().cmp(&b.target()));
+        let mut batch = WriteBatch::default();
+        for op in group.ops {
+            match op {
+                Op::Put(cf, k, v) => batch.put_cf(mvcc.cf(cf), k, v),
+                Op::Delete(cf, k) => batch.delete_cf(mvcc.cf(cf), k),
+            }
         }
-        (group.batch, group.outcomes, group.overlay)
+        if let Some(rev) = group.revision {
+            batch.put_cf(mvcc.cf(CF_META), META_REVISION, encode(&rev));
+        }
+        (batch, group.outcomes, group.overlay)
     }
 }
 

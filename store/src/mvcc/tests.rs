@@ -43,7 +43,7 @@ impl Fixture {
         let mut a = Applier::new(&self.mvcc);
         let r = f(&mut a)?;
         let mut group = Group::default();
-        group.add(&self.mvcc, a.finish());
+        group.add(a.finish());
         let (batch, outcomes, latest) = group.take(&self.mvcc);
         self.mvcc
             .commit_group(batch, outcomes, latest)
@@ -318,6 +318,37 @@ fn leases_attach_and_revoke_in_one_revision() {
     assert_eq!(f.get_at("x", rev_before + 1), None);
     assert_eq!(f.get_at("y", rev_before + 1), None);
     assert!(f.mvcc.lease(7).expect("lease").is_none());
+}
+
+/// Commands of one group reach RocksDB in one batch, sorted by key: two writes of one key
+/// (here a key's lease record, attached, detached, attached again) keep their order.
+#[test]
+fn writes_of_one_key_in_one_group_keep_their_order() {
+    let f = open();
+    f.apply(|a| a.lease_grant(&LeaseGrantRequest { ttl: 10, id: 7 }))
+        .expect("grant");
+    let put = |key: &str, lease: i64| PutRequest {
+        key: key.into(),
+        value: "v".into(),
+        lease,
+        ..Default::default()
+    };
+    for (leases, attached) in [(&[7, 0, 7][..], true), (&[7, 0][..], false)] {
+        let key = if attached { "a" } else { "b" };
+        let mut group = Group::default();
+        for &lease in leases {
+            let mut a = Applier::after(&f.mvcc, Some(&group));
+            // Another key first, so the sort has something to move.
+            a.put(&put("z", 0)).expect("put");
+            a.put(&put(key, lease)).expect("put");
+            group.add(a.finish());
+        }
+        let (batch, outcomes, latest) = group.take(&f.mvcc);
+        f.mvcc
+            .commit_group(batch, outcomes, latest)
+            .expect("commit");
+    }
+    assert_eq!(f.mvcc.lease_keys(7).expect("keys"), [b"a".to_vec()]);
 }
 
 #[test]

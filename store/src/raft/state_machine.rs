@@ -382,7 +382,7 @@ impl StateMachine {
             let result = self.apply_command(&mut applier, command);
             if result.is_ok() {
                 let applied = applier.finish();
-                group.add(&self.mvcc, applied);
+                group.add(applied);
             }
             unwritten = true;
             if alone || i == last {
@@ -1663,7 +1663,7 @@ mod tests {
             };
             sm.apply_command(&mut applier, &command).expect("apply");
             let applied = applier.finish();
-            group.add(&sm.mvcc, applied);
+            group.add(applied);
         }
         sm.write_group(&mut group, e.log_id, 1, 3).expect("write");
         assert!(sm.partial_marker.load(Ordering::Acquire));
