@@ -6,6 +6,8 @@
 //! opens its stream on the connection itself, sends the encoded message and reads the
 //! answer. Streaming calls (watch, lease keep-alive) still go through tonic.
 
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -50,7 +52,7 @@ impl Conn {
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(Coalesce::new(tcp))
             .await
             .with_context(|| format!("HTTP/2 handshake with {url}"))?;
         tokio::spawn(async move {
@@ -118,6 +120,85 @@ impl Conn {
             None => return Err(Status::internal("the response has no grpc-status")),
         }
         decode_message(message.freeze())
+    }
+}
+
+/// A connection's socket that lets the clients sharing it queue their requests before they go
+/// out in one write.
+///
+/// Without it a connection wrote each request on its own, one system call per request (on
+/// loopback the call also runs the server's receive path), for two reasons:
+/// - a client that sends a request wakes the connection's task, and tokio runs a task woken
+///   this way next, before the other clients that are ready. So the first write of each round
+///   answers `Pending` and wakes the task again, which puts it behind them; its next write
+///   sends what they queued meanwhile.
+/// - HTTP/2 copies a DATA frame into its write buffer only when it is small (256 bytes for a
+///   socket that takes vectored writes, 1 KiB for one that does not), and otherwise holds it
+///   aside and writes it before it takes the next frame. A put's value is often larger than
+///   256 bytes, so this socket says it takes no vectored writes.
+///
+/// Against a 3-member cluster at 256 clients over 16 connections this took the load
+/// generator from one write per request to about one per 13, and its CPU by about a sixth.
+/// Reads pass straight through.
+struct Coalesce<T> {
+    io: T,
+    /// The round's write has yielded once; the next one goes out.
+    yielded: bool,
+}
+
+impl<T> Coalesce<T> {
+    fn new(io: T) -> Coalesce<T> {
+        Coalesce { io, yielded: false }
+    }
+
+    /// `Ready` when the write may go out now, else yields once.
+    fn turn(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
+        if self.yielded {
+            self.yielded = false;
+            Poll::Ready(())
+        } else {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Coalesce<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesce<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.turn(cx));
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    // No vectored writes (see above): the default `poll_write_vectored` writes the first
+    // buffer through `poll_write`.
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
