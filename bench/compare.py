@@ -3,8 +3,8 @@
 
 Starts a 3-member etcd (Debian's etcd-server) and a 3-member `flotilla store` on loopback,
 with the same Raft timing, data directories on the same filesystem, and both fsyncing their
-logs. Runs the same loads with `flotilla bench` against each in alternation (A B A B ...),
-takes medians, and writes BENCHMARKS.md: the table, the machine, the versions and the
+logs. Runs the same loads with `flotilla bench` against each in alternation (each load on
+one and then the other, the order flipping every round), takes medians, and writes BENCHMARKS.md: the table, the machine, the versions and the
 command that reproduces it.
 
     python3 bench/compare.py                 # the full run (1M keys; about half an hour)
@@ -299,26 +299,38 @@ def main():
     fsync_rate = measure_fsync_rate(workdir)
     log(f"fsync rate of {workdir}: {fsync_rate:.0f}/s")
 
+    # Each round starts a fresh cluster of each system, both at once, and runs every load on
+    # one and then at once on the other (the order flips each round): the two runs of a load
+    # are seconds apart, so a change in the machine's speed over the run (this machine's
+    # varies by a third over minutes) falls on both.
     for rnd in range(args.rounds):
         order = list(systems) if rnd % 2 == 0 else list(reversed(list(systems)))
-        for s in order:
-            c = Cluster(s, systems[s], workdir / f"{s}-{rnd}", free_base_port(rnd * 2 + (s == "flotilla")))
-            log(f"round {rnd + 1}: {s}")
-            c.start()
-            try:
+        clusters = {}
+        log(f"round {rnd + 1}: {' then '.join(order)}")
+        try:
+            for s in order:
+                c = Cluster(s, systems[s], workdir / f"{s}-{rnd}", free_base_port(rnd * 2 + (s == "flotilla")))
+                clusters[s] = c
+                c.start()
+            targets = {}
+            for s, c in clusters.items():
                 # Keys for the range loads.
                 bench(c, "put", "--clients", "16", "--total", "1000", "--key-space-size", "1000", "--sequential-keys")
                 leader = c.leader()
                 follower = next(i for i in (1, 2, 3) if i != leader)
-                targets = {"@leader": c.endpoint(leader), "@follower": c.endpoint(follower)}
-                for name, cmd in loads:
-                    endpoints = next((targets[a] for a in cmd if a in targets), None)
-                    r = bench(c, *[a for a in cmd if a not in targets], endpoints=endpoints)
+                targets[s] = {"@leader": c.endpoint(leader), "@follower": c.endpoint(follower)}
+            for name, cmd in loads:
+                for s in order:
+                    c = clusters[s]
+                    endpoints = next((targets[s][a] for a in cmd if a in targets[s]), None)
+                    r = bench(c, *[a for a in cmd if a not in targets[s]], endpoints=endpoints)
                     results[name][s].append(r)
                     if r:
-                        log(f"  {name}: {r['requests_per_second']:.0f}/s p99 {r['latency_ms']['p99']:.2f} ms")
-            finally:
+                        log(f"  {name}, {s}: {r['requests_per_second']:.0f}/s p99 {r['latency_ms']['p99']:.2f} ms")
+        finally:
+            for c in clusters.values():
                 c.stop()
+        for c in clusters.values():
             shutil.rmtree(c.workdir, ignore_errors=True)
 
     # One run each of the large-state measurements.
@@ -378,9 +390,10 @@ def write_report(args, systems, loads, results, extra, fsync_rate):
     lines = [
         "# Benchmarks: Flotilla's store against etcd",
         "",
-        "Written by `bench/compare.py`; numbers are medians over alternating rounds (etcd, flotilla,",
-        "flotilla, etcd, ...) on one machine, both as 3-member clusters on loopback, same filesystem,",
-        "both fsyncing. Ratio > 1 favours Flotilla for throughput; < 1 for latency.",
+        "Written by `bench/compare.py`; numbers are medians over rounds on one machine, both as",
+        "3-member clusters on loopback, same filesystem, both fsyncing. Each round starts both",
+        "clusters and runs every load on one and then on the other (etcd first in odd rounds,",
+        "flotilla first in even ones). Ratio > 1 favours Flotilla for throughput; < 1 for latency.",
         "",
         "## Machine",
         "",

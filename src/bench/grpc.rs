@@ -52,7 +52,7 @@ impl Conn {
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(Coalesce::new(tcp))
+            .handshake::<_, Bytes>(Unvectored(tcp))
             .await
             .with_context(|| format!("HTTP/2 handshake with {url}"))?;
         tokio::spawn(async move {
@@ -123,82 +123,53 @@ impl Conn {
     }
 }
 
-/// A connection's socket that lets the clients sharing it queue their requests before they go
-/// out in one write.
+/// A connection's socket, claiming no vectored writes, so that the requests of the clients
+/// sharing the connection go out together.
 ///
-/// Without it a connection wrote each request on its own, one system call per request (on
-/// loopback the call also runs the server's receive path), for two reasons:
-/// - a client that sends a request wakes the connection's task, and tokio runs a task woken
-///   this way next, before the other clients that are ready. So the first write of each round
-///   answers `Pending` and wakes the task again, which puts it behind them; its next write
-///   sends what they queued meanwhile.
-/// - HTTP/2 copies a DATA frame into its write buffer only when it is small (256 bytes for a
-///   socket that takes vectored writes, 1 KiB for one that does not), and otherwise holds it
-///   aside and writes it before it takes the next frame. A put's value is often larger than
-///   256 bytes, so this socket says it takes no vectored writes.
-///
-/// Against a 3-member cluster at 256 clients over 16 connections this took the load
-/// generator from one write per request to about one per 13, and its CPU by about a sixth.
-/// Reads pass straight through.
-struct Coalesce<T> {
-    io: T,
-    /// The round's write has yielded once; the next one goes out.
-    yielded: bool,
-}
+/// HTTP/2 copies a DATA frame into its write buffer only when it is small: 256 bytes for a
+/// socket that takes vectored writes, 1 KiB for one that does not. A larger frame is held
+/// aside and written, with what the buffer holds, before the next frame is taken. A put's
+/// message (a 256-byte value by default) is over 256 bytes, so through a vectored socket each
+/// request was its own system call (on loopback the call also runs the server's receive
+/// path). Against a 3-member cluster at 256 clients over 16 connections this wrapper took the
+/// load generator from one `writev` per request to one `sendto` per about 13, and its CPU
+/// per put down by about a sixth. (The clients' tasks queue before the connection's task
+/// runs because the runtime has no LIFO slot; see ARCHITECTURE.md.)
+struct Unvectored<T>(T);
 
-impl<T> Coalesce<T> {
-    fn new(io: T) -> Coalesce<T> {
-        Coalesce { io, yielded: false }
-    }
-
-    /// `Ready` when the write may go out now, else yields once.
-    fn turn(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
-        if self.yielded {
-            self.yielded = false;
-            Poll::Ready(())
-        } else {
-            self.yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Coalesce<T> {
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Unvectored<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesce<T> {
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Unvectored<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        std::task::ready!(self.turn(cx));
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
-    // No vectored writes (see above): the default `poll_write_vectored` writes the first
-    // buffer through `poll_write`.
+    // The default `poll_write_vectored` writes the first buffer through `poll_write`.
     fn is_write_vectored(&self) -> bool {
         false
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
