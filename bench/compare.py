@@ -4,8 +4,8 @@
 Starts a 3-member etcd (Debian's etcd-server) and a 3-member `flotilla store` on loopback,
 with the same Raft timing, data directories on the same filesystem, and both fsyncing their
 logs. Runs the same loads with `flotilla bench` against each in alternation (each load on
-one and then the other, the order flipping every round), takes medians, and writes BENCHMARKS.md: the table, the machine, the versions and the
-command that reproduces it.
+one and then the other, the order flipping every round), takes medians, and writes
+BENCHMARKS.md: the table, the machine, the versions and the command that reproduces it.
 
     python3 bench/compare.py                 # the full run (1M keys; about half an hour)
     python3 bench/compare.py --quick         # smaller loads, for trying the script
