@@ -44,7 +44,8 @@ const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// tonic's streaming codec as well (`unary`).
 #[derive(Clone)]
 struct ClientServices {
-    /// The KV methods' implementation, for the unary calls `unary` serves.
+    /// The KV methods' implementation, for the unary calls `unary` serves (the same one
+    /// `kv` serves the rest from).
     kv_methods: Arc<kv::KvService>,
     /// Largest request message.
     max_message: usize,
@@ -62,15 +63,13 @@ type GrpcFuture = tonic::codegen::BoxFuture<GrpcResponse, std::convert::Infallib
 impl ClientServices {
     fn new(member: &Arc<Member>) -> ClientServices {
         let max = member.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        let kv_methods = Arc::new(kv::KvService {
+            member: member.clone(),
+        });
         ClientServices {
-            kv_methods: Arc::new(kv::KvService {
-                member: member.clone(),
-            }),
+            kv: KvServer::from_arc(kv_methods.clone()).max_decoding_message_size(max),
+            kv_methods,
             max_message: max,
-            kv: KvServer::new(kv::KvService {
-                member: member.clone(),
-            })
-            .max_decoding_message_size(max),
             watch: WatchServer::new(watch::WatchService {
                 member: member.clone(),
             })
