@@ -20,7 +20,9 @@ use flotilla_proto::mvccpb::{event::EventType, Event};
 use rocksdb::WriteBatch;
 
 use super::keys::*;
-use super::{encode, to_key_value, Mvcc, RangeEnd, RangePlan, CF_KV, CF_META, CF_REV};
+use super::{
+    encode, to_key_value, Mvcc, RangeEnd, RangePlan, VersionReader, CF_KV, CF_META, CF_REV,
+};
 use crate::error::{EtcdError, StorageError};
 
 /// What a committed command changed, for [`Mvcc::commit`] to publish.
@@ -111,6 +113,8 @@ pub struct Applier<'a> {
     mvcc: &'a Mvcc,
     /// Earlier commands' writes that are not in the database yet.
     group: Option<&'a Group>,
+    /// Where key versions are read from the database, if shared with other commands.
+    reader: Option<&'a dyn VersionReader>,
     ops: Vec<Op>,
     /// The revision before this command.
     base: i64,
@@ -132,6 +136,7 @@ impl<'a> Applier<'a> {
         Applier {
             mvcc,
             group,
+            reader: None,
             ops: Vec::new(),
             base: group
                 .and_then(|g| g.revision)
@@ -143,6 +148,12 @@ impl<'a> Applier<'a> {
             alarms: None,
             auth: None,
         }
+    }
+
+    /// Reads the database's key versions through `reader` (one entry's commands share it).
+    pub(crate) fn reading_with(mut self, reader: &'a dyn VersionReader) -> Applier<'a> {
+        self.reader = Some(reader);
+        self
     }
 
     /// Ends a command that succeeded: its writes and what it changed, for a [`Group`].
@@ -201,10 +212,11 @@ impl<'a> Applier<'a> {
         if let Some(v) = self.mvcc.cached_latest(key) {
             return Ok(v);
         }
-        Ok(self
-            .mvcc
-            .get_record(key, self.base)?
-            .filter(|(_, r)| !r.is_tombstone()))
+        let record = match self.reader {
+            Some(reader) => reader.get_record(key, self.base)?,
+            None => self.mvcc.get_record(key, self.base)?,
+        };
+        Ok(record.filter(|(_, r)| !r.is_tombstone()))
     }
 
     fn live_in_range(

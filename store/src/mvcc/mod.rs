@@ -118,6 +118,46 @@ mod latest_cache_tests {
     }
 }
 
+/// Reads key versions with one iterator until anything writes to the database: the apply
+/// path looks up the keys of many commands between two writes, and an iterator made for
+/// each lookup was a fifth of the apply path's CPU under puts of new keys (entries of 256
+/// puts: 8.2 → 6.6 µs a put). An iterator sees the database as it was when it was made; the
+/// database's sequence number moves with every write (the compactor's too), and a lookup
+/// after one makes a new iterator.
+pub(crate) struct KvReader<'a> {
+    mvcc: &'a Mvcc,
+    /// The iterator, and the sequence number read before it was made.
+    it: std::cell::RefCell<Option<(u64, rocksdb::DBRawIterator<'a>)>>,
+}
+
+/// Where the apply path reads key versions from the database.
+pub(crate) trait VersionReader {
+    /// What [`Mvcc::get_record`] answers.
+    fn get_record(
+        &self,
+        key: &[u8],
+        revision: i64,
+    ) -> Result<Option<(i64, KvRecord)>, StorageError>;
+}
+
+impl VersionReader for KvReader<'_> {
+    fn get_record(
+        &self,
+        key: &[u8],
+        revision: i64,
+    ) -> Result<Option<(i64, KvRecord)>, StorageError> {
+        // Read before the iterator is made: a write in between leaves the iterator newer
+        // than its number, never older, and only costs the next lookup a new iterator.
+        let sequence = self.mvcc.db.latest_sequence_number();
+        let mut slot = self.it.borrow_mut();
+        let it = match &mut *slot {
+            Some((made, it)) if *made == sequence => it,
+            _ => &mut slot.insert((sequence, self.mvcc.versions_iterator())).1,
+        };
+        Mvcc::seek_record(it, key, revision)
+    }
+}
+
 /// Bytes of keys and values the latest-version cache holds at most.
 const LATEST_CACHE_BYTES: usize = 32 << 20;
 /// Larger values are not kept (one would displace thousands of small ones).
@@ -452,10 +492,30 @@ impl Mvcc {
         key: &[u8],
         revision: i64,
     ) -> Result<Option<(i64, KvRecord)>, StorageError> {
-        // Within one key's versions: the prefix filters skip what never held the key.
+        Self::seek_record(&mut self.versions_iterator(), key, revision)
+    }
+
+    /// An iterator for reading one key's versions: the prefix filters skip what never held
+    /// the key.
+    fn versions_iterator(&self) -> rocksdb::DBRawIterator<'_> {
         let mut read = rocksdb::ReadOptions::default();
         read.set_prefix_same_as_start(true);
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_KV), read);
+        self.db.raw_iterator_cf_opt(self.cf(CF_KV), read)
+    }
+
+    /// A reader of key versions for the commands of one entry (see [`KvReader`]).
+    pub(crate) fn reader(&self) -> KvReader<'_> {
+        KvReader {
+            mvcc: self,
+            it: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn seek_record(
+        it: &mut rocksdb::DBRawIterator<'_>,
+        key: &[u8],
+        revision: i64,
+    ) -> Result<Option<(i64, KvRecord)>, StorageError> {
         it.seek(kv_key(key, revision));
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
             if let Some((user_key, rev)) = decode_kv_key(k) {

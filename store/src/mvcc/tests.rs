@@ -562,3 +562,24 @@ fn reloading_a_replaced_state_takes_its_compaction_progress() {
         "so the compactor runs again"
     );
 }
+
+/// A reader the apply path shares between commands sees what was written after it was
+/// made: its iterator serves lookups only until the database changes.
+#[test]
+fn a_shared_reader_sees_writes_made_after_it() {
+    let f = open();
+    f.put("a", "1");
+    let reader = f.mvcc.reader();
+    let value = |key: &[u8]| {
+        reader
+            .get_record(key, f.mvcc.current_revision())
+            .expect("read")
+            .map(|(_, r)| r.value)
+    };
+    assert_eq!(value(b"a"), Some(b"1".to_vec()));
+    assert_eq!(value(b"b"), None);
+    f.put("b", "2");
+    f.put("a", "3");
+    assert_eq!(value(b"b"), Some(b"2".to_vec()));
+    assert_eq!(value(b"a"), Some(b"3".to_vec()));
+}

@@ -365,6 +365,7 @@ impl StateMachine {
         let mut results = Vec::with_capacity(commands.len());
         // Commands applied since the last write, which the next write covers.
         let mut group = Group::default();
+        let reader = self.mvcc.reader();
         let mut unwritten = false;
         for (i, command) in commands.iter().enumerate() {
             if i < skip {
@@ -378,7 +379,7 @@ impl StateMachine {
             if alone && unwritten {
                 self.write_group(&mut group, log_id, i - 1, last)?;
             }
-            let mut applier = Applier::after(&self.mvcc, Some(&group));
+            let mut applier = Applier::after(&self.mvcc, Some(&group)).reading_with(&reader);
             let result = self.apply_command(&mut applier, command);
             if result.is_ok() {
                 let applied = applier.finish();
