@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages Flotilla builds and tests with (Debian 12). Run as root.
 set -euo pipefail
-packages=(clang libclang-dev protobuf-compiler librocksdb-dev pkg-config etcd-client etcd-server iptables iproute2 openssl)
+packages=(clang libclang-dev protobuf-compiler librocksdb-dev libsnappy-dev liblz4-dev libzstd-dev libbz2-dev zlib1g-dev pkg-config etcd-client etcd-server iptables iproute2 openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
