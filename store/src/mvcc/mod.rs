@@ -154,7 +154,12 @@ impl VersionReader for KvReader<'_> {
             Some((made, it)) if *made == sequence => it,
             _ => &mut slot.insert((sequence, self.mvcc.versions_iterator())).1,
         };
-        Mvcc::seek_record(it, key, revision)
+        let found = Mvcc::seek_record(it, key, revision);
+        if found.is_err() {
+            // The next lookup starts from a new iterator, not one in an error state.
+            *slot = None;
+        }
+        found
     }
 }
 
