@@ -370,6 +370,17 @@ def med(runs, path):
     return statistics.median(vals) if vals else None
 
 
+def round_ratios(etcd_runs, flotilla_runs):
+    """Each round's flotilla/etcd req/s. A round's two runs are seconds apart, so each ratio
+    holds however the machine's speed moved between rounds, which the ratio of the two
+    medians does not."""
+    out = []
+    for e, f in zip(etcd_runs, flotilla_runs):
+        if e and f and e.get("requests_per_second"):
+            out.append(f["requests_per_second"] / e["requests_per_second"])
+    return out
+
+
 def fmt(v, digits=1):
     return "—" if v is None else f"{v:,.{digits}f}"
 
@@ -394,6 +405,8 @@ def write_report(args, systems, loads, results, extra, fsync_rate):
         "3-member clusters on loopback, same filesystem, both fsyncing. Each round starts both",
         "clusters and runs every load on one and then on the other (etcd first in odd rounds,",
         "flotilla first in even ones). Ratio > 1 favours Flotilla for throughput; < 1 for latency.",
+        "`ratio` divides the two medians; `by round` gives each round's ratio of req/s (the two",
+        "runs of a round are seconds apart) and, in brackets, their median.",
         "",
         "## Machine",
         "",
@@ -404,16 +417,18 @@ def write_report(args, systems, loads, results, extra, fsync_rate):
         "",
         "## Loads",
         "",
-        "| load | etcd req/s | flotilla req/s | ratio | etcd p50 ms | flotilla p50 ms | etcd p99 ms | flotilla p99 ms | p99 ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| load | etcd req/s | flotilla req/s | ratio | by round | etcd p50 ms | flotilla p50 ms | etcd p99 ms | flotilla p99 ms | p99 ratio |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for name, _ in loads:
         e, f = results[name]["etcd"], results[name]["flotilla"]
         er, fr = med(e, ["requests_per_second"]), med(f, ["requests_per_second"])
         e50, f50 = med(e, ["latency_ms", "p50"]), med(f, ["latency_ms", "p50"])
         e99, f99 = med(e, ["latency_ms", "p99"]), med(f, ["latency_ms", "p99"])
+        rounds = round_ratios(e, f)
+        by_round = (" / ".join(f"{r:.2f}" for r in rounds) + f" ({statistics.median(rounds):.2f})") if rounds else "—"
         lines.append(
-            f"| {name} | {fmt(er)} | {fmt(fr)} | {ratio(fr, er)} | {fmt(e50, 2)} | {fmt(f50, 2)} | {fmt(e99, 2)} | {fmt(f99, 2)} | {ratio(f99, e99)} |"
+            f"| {name} | {fmt(er)} | {fmt(fr)} | {ratio(fr, er)} | {by_round} | {fmt(e50, 2)} | {fmt(f50, 2)} | {fmt(e99, 2)} | {fmt(f99, 2)} | {ratio(f99, e99)} |"
         )
     lines += [
         "",
