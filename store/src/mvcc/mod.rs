@@ -130,7 +130,10 @@ pub(crate) struct KvReader<'a> {
     it: std::cell::RefCell<Option<(u64, rocksdb::DBRawIterator<'a>)>>,
 }
 
-/// Where the apply path reads key versions from the database.
+/// Where the apply path reads key versions from the database. A trait object rather than
+/// `&KvReader<'a>`: the reader's iterator borrows the database for as long as the `Mvcc`
+/// borrow, and an `Applier` holding it directly would keep the entry's group borrowed for
+/// that long too, so the group could not take the next command's writes.
 pub(crate) trait VersionReader {
     /// What [`Mvcc::get_record`] answers.
     fn get_record(
