@@ -16,12 +16,12 @@ use flotilla_proto::etcdserverpb::{
     LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
     RequestOp, ResponseOp, TxnRequest, TxnResponse,
 };
-use flotilla_proto::mvccpb::{event::EventType, Event};
+use flotilla_proto::mvccpb::{event::EventType, Event, KeyValue};
 use rocksdb::WriteBatch;
 
 use super::keys::*;
 use super::{
-    encode, to_key_value, Mvcc, RangeEnd, RangePlan, VersionReader, CF_KV, CF_META, CF_REV,
+    encode, to_key_value, Head, Mvcc, RangeEnd, RangePlan, VersionReader, CF_KV, CF_META, CF_REV,
 };
 use crate::error::{EtcdError, StorageError};
 
@@ -202,6 +202,8 @@ impl<'a> Applier<'a> {
         }
     }
 
+    /// The newest live version of `key`, value and all: this command's writes, then the
+    /// group's, then the database's.
     fn latest(&self, key: &[u8]) -> Result<Option<Version>, StorageError> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
@@ -209,9 +211,29 @@ impl<'a> Applier<'a> {
         if let Some(v) = self.group.and_then(|g| g.overlay.get(key)) {
             return Ok(v.clone());
         }
-        if let Some(v) = self.mvcc.cached_latest(key) {
-            return Ok(v);
+        if let Some(None) = self.mvcc.cached_latest(key) {
+            return Ok(None);
         }
+        self.stored(key)
+    }
+
+    /// [`Self::latest`] without the value, from the latest-version cache when it has the key.
+    fn head(&self, key: &[u8]) -> Result<Option<Head>, StorageError> {
+        let of = |v: &Option<Version>| v.as_ref().map(|(rev, r)| Head::of(*rev, r));
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(of(v));
+        }
+        if let Some(v) = self.group.and_then(|g| g.overlay.get(key)) {
+            return Ok(of(v));
+        }
+        if let Some(head) = self.mvcc.cached_latest(key) {
+            return Ok(head);
+        }
+        Ok(of(&self.stored(key)?))
+    }
+
+    /// The newest live version of `key` in the database.
+    fn stored(&self, key: &[u8]) -> Result<Option<Version>, StorageError> {
         let record = match self.reader {
             Some(reader) => reader.get_record(key, self.base)?,
             None => self.mvcc.get_record(key, self.base)?,
@@ -251,7 +273,7 @@ impl<'a> Applier<'a> {
         kind: EventKind,
         key: &[u8],
         now: Option<&KvRecord>,
-        prev: Option<Version>,
+        prev_kv: Option<flotilla_proto::mvccpb::KeyValue>,
     ) {
         let rev = self.revision();
         self.put_cf(
@@ -265,7 +287,7 @@ impl<'a> Applier<'a> {
         self.sub += 1;
         let kv = match now {
             Some(r) => to_key_value(key.to_vec(), rev, r.clone()),
-            None => flotilla_proto::mvccpb::KeyValue {
+            None => KeyValue {
                 key: key.to_vec(),
                 mod_revision: rev,
                 ..Default::default()
@@ -278,7 +300,7 @@ impl<'a> Applier<'a> {
         self.events.push(Event {
             r#type: event_type as i32,
             kv: Some(kv),
-            prev_kv: prev.map(|(r, rec)| to_key_value(key.to_vec(), r, rec)),
+            prev_kv,
         });
     }
 
@@ -291,12 +313,22 @@ impl<'a> Applier<'a> {
     }
 
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, EtcdError> {
-        let prev = self.latest(&req.key)?;
-        if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+        // The value it replaces only if the put asks for it.
+        let prev = if req.prev_kv || req.ignore_value {
+            self.latest(&req.key)?
+        } else {
+            None
+        };
+        let head = match &prev {
+            Some((rev, r)) => Some(Head::of(*rev, r)),
+            None if req.prev_kv || req.ignore_value => None,
+            None => self.head(&req.key)?,
+        };
+        if (req.ignore_value || req.ignore_lease) && head.is_none() {
             return Err(EtcdError::KeyNotFound);
         }
         let lease = if req.ignore_lease {
-            prev.as_ref().map(|(_, r)| r.lease).unwrap_or(0)
+            head.map_or(0, |h| h.lease)
         } else {
             req.lease
         };
@@ -305,8 +337,8 @@ impl<'a> Applier<'a> {
         }
         let rev = self.revision();
         let record = KvRecord {
-            create_revision: prev.as_ref().map(|(_, r)| r.create_revision).unwrap_or(rev),
-            version: prev.as_ref().map(|(_, r)| r.version).unwrap_or(0) + 1,
+            create_revision: head.map_or(rev, |h| h.create_revision),
+            version: head.map_or(0, |h| h.version) + 1,
             lease,
             value: if req.ignore_value {
                 prev.as_ref()
@@ -317,22 +349,19 @@ impl<'a> Applier<'a> {
             },
         };
         self.put_cf(CF_KV, kv_key(&req.key, rev), encode(&record));
-        let prev_lease = prev.as_ref().map(|(_, r)| r.lease).unwrap_or(0);
+        let prev_lease = head.map_or(0, |h| h.lease);
         if prev_lease != 0 && prev_lease != lease {
             self.detach(prev_lease, &req.key);
         }
         if lease != 0 {
             self.attach(lease, &req.key);
         }
-        self.record_event(EventKind::Put, &req.key, Some(&record), prev.clone());
+        let prev_kv = prev.map(|(r, rec)| to_key_value(req.key.clone(), r, rec));
+        self.record_event(EventKind::Put, &req.key, Some(&record), prev_kv.clone());
         self.overlay.insert(req.key.clone(), Some((rev, record)));
         Ok(PutResponse {
             header: self.mvcc.header(rev),
-            prev_kv: if req.prev_kv {
-                prev.map(|(r, rec)| to_key_value(req.key.clone(), r, rec))
-            } else {
-                None
-            },
+            prev_kv: if req.prev_kv { prev_kv } else { None },
         })
     }
 
@@ -342,11 +371,12 @@ impl<'a> Applier<'a> {
     ) -> Result<DeleteRangeResponse, EtcdError> {
         let victims = self.live_in_range(&req.key, &req.range_end)?;
         let mut prev_kvs = Vec::new();
-        for (key, prev) in &victims {
-            self.delete_key(key, prev.clone());
+        for (key, (rev, record)) in &victims {
+            let prev_kv = to_key_value(key.clone(), *rev, record.clone());
             if req.prev_kv {
-                prev_kvs.push(to_key_value(key.clone(), prev.0, prev.1.clone()));
+                prev_kvs.push(prev_kv.clone());
             }
+            self.delete_key(key, record.lease, Some(prev_kv));
         }
         Ok(DeleteRangeResponse {
             header: self.mvcc.header(self.header_revision()),
@@ -355,7 +385,9 @@ impl<'a> Applier<'a> {
         })
     }
 
-    fn delete_key(&mut self, key: &[u8], prev: Version) {
+    /// Deletes live `key`, whose version holds `lease`; `prev_kv` is that version if at hand
+    /// (a watcher that asks for it otherwise reads it at the revision before).
+    fn delete_key(&mut self, key: &[u8], lease: i64, prev_kv: Option<KeyValue>) {
         let rev = self.revision();
         let tombstone = KvRecord {
             create_revision: 0,
@@ -364,10 +396,10 @@ impl<'a> Applier<'a> {
             value: Vec::new(),
         };
         self.put_cf(CF_KV, kv_key(key, rev), encode(&tombstone));
-        if prev.1.lease != 0 {
-            self.detach(prev.1.lease, key);
+        if lease != 0 {
+            self.detach(lease, key);
         }
-        self.record_event(EventKind::Delete, key, None, Some(prev));
+        self.record_event(EventKind::Delete, key, None, prev_kv);
         self.overlay.insert(key.to_vec(), None);
     }
 
@@ -391,7 +423,19 @@ impl<'a> Applier<'a> {
         use compare::{CompareResult, CompareTarget, TargetUnion};
         let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
         let result = CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal);
-        let versions: Vec<Version> = if c.range_end.is_empty() {
+        let versions: Vec<Version> = if c.range_end.is_empty() && target != CompareTarget::Value {
+            // Every other target is in the head: no value to read.
+            let head = self.head(&c.key)?.map(|h| {
+                let record = KvRecord {
+                    create_revision: h.create_revision,
+                    version: h.version,
+                    lease: h.lease,
+                    value: Vec::new(),
+                };
+                (h.mod_revision, record)
+            });
+            head.into_iter().collect()
+        } else if c.range_end.is_empty() {
             self.latest(&c.key)?.into_iter().collect()
         } else {
             self.live_in_range(&c.key, &c.range_end)?
@@ -483,7 +527,7 @@ impl<'a> Applier<'a> {
     fn check_ops(&self, ops: &[RequestOp]) -> Result<(), EtcdError> {
         for op in ops {
             if let Some(request_op::Request::RequestPut(p)) = &op.request {
-                if (p.ignore_value || p.ignore_lease) && self.latest(&p.key)?.is_none() {
+                if (p.ignore_value || p.ignore_lease) && self.head(&p.key)?.is_none() {
                     return Err(EtcdError::KeyNotFound);
                 }
                 if p.lease != 0 && !p.ignore_lease && self.mvcc.lease(p.lease)?.is_none() {
@@ -552,8 +596,8 @@ impl<'a> Applier<'a> {
             return Err(EtcdError::LeaseNotFound);
         }
         for key in self.mvcc.lease_keys(req.id)? {
-            match self.latest(&key)? {
-                Some(prev) if prev.1.lease == req.id => self.delete_key(&key, prev),
+            match self.head(&key)? {
+                Some(head) if head.lease == req.id => self.delete_key(&key, head.lease, None),
                 _ => self.detach(req.id, &key),
             }
         }

@@ -34,7 +34,8 @@ pub const CF_META: &str = "meta";
 const EVENT_FANOUT_CAPACITY: usize = 4096;
 
 /// The events of one revision, as published to watchers once durable in the state machine.
-/// Every event carries its `prev_kv`; watchers that did not ask for it drop it.
+/// An event carries its `prev_kv` when the apply path had it at hand (a delete, a put that
+/// asked for it); a watcher that wants it otherwise reads it with [`Mvcc::prev_kv_of`].
 #[derive(Debug)]
 pub struct RevisionEvents {
     pub revision: i64,
@@ -61,15 +62,39 @@ pub struct Mvcc {
     latest: std::sync::Mutex<LatestCache>,
 }
 
-/// The newest version (`None`: deleted) of keys the apply path wrote lately, as it wrote them.
+/// A key's newest version without its value: what a put needs to know of the version it
+/// replaces (the value only when the put asks for `prev_kv` or `ignore_value`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub mod_revision: i64,
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+impl Head {
+    pub(crate) fn of(mod_revision: i64, record: &KvRecord) -> Head {
+        Head {
+            mod_revision,
+            create_revision: record.create_revision,
+            version: record.version,
+            lease: record.lease,
+        }
+    }
+}
+
+/// The newest version (`None`: deleted) of keys the apply path wrote lately, without values.
 /// A put or delete reads its key's current version from here instead of seeking the `kv`
 /// family through every memtable and level. Only the apply path uses it: it is updated after
 /// each group's write and cleared when a snapshot install replaces the state. Compaction
 /// never removes a live newest version (a deleted key only loses its tombstone), so it never
-/// makes an entry wrong.
+/// makes an entry wrong. Values stay out: a put reads the value it replaces only when it
+/// asks for it, and without them the cache holds every key of a large key space (about 90
+/// bytes a key) where with 256-byte values it held a third as many, and each put copied
+/// the old value out.
 #[derive(Default)]
 pub(crate) struct LatestCache {
-    entries: HashMap<Vec<u8>, Option<(i64, KvRecord)>>,
+    entries: HashMap<Vec<u8>, Option<Head>>,
     bytes: usize,
 }
 
@@ -77,44 +102,36 @@ pub(crate) struct LatestCache {
 mod latest_cache_tests {
     use super::*;
 
-    fn version(rev: i64, value_len: usize) -> Option<(i64, KvRecord)> {
-        Some((
-            rev,
-            KvRecord {
-                create_revision: rev,
-                version: 1,
-                lease: 0,
-                value: vec![b'v'; value_len],
-            },
-        ))
+    fn head(rev: i64) -> Option<Head> {
+        Some(Head {
+            mod_revision: rev,
+            create_revision: rev,
+            version: 1,
+            lease: 0,
+        })
     }
 
-    /// The cache stays within its byte bound, forgets what it drops, keeps no large value,
-    /// and a newer write replaces an older one.
+    /// The cache stays within its byte bound, forgets what it drops, and a newer write
+    /// replaces an older one.
     #[test]
     fn the_latest_cache_is_bounded_and_replaces_versions() {
         let mut cache = LatestCache::default();
-        for i in 0..200_000i64 {
-            cache.insert(format!("key-{i}").into_bytes(), version(i, 256));
+        for i in 0..600_000i64 {
+            cache.insert(format!("key-{i}").into_bytes(), head(i));
             assert!(cache.bytes <= LATEST_CACHE_BYTES);
         }
         let accounted: usize = cache
             .entries
             .iter()
-            .map(|(k, v)| LatestCache::cost(k, v))
+            .map(|(k, _)| LatestCache::cost(k))
             .sum();
         assert_eq!(accounted, cache.bytes);
-        assert!(cache.entries.len() > 50_000, "{}", cache.entries.len());
+        assert!(cache.entries.len() > 200_000, "{}", cache.entries.len());
 
-        cache.insert(b"a".to_vec(), version(7, 10));
+        cache.insert(b"a".to_vec(), head(7));
+        assert_eq!(cache.get(b"a"), Some(head(7)));
         cache.insert(b"a".to_vec(), None);
         assert_eq!(cache.get(b"a"), Some(None));
-        cache.insert(b"a".to_vec(), version(9, LATEST_CACHE_MAX_VALUE + 1));
-        assert_eq!(
-            cache.get(b"a"),
-            None,
-            "a large value is not kept, nor the older entry"
-        );
     }
 }
 
@@ -166,53 +183,40 @@ impl VersionReader for KvReader<'_> {
     }
 }
 
-/// Bytes of keys and values the latest-version cache holds at most.
+/// Bytes the latest-version cache holds at most, its map's overhead counted.
 const LATEST_CACHE_BYTES: usize = 32 << 20;
-/// Larger values are not kept (one would displace thousands of small ones).
-const LATEST_CACHE_MAX_VALUE: usize = 16 << 10;
 
 impl LatestCache {
-    fn cost(key: &[u8], version: &Option<(i64, KvRecord)>) -> usize {
-        // The map's own overhead per entry, roughly.
-        64 + key.len() + version.as_ref().map_or(0, |(_, r)| r.value.len())
+    fn cost(key: &[u8]) -> usize {
+        // The map's own overhead per entry, roughly, and the head.
+        64 + std::mem::size_of::<Option<Head>>() + key.len()
     }
 
-    fn get(&self, key: &[u8]) -> Option<Option<(i64, KvRecord)>> {
-        self.entries.get(key).cloned()
+    fn get(&self, key: &[u8]) -> Option<Option<Head>> {
+        self.entries.get(key).copied()
     }
 
-    fn insert(&mut self, key: Vec<u8>, version: Option<(i64, KvRecord)>) {
-        let large = version
-            .as_ref()
-            .is_some_and(|(_, r)| r.value.len() > LATEST_CACHE_MAX_VALUE);
-        // One hash of the key whether it is new, replaced or dropped.
-        let added = Self::cost(&key, &version);
+    fn insert(&mut self, key: Vec<u8>, head: Option<Head>) {
+        // One hash of the key whether it is new or replaced.
         match self.entries.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
-                self.bytes -= Self::cost(e.key(), e.get());
-                if large {
-                    e.remove();
-                    return;
-                }
-                e.insert(version);
+                e.insert(head);
+                return;
             }
             std::collections::hash_map::Entry::Vacant(e) => {
-                if large {
-                    return;
-                }
-                e.insert(version);
+                self.bytes += Self::cost(e.key());
+                e.insert(head);
             }
         }
-        self.bytes += added;
         if self.bytes > LATEST_CACHE_BYTES {
             // Drop a quarter, in the map's (arbitrary) order.
             let mut excess = self.bytes - LATEST_CACHE_BYTES * 3 / 4;
             let mut freed = 0;
-            self.entries.retain(|k, v| {
+            self.entries.retain(|k, _| {
                 if excess == 0 {
                     return true;
                 }
-                let c = Self::cost(k, v);
+                let c = Self::cost(k);
                 excess = excess.saturating_sub(c);
                 freed += c;
                 false
@@ -713,6 +717,25 @@ impl Mvcc {
         Ok(out)
     }
 
+    /// The version `event`'s key held before it, for a watcher that asks for `prev_kv` of a
+    /// live event the apply path sent without it: read at the revision before, as etcd's
+    /// watch reads it. Nothing when the event made the key, or when a compaction has since
+    /// removed that version (etcd leaves it out then too).
+    pub fn prev_kv_of(&self, event: &Event) -> Option<KeyValue> {
+        let kv = event.kv.as_ref()?;
+        let put = event.r#type == EventType::Put as i32;
+        if event.prev_kv.is_some() || (put && kv.create_revision == kv.mod_revision) {
+            return event.prev_kv.clone();
+        }
+        match self.get(&kv.key, kv.mod_revision - 1) {
+            Ok(prev) => prev,
+            Err(e) => {
+                tracing::warn!(error = %e, revision = kv.mod_revision, "reading a watch event's prev_kv");
+                None
+            }
+        }
+    }
+
     fn event_at(&self, record: EventRecord, revision: i64) -> Result<Event, StorageError> {
         let prev_kv = self.get(&record.key, revision - 1)?;
         let kv = match record.kind {
@@ -882,13 +905,13 @@ impl Mvcc {
         self.commit(batch, outcomes)?;
         let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
         for (key, version) in latest {
-            cache.insert(key, version);
+            cache.insert(key, version.map(|(rev, r)| Head::of(rev, &r)));
         }
         Ok(())
     }
 
     /// The newest version of `key` (`Some(None)`: deleted) if the apply path wrote it lately.
-    pub(crate) fn cached_latest(&self, key: &[u8]) -> Option<Option<(i64, KvRecord)>> {
+    pub(crate) fn cached_latest(&self, key: &[u8]) -> Option<Option<Head>> {
         self.latest
             .lock()
             .unwrap_or_else(|e| e.into_inner())

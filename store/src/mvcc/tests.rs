@@ -380,6 +380,75 @@ fn events_replay_in_order_with_prev_kv() {
     assert_eq!(d.kv.as_ref().map(|kv| kv.mod_revision), Some(4));
 }
 
+/// A live put event carries `prev_kv` only when the put asked for it; a watcher that wants
+/// it reads the version at the revision before, which a create does not have and which a
+/// compaction past it removes.
+#[test]
+fn live_events_give_prev_kv_on_demand() {
+    let f = open();
+    let mut events = f.mvcc.subscribe();
+    let mut next = || {
+        let batch = events.try_recv().expect("an event");
+        assert_eq!(batch.events.len(), 1);
+        batch.events[0].clone()
+    };
+    let value = |kv: Option<KeyValue>| kv.map(|kv| String::from_utf8(kv.value).expect("utf8"));
+
+    f.put("a", "1"); // 2
+    let created = next();
+    assert_eq!(created.prev_kv, None);
+    assert_eq!(
+        f.mvcc.prev_kv_of(&created),
+        None,
+        "a create has no previous version"
+    );
+
+    f.put("a", "2"); // 3
+    let replaced = next();
+    assert_eq!(replaced.prev_kv, None, "not attached unless the put asked");
+    assert_eq!(value(f.mvcc.prev_kv_of(&replaced)), Some("1".into()));
+
+    let asked = PutRequest {
+        key: "a".into(),
+        value: "3".into(),
+        prev_kv: true,
+        ..Default::default()
+    };
+    let response = f.apply(|a| a.put(&asked)).expect("put"); // 4
+    assert_eq!(value(response.prev_kv), Some("2".into()));
+    let attached = next();
+    assert_eq!(value(attached.prev_kv.clone()), Some("2".into()));
+    assert_eq!(value(f.mvcc.prev_kv_of(&attached)), Some("2".into()));
+
+    // A key deleted by its lease's revocation: the event's previous version is read.
+    f.apply(|a| a.lease_grant(&LeaseGrantRequest { ttl: 10, id: 7 }))
+        .expect("grant");
+    let leased = PutRequest {
+        key: "l".into(),
+        value: "held".into(),
+        lease: 7,
+        ..Default::default()
+    };
+    f.apply(|a| a.put(&leased)).expect("put"); // 5
+    next();
+    f.apply(|a| a.lease_revoke(&LeaseRevokeRequest { id: 7 }))
+        .expect("revoke"); // 6
+    let revoked = next();
+    assert_eq!(revoked.r#type, EventType::Delete as i32);
+    assert_eq!(value(f.mvcc.prev_kv_of(&revoked)), Some("held".into()));
+
+    // Once compacted past, the version before is gone: left out, as etcd leaves it out.
+    f.apply(|a| {
+        a.compact(&CompactionRequest {
+            revision: 6,
+            physical: false,
+        })
+    })
+    .expect("compact");
+    compactor::compact_for_tests(&f.mvcc, 6);
+    assert_eq!(f.mvcc.prev_kv_of(&replaced), None);
+}
+
 #[test]
 fn compaction_keeps_what_reads_at_or_after_it_see() {
     let f = open();

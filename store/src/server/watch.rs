@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::Access;
 use crate::error::EtcdError;
 use crate::member::Member;
-use crate::mvcc::{RangeEnd, RevisionEvents};
+use crate::mvcc::{Mvcc, RangeEnd, RevisionEvents};
 use crate::watch_hub::Subscription;
 use flotilla_proto::flotillapb::AuthInfo;
 
@@ -93,7 +93,7 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn select(&self, events: &[Event]) -> Vec<Event> {
+    fn select(&self, events: &[Event], mvcc: &Mvcc) -> Vec<Event> {
         let end = RangeEnd::of(&self.range_end);
         events
             .iter()
@@ -106,12 +106,14 @@ impl Watcher {
                     .map(|kv| end.contains(&self.key, &kv.key))
                     .unwrap_or(false)
             })
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.prev_kv {
-                    e.prev_kv = None;
-                }
-                e
+            .map(|e| Event {
+                r#type: e.r#type,
+                kv: e.kv.clone(),
+                prev_kv: if self.prev_kv {
+                    mvcc.prev_kv_of(e)
+                } else {
+                    None
+                },
             })
             .collect()
     }
@@ -307,7 +309,7 @@ impl WatchStreamTask {
             let mut responses: Vec<(i64, Vec<Event>)> = Vec::new();
             let mut bytes = 0;
             for b in &batches {
-                let selected = w.select(&b.events);
+                let selected = w.select(&b.events, &mvcc);
                 if selected.is_empty() {
                     continue;
                 }
@@ -397,7 +399,7 @@ impl WatchStreamTask {
                 continue;
             }
             w.next_revision = batch.revision + 1;
-            let events = w.select(&batch.events);
+            let events = w.select(&batch.events, &self.member.mvcc);
             if !events.is_empty() {
                 out.push((*id, events));
             }
