@@ -273,7 +273,7 @@ impl<'a> Applier<'a> {
         kind: EventKind,
         key: &[u8],
         now: Option<&KvRecord>,
-        prev_kv: Option<flotilla_proto::mvccpb::KeyValue>,
+        prev_kv: Option<KeyValue>,
     ) {
         let rev = self.revision();
         self.put_cf(
