@@ -314,15 +314,16 @@ impl<'a> Applier<'a> {
 
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, EtcdError> {
         // The value it replaces only if the put asks for it.
-        let prev = if req.prev_kv || req.ignore_value {
+        let wants_value = req.prev_kv || req.ignore_value;
+        let prev = if wants_value {
             self.latest(&req.key)?
         } else {
             None
         };
-        let head = match &prev {
-            Some((rev, r)) => Some(Head::of(*rev, r)),
-            None if req.prev_kv || req.ignore_value => None,
-            None => self.head(&req.key)?,
+        let head = if wants_value {
+            prev.as_ref().map(|(rev, r)| Head::of(*rev, r))
+        } else {
+            self.head(&req.key)?
         };
         if (req.ignore_value || req.ignore_lease) && head.is_none() {
             return Err(EtcdError::KeyNotFound);
